@@ -1,0 +1,151 @@
+"""The spiking neuron of QKFormer: a multi-step leaky integrate-and-fire (LIF) neuron
+trained with a surrogate gradient.
+
+Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
+Attention", NeurIPS 2024, Section 3.1 ("Preliminaries", Eq. 1-3). The official code
+uses SpikingJelly's `MultiStepLIFNode(tau=2.0, detach_reset=True)` with a hard reset
+to 0 and the sigmoid surrogate (alpha = 4); this file reproduces it exactly, without
+SpikingJelly.
+
+The neuron, for a time step t (Eq. 1-3 of the paper):
+
+    charge  H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau           (Eq. 1)
+    fire    S[t] = Heaviside(H[t] - V_th)        Heaviside(0) = 1        (Eq. 2)
+    reset   V[t] = H[t] * (1 - S[t]) + V_reset * S[t]                    (Eq. 3)
+
+with tau = 2, V_reset = 0, V[-1] = 0 and V_th = 1 (0.5 for the attention neurons).
+The Heaviside step has a zero derivative almost everywhere, so backpropagation
+replaces it by the derivative of a smooth stand-in, sigmoid(alpha * x):
+
+    dS/dH ~= alpha * sigmoid(alpha * (H - V_th)) * (1 - sigmoid(alpha * (H - V_th)))
+
+"Detached reset" means the S in Eq. 3 is treated as a constant by autograd: the
+gradient reaches V[t-1] only through H[t] * (1 - S[t]), never through the spike that
+decided the reset. SpikingJelly's authors found this trains better; the official
+QKFormer models use it.
+
+Two implementations of the same equations live here:
+  * `lif_reference`: the plain loop over time, built from ordinary tensor operations so
+    autograd differentiates it. Easy to read, slow, memory hungry (autograd keeps every
+    intermediate of every step).
+  * `LIFFunction`: the same forward loop, with a hand-written backward over time that
+    stores only what the backward needs. `LIFNode` uses it; tests check that both give
+    the same spikes and the same gradients.
+"""
+import torch
+import torch.nn as nn
+
+
+def heaviside(x: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 without its surrogate: 1 where x >= 0 (a spike when H equals V_th), else 0."""
+    return (x >= 0).to(x.dtype)
+
+
+def sigmoid_surrogate_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """d/dx sigmoid(alpha * x) = alpha * sigmoid(alpha x) * (1 - sigmoid(alpha x))."""
+    sg = torch.sigmoid(alpha * x)
+    return alpha * sg * (1.0 - sg)
+
+
+class _SurrogateHeaviside(torch.autograd.Function):
+    """Heaviside step forward, sigmoid derivative backward (used by the reference loop)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return heaviside(x)
+
+    @staticmethod
+    def backward(ctx, grad_spike):
+        (x,) = ctx.saved_tensors
+        return grad_spike * sigmoid_surrogate_grad(x, ctx.alpha), None
+
+
+def lif_reference(x_seq: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0,
+                  alpha: float = 4.0, v_reset: float = 0.0) -> torch.Tensor:
+    """The LIF neuron as a plain loop over time (dim 0). Readable reference for `LIFNode`."""
+    v = torch.full_like(x_seq[0], v_reset)                     # V[-1] = V_reset
+    spikes = []
+    for x in x_seq:
+        h = v + (x - (v - v_reset)) / tau                      # Eq. 1, charge
+        s = _SurrogateHeaviside.apply(h - v_threshold, alpha)  # Eq. 2, fire
+        s_const = s.detach()                                   # detached reset
+        v = h * (1.0 - s_const) + v_reset * s_const            # Eq. 3, hard reset
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+class LIFFunction(torch.autograd.Function):
+    """Eq. 1-3 over all T steps in one autograd node (hard reset to V_reset = 0).
+
+    Autograd on the reference loop records about ten tensors per step. The backward
+    below needs only H[t] (for the surrogate and for 1 - S[t]), so that is all the
+    forward saves; the spikes are recomputed from H in the backward.
+
+    Backward through time, with gS[t] = dL/dS[t] arriving from the layers above and
+    gV[t] = dL/dV[t] arriving from step t+1 (zero after the last step):
+        dL/dH[t]   = gS[t] * surrogate'(H[t] - V_th) + gV[t] * (1 - S[t])
+        dL/dX[t]   = dL/dH[t] / tau                       (from Eq. 1)
+        gV[t-1]    = dL/dH[t] * (1 - 1/tau)               (from Eq. 1, V_reset = 0)
+    The term (1 - S[t]) is the detached reset: the spike in Eq. 3 counts as a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, x_seq, tau, v_threshold, alpha):
+        h_seq = torch.empty_like(x_seq)
+        v = torch.zeros_like(x_seq[0])                    # V[-1] = 0
+        for t in range(x_seq.shape[0]):
+            # Eq. 1, written as SpikingJelly computes it (v + (x - v) / tau) so that
+            # every spike decision matches the official code to the last bit.
+            h = v + (x_seq[t] - v) / tau
+            h_seq[t] = h
+            v = h * (h < v_threshold)                     # Eq. 2-3: V = H (1 - S), S = [H >= V_th]
+        ctx.save_for_backward(h_seq)
+        ctx.tau, ctx.v_threshold, ctx.alpha = tau, v_threshold, alpha
+        return (h_seq >= v_threshold).to(x_seq.dtype)      # Eq. 2 for all steps at once
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (h_seq,) = ctx.saved_tensors
+        tau, v_th, alpha = ctx.tau, ctx.v_threshold, ctx.alpha
+        grad_x = torch.empty_like(h_seq)
+        grad_v = torch.zeros_like(h_seq[0])               # dL/dV[T-1] = 0
+        for t in range(h_seq.shape[0] - 1, -1, -1):
+            h = h_seq[t]
+            no_spike = (h < v_th).to(h.dtype)             # 1 - S[t], a constant (detached reset)
+            grad_h = grad_spikes[t] * sigmoid_surrogate_grad(h - v_th, alpha) + grad_v * no_spike
+            grad_x[t] = grad_h / tau
+            grad_v = grad_h * (1.0 - 1.0 / tau)
+        return grad_x, None, None, None
+
+
+class LIFNode(nn.Module):
+    """Multi-step LIF neuron (paper Section 3.1, Eq. 1-3), the "SN(.)" of every equation.
+
+    Takes a whole sequence `x_seq` of shape (T, ...) and returns spikes (0. or 1.) of
+    the same shape. The membrane potential lives only inside one call, so unlike
+    SpikingJelly no `reset_net` is needed between batches.
+
+    Args:
+        tau: membrane time constant (2.0 in QKFormer).
+        v_threshold: firing threshold V_th (1.0; 0.5 for the attention neurons).
+        alpha: sharpness of the sigmoid surrogate gradient (4.0, SpikingJelly's default).
+        reference: use the plain autograd loop `lif_reference` instead of `LIFFunction`.
+    """
+
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
+                 reference: bool = False):
+        super().__init__()
+        if tau < 1.0:
+            raise ValueError(f"tau must be >= 1 (tau=1 has no leak memory at all), got {tau}")
+        self.tau, self.v_threshold, self.alpha = float(tau), float(v_threshold), float(alpha)
+        self.reference = reference
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if self.reference:
+            return lif_reference(x_seq, self.tau, self.v_threshold, self.alpha)
+        return LIFFunction.apply(x_seq, self.tau, self.v_threshold, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, v_threshold={self.v_threshold}, alpha={self.alpha}"

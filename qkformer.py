@@ -1,0 +1,539 @@
+"""QKFormer: Q-K attention, the SPEDS patch embedding and the hierarchical spiking
+transformer, in plain PyTorch.
+
+Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
+Attention", NeurIPS 2024 (arXiv:2403.16552); official code github.com/zhouchenlin2096/QKFormer.
+Spiking self-attention (SSA) comes from Zhou et al., "Spikformer: When Spiking Neural
+Network Meets Transformer", ICLR 2023.
+
+Read it top to bottom, next to the paper:
+  ConvBNLIF            the building brick: conv -> batch norm -> (max-pool) -> spiking neuron
+  QKAttention          Section 3.2: Q-K token attention (QKTA) and Q-K channel attention (QKCA)
+  SpikingSelfAttention Spikformer's SSA, used in the last stage (Section 3.3)
+  SpikingMLP, QKFormerBlock   the transformer block X = X + Attn(X); X = X + MLP(X)
+  SPEDS                Section 3.4: spiking patch embedding with deformed shortcut
+  QKFormer             Section 3.3 / Figure 2: three stages of widths D/4, D/2, D
+  create_model, PRESETS, convert_official_state_dict   presets and loading the released weights
+
+Every tensor inside the network is laid out (T, B, C, H, W): time steps, batch,
+channels, height, width; N = H * W is the number of tokens. Layers without memory
+(conv, batch norm) see the T*B images as one big batch; the spiking neurons (LIFNode)
+see the time axis.
+"""
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from neuron import LIFNode
+
+ATTENTIONS = ("token", "channel", "ssa")
+FAMILIES = ("cifar", "imagenet")
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration and presets
+
+@dataclass
+class QKFormerConfig:
+    """Everything needed to rebuild a model (it is stored in every checkpoint).
+
+    family:      "cifar" or "imagenet": the two layouts of the official code. They differ in
+                 where SPEDS downsamples (see `SPEDS`) and in the blocks per stage.
+    embed_dim:   D, the width of stage 3; stages 1 and 2 have D/4 and D/2 channels.
+    depths:      total number of blocks, as the official code counts them. CIFAR: 1, 1 and
+                 depths-2 blocks per stage; ImageNet: 1, 2 and depths-3 (so "QKFormer-10-384"
+                 has 1 + 2 + 7 blocks).
+    num_heads:   heads of every attention layer (the official code uses one value for all stages).
+    attention:   the attention of each stage: "token" (QKTA), "channel" (QKCA) or "ssa".
+                 The paper's model is ("token", "token", "ssa"); the others rerun its ablation.
+    official_quirks: reproduce the official code's batch-mixing SSA neuron (see
+                 `SpikingSelfAttention`); needed to match the released checkpoints exactly.
+    """
+    family: str = "cifar"
+    num_classes: int = 10
+    img_size: int = 32
+    in_channels: int = 3
+    embed_dim: int = 384
+    depths: int = 4
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    T: int = 4
+    attention: Tuple[str, str, str] = ("token", "token", "ssa")
+    official_quirks: bool = False
+
+    def __post_init__(self):
+        self.attention = tuple(self.attention)  # a list after a round trip through JSON
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("num_classes", "img_size", "in_channels", "embed_dim", "num_heads", "T"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if len(self.attention) != 3 or any(a not in ATTENTIONS for a in self.attention):
+            raise ValueError(f"attention must name one of {ATTENTIONS} for each of the 3 stages, "
+                             f"got {self.attention!r}")
+        if min(self.stage_depths) < 1:
+            least = 3 if self.family == "cifar" else 4
+            raise ValueError(f"depths={self.depths} leaves a stage without blocks: the {self.family} "
+                             f"family needs depths >= {least}")
+        if self.embed_dim % 8:
+            raise ValueError(f"embed_dim must be divisible by 8 (stage 1 has D/4 channels and its "
+                             f"first convolution D/8), got {self.embed_dim}")
+        for width in self.stage_widths:
+            if width % self.num_heads:
+                raise ValueError(f"the stage widths {self.stage_widths} must be divisible by "
+                                 f"num_heads={self.num_heads}; choose embed_dim divisible by "
+                                 f"4 * num_heads = {4 * self.num_heads}")
+        if self.img_size % self.downsampling:
+            raise ValueError(f"img_size={self.img_size} cannot be divided by the {self.family} "
+                             f"patch embeddings: it must be a multiple of {self.downsampling}")
+
+    @property
+    def stage_widths(self) -> Tuple[int, int, int]:
+        return (self.embed_dim // 4, self.embed_dim // 2, self.embed_dim)
+
+    @property
+    def stage_depths(self) -> Tuple[int, int, int]:
+        if self.family == "cifar":
+            return (1, 1, self.depths - 2)
+        return (1, 2, self.depths - 3)
+
+    @property
+    def downsampling(self) -> int:
+        """Total stride of the three patch embeddings (CIFAR 1*2*2, ImageNet 4*2*2)."""
+        return 4 if self.family == "cifar" else 16
+
+
+PRESETS = {
+    # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
+    "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
+                 num_heads=4, mlp_ratio=4.0, T=2),
+    # The official models. Parameter counts (checked by the tests) equal the released ones.
+    "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
+                    num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
+    "cifar100": dict(family="cifar", num_classes=100, img_size=32, embed_dim=384, depths=4,
+                     num_heads=8, mlp_ratio=4.0, T=4),                       # 6,740,884
+    "imagenet_10_384": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=384,
+                            depths=10, num_heads=6, mlp_ratio=4.0, T=4),     # 16,473,688
+    "imagenet_10_512": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=512,
+                            depths=10, num_heads=8, mlp_ratio=4.0, T=4),     # 29,079,336
+    "imagenet_10_768": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=768,
+                            depths=10, num_heads=12, mlp_ratio=4.0, T=4),    # 64,962,760
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The building brick
+
+class ConvBNLIF(nn.Module):
+    """SN(MaxPool(BN(Conv(X)))), the unit every equation of the paper is made of.
+
+    Convolution and batch norm treat the T*B images as one batch (they have no memory);
+    the LIF neuron then runs over the time axis. A kernel of 1 is the paper's
+    "Linear" layer applied to every token. The max-pool, when present, sits between batch
+    norm and the neuron, as in the official code, so the pool picks the largest membrane
+    input rather than or-ing spikes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
+                 stride: int = 1, bias: bool = False, pool: bool = False, v_threshold: float = 1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                              padding=kernel_size // 2, bias=bias)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
+        self.lif = LIFNode(tau=2.0, v_threshold=v_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B = x.shape[:2]
+        y = self.pool(self.bn(self.conv(x.flatten(0, 1))))   # (T*B, C', H', W')
+        return self.lif(y.reshape(T, B, *y.shape[1:]))         # (T, B, C', H', W')
+
+
+# ----------------------------------------------------------------------------------------
+# Attention (Section 3.2)
+
+class QKAttention(nn.Module):
+    """Spike-form Q-K attention, Section 3.2, Eq. (5)-(8) (QKTA) and the QKCA variant.
+
+        Q = SN(BN(X W_Q)),  K = SN(BN(X W_K))                       binary, (T, B, C, N)
+        QKTA: A_t = SN(sum of Q over the channels of a head)         one value per token
+        QKCA: A_c = SN(sum of Q over the tokens)                     one value per channel
+        X' = A (*) K                                                 a mask on K, broadcast
+        X'' = SN(BN(Linear(X')))
+
+    Cost: the sums and the mask touch each of the N*C spikes once, so time and memory grow
+    linearly with N, where SSA (below) builds C x C or N x N products. There is no V and no
+    softmax: the binary vector A itself says which tokens (or channels) matter. The
+    attention neuron has a threshold of 0.5, so one spike in the sum already fires it.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mode: str = "token"):
+        super().__init__()
+        if mode not in ("token", "channel"):
+            raise ValueError(f"QKAttention mode must be 'token' or 'channel', got {mode!r}")
+        self.num_heads, self.mode = num_heads, mode
+        self.q = ConvBNLIF(dim, dim)
+        self.k = ConvBNLIF(dim, dim)
+        self.attn_lif = LIFNode(tau=2.0, v_threshold=0.5)
+        self.proj = ConvBNLIF(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        heads = (T, B, self.num_heads, C // self.num_heads, H * W)
+        q = self.q(x).reshape(heads)                                # (T, B, h, C/h, N)
+        k = self.k(x).reshape(heads)                                # (T, B, h, C/h, N)
+        if self.mode == "token":
+            attn = self.attn_lif(q.sum(dim=3, keepdim=True))        # (T, B, h, 1, N)   A_t
+        else:
+            attn = self.attn_lif(q.sum(dim=4, keepdim=True))        # (T, B, h, C/h, 1) A_c
+        x = (attn * k).reshape(T, B, C, H, W)                       # X' = A (*) K
+        return self.proj(x)                                         # X'' = SN(BN(Linear(X')))
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spikformer's spiking self-attention (SSA), used by QKFormer in stage 3 (Section 3.3).
+
+        Q, K, V = SN(BN(X W_Q)), SN(BN(X W_K)), SN(BN(X W_V))       binary, per head (N, d)
+        SSA = SN(Q K^T V * s),  s = 0.125, threshold 0.5
+        X'' = SN(BN(Linear(SSA)))
+
+    There is no softmax: Q, K, V are non-negative, so Q (K^T V) can be computed right to
+    left, a d x d product per head, with cost O(N d^2). The explicit Q K^T of a standard
+    transformer would be N x N: that quadratic memory is what Q-K attention avoids
+    altogether and why QKFormer keeps SSA only in the last stage, where N is smallest.
+
+    The official code's quirk (its issue 14): its last neuron runs over the tensor
+    flattened to (T*B, C, N), so SpikingJelly takes T*B as the time axis. The membrane
+    of sample b then carries into sample b+1 (and from the last sample of step t into the
+    first of step t+1): a sample's output depends on the other samples in its batch.
+    The paper describes a neuron that runs over time, per sample, which is what this
+    class does by default. `official_quirks=True` reproduces the official behaviour
+    exactly; the released checkpoints were trained with it.
+    """
+
+    def __init__(self, dim: int, num_heads: int, official_quirks: bool = False):
+        super().__init__()
+        self.num_heads, self.official_quirks = num_heads, official_quirks
+        self.scale = 0.125
+        self.q = ConvBNLIF(dim, dim)
+        self.k = ConvBNLIF(dim, dim)
+        self.v = ConvBNLIF(dim, dim)
+        self.attn_lif = LIFNode(tau=2.0, v_threshold=0.5)
+        self.proj = ConvBNLIF(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        heads = (T, B, self.num_heads, C // self.num_heads, H * W)
+        q = self.q(x).reshape(heads)                                # (T, B, h, d, N)
+        k = self.k(x).reshape(heads)                                # (T, B, h, d, N)
+        v = self.v(x).reshape(heads)                                # (T, B, h, d, N)
+        # With tokens along the last axis, K^T V is k @ v^T and (Q K^T V)^T is (K^T V)^T @ q.
+        kv = k @ v.transpose(-2, -1)                                # (T, B, h, d, d)  K^T V
+        x = (kv.transpose(-2, -1) @ q) * self.scale                 # (T, B, h, d, N)  (Q K^T V)^T s
+        x = self.attn_lif(x.reshape(T, B, C, H, W))                 # (T, B, C, H, W)
+        if self.official_quirks:
+            y = self.proj.bn(self.proj.conv(x.flatten(0, 1)))       # (T*B, C, H, W)
+            return self.proj.lif(y).reshape(T, B, C, H, W)          # time axis = T*B: the quirk
+        return self.proj(x)
+
+
+# ----------------------------------------------------------------------------------------
+# The block
+
+class SpikingMLP(nn.Module):
+    """The spiking MLP of every block: two 1x1 conv-BN-LIF layers, C -> ratio*C -> C."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = ConvBNLIF(dim, hidden, bias=True)
+        self.fc2 = ConvBNLIF(hidden, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+class QKFormerBlock(nn.Module):
+    """A QKFormer block (Q-K attention) or Spikformer block (SSA), Section 3.3, Eq. (10)-(11):
+
+        X' = X + Attn(X)
+        X'' = X' + MLP(X')
+
+    The sums of spikes are small integers (0, 1, 2, ...), not spikes: the residual stream
+    carries counts, and each layer's neurons turn them back into spikes.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attention: str,
+                 official_quirks: bool = False):
+        super().__init__()
+        if attention == "ssa":
+            self.attn = SpikingSelfAttention(dim, num_heads, official_quirks)
+        else:
+            self.attn = QKAttention(dim, num_heads, mode=attention)
+        self.mlp = SpikingMLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Patch embedding (Section 3.4)
+
+class SPEDS(nn.Module):
+    """Spiking Patch Embedding with Deformed Shortcut, Section 3.4, Eq. (12):
+
+        Y = F(Z) + SN(BN(Conv1x1_stride(Z)))
+
+    F is two conv-BN-LIF layers that change the width and downsample with a max-pool;
+    the "deformed" shortcut is a strided 1x1 conv with its own BN and neuron, so that
+    the two branches meet at the same shape. Z is the input, or, for the first
+    embedding, the output of a stem layer on the image (Z = SN(BN(Conv3x3(image)))).
+    The sum of two spike tensors is the block's output (values 0, 1 or 2).
+
+    Where the max-pools sit differs between the official families (`build_speds`):
+      CIFAR    stage 1: stem, F = [conv]                  no downsampling (32x32 tokens)
+               stage 2, 3: F = [conv, conv + pool]        stride 2
+      ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4
+               stage 2, 3: F = [conv + pool, conv]        stride 2
+    """
+
+    def __init__(self, stem: Optional[nn.Module], main: nn.Sequential, shortcut: ConvBNLIF):
+        super().__init__()
+        self.stem = stem if stem is not None else nn.Identity()
+        self.main = main
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.stem(x)
+        return self.main(z) + self.shortcut(z)
+
+
+def build_speds(family: str, stage: int, in_channels: int, width: int) -> SPEDS:
+    """The official SPEDS layouts (see `SPEDS`); `in_channels` is the image's channels for
+    stage 0, else the previous stage's width (width / 2)."""
+    half = width // 2
+    if stage == 0:
+        stem = ConvBNLIF(in_channels, half, 3, pool=(family == "imagenet"))
+        if family == "cifar":
+            main = nn.Sequential(ConvBNLIF(half, width, 3))
+            shortcut = ConvBNLIF(half, width, 1, stride=1)
+        else:
+            main = nn.Sequential(ConvBNLIF(half, width, 3, pool=True), ConvBNLIF(width, width, 3))
+            shortcut = ConvBNLIF(half, width, 1, stride=2)
+        return SPEDS(stem, main, shortcut)
+    if family == "cifar":
+        main = nn.Sequential(ConvBNLIF(half, width, 3), ConvBNLIF(width, width, 3, pool=True))
+    else:
+        main = nn.Sequential(ConvBNLIF(half, width, 3, pool=True), ConvBNLIF(width, width, 3))
+    return SPEDS(None, main, ConvBNLIF(half, width, 1, stride=2))
+
+
+# ----------------------------------------------------------------------------------------
+# The hierarchical network (Section 3.3, Figure 2)
+
+class Stage(nn.Module):
+    """One stage of the hierarchy: a SPEDS patch embedding, then its transformer blocks."""
+
+    def __init__(self, embed: SPEDS, blocks: nn.ModuleList):
+        super().__init__()
+        self.embed = embed
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class QKFormer(nn.Module):
+    """The hierarchical spiking transformer, Section 3.3 and Figure 2.
+
+    Three stages of widths D/4, D/2, D. Each halves the token grid (the ImageNet stage 1
+    quarters it), so the early stages work on many narrow tokens with Q-K attention, whose
+    cost is linear in N, and the last stage on few wide tokens with SSA.
+
+    Input: an image batch (B, C, H, W) is repeated over T time steps ("direct encoding":
+    the first conv layer turns pixels into currents and its neurons into spikes), or a
+    sequence (T, B, C, H, W) already over time (event data) is used as it is.
+    Output: the head reads the features averaged over tokens and over time, i.e. firing
+    rates, which is how a spike train becomes a real-valued prediction.
+    """
+
+    def __init__(self, config: QKFormerConfig):
+        super().__init__()
+        self.config = config
+        stages = []
+        in_channels = config.in_channels
+        for i, (width, depth, attention) in enumerate(
+                zip(config.stage_widths, config.stage_depths, config.attention)):
+            blocks = nn.ModuleList(
+                QKFormerBlock(width, config.num_heads, config.mlp_ratio, attention,
+                              config.official_quirks) for _ in range(depth))
+            stages.append(Stage(build_speds(config.family, i, in_channels, width), blocks))
+            in_channels = width
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Linear(config.embed_dim, config.num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        # As the official models (timm's ViT init): only linear layers are re-initialised;
+        # convolutions and batch norm keep PyTorch's defaults. The truncation bounds are
+        # absolute (-2, 2), as in timm, so at std 0.02 they are never reached.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(m.bias)
+
+    def set_official_quirks(self, on: bool = True):
+        """Switch the official code's batch-mixing SSA neuron on or off (see SpikingSelfAttention)."""
+        self.config.official_quirks = on
+        for m in self.modules():
+            if isinstance(m, SpikingSelfAttention):
+                m.official_quirks = on
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the input and give it a time axis: (B, C, H, W) -> (T, B, C, H, W)."""
+        cfg = self.config
+        if x.dim() not in (4, 5):
+            raise ValueError(f"expected images (B, C, H, W) or a sequence (T, B, C, H, W), "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        C, H, W = x.shape[-3:]
+        if C != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} input channels, got {C} "
+                             f"(input shape {tuple(x.shape)})")
+        if H % cfg.downsampling or W % cfg.downsampling:
+            raise ValueError(f"input size {H}x{W} cannot be divided by the patch embeddings: "
+                             f"height and width must be multiples of {cfg.downsampling}")
+        if x.dim() == 4:
+            x = x.unsqueeze(0).repeat(cfg.T, 1, 1, 1, 1)           # (T, B, C, H, W)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Spike counts of the last stage averaged over tokens: (T, B, D)."""
+        x = self.encode(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x.flatten(3).mean(3)                                 # (T, B, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x).mean(0))          # (B, num_classes)
+
+
+def create_model(name: str = "cifar10", **overrides) -> QKFormer:
+    """A QKFormer from a preset in PRESETS, with any QKFormerConfig field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
+    fields = QKFormerConfig.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown model setting(s) {unknown}; valid ones: {sorted(fields)}")
+    return QKFormer(QKFormerConfig(**{**PRESETS[name], **overrides}))
+
+
+# ----------------------------------------------------------------------------------------
+# The released checkpoints
+
+_OFFICIAL_EMBED = {"proj": "stem", "proj1": "main.0", "proj2": "main.1",
+                   "proj3": "main.0", "proj4": "main.1", "proj_res": "shortcut"}
+_OFFICIAL_UNIT = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "proj": "attn.proj",
+                  "mlp1": "mlp.fc1", "fc1": "mlp.fc1", "mlp2": "mlp.fc2", "fc2": "mlp.fc2"}
+_EMBED_KEY = re.compile(r"patch_embed([123])\.(proj\d?|proj_res)_(conv|bn)\.(\w+)$")
+_BLOCK_KEY = re.compile(r"stage([123])\.(\d+)\.(?:tssa|ssa|attn|mlp)\.(\w+?)_(conv|bn)\.(\w+)$")
+
+
+def unwrap_state_dict(obj) -> dict:
+    """The state dict inside a checkpoint: strips the usual {"model": ...} or
+    {"state_dict": ...} wrappers and the "module." prefix that DDP adds."""
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("this file holds no state dict (a dict of tensor names to tensors)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def convert_official_state_dict(state_dict: dict) -> dict:
+    """Rename the official QKFormer keys to this model's, e.g.
+
+        patch_embed2.proj4_conv.weight  -> stages.1.embed.main.1.conv.weight
+        stage3.0.ssa.q_bn.running_mean  -> stages.2.blocks.0.attn.q.bn.running_mean
+        stage1.0.mlp.mlp1_conv.bias     -> stages.0.blocks.0.mlp.fc1.conv.bias
+
+    The official attention layers are Conv1d (weight C x C x 1); here every token-wise
+    linear layer is a 1x1 Conv2d (C x C x 1 x 1), so those weights gain an axis.
+    Raises ValueError naming any key that belongs to no QKFormer layer.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    converted, unexpected = {}, []
+    for key, value in state_dict.items():
+        if key.startswith("head."):
+            converted[key] = value
+        elif m := _EMBED_KEY.match(key):
+            stage, layer, kind, param = m.groups()
+            converted[f"stages.{int(stage) - 1}.embed.{_OFFICIAL_EMBED[layer]}.{kind}.{param}"] = value
+        elif (m := _BLOCK_KEY.match(key)) and m.group(3) in _OFFICIAL_UNIT:
+            stage, block, layer, kind, param = m.groups()
+            if kind == "conv" and value.dim() == 3:
+                value = value.unsqueeze(-1)                          # Conv1d -> 1x1 Conv2d
+            converted[f"stages.{int(stage) - 1}.blocks.{block}.{_OFFICIAL_UNIT[layer]}.{kind}.{param}"] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} key(s) of this state dict belong to no QKFormer layer, "
+                         f"e.g. {unexpected[:5]}: is it an official QKFormer checkpoint?")
+    return converted
+
+
+def official_config(state_dict: dict, **overrides) -> QKFormerConfig:
+    """Read the architecture of an official checkpoint from its tensor shapes.
+
+    Heads leave no trace in the weights: the official CIFAR models use 8, the ImageNet
+    ones embed_dim / 64 (6, 8, 12); pass num_heads= to say otherwise."""
+    sd = unwrap_state_dict(state_dict)
+    if "head.weight" not in sd or "patch_embed1.proj_conv.weight" not in sd:
+        raise ValueError("not an official QKFormer state dict: no head.weight or "
+                         "patch_embed1.proj_conv.weight")
+    family = "imagenet" if "patch_embed1.proj2_conv.weight" in sd else "cifar"
+    num_classes, embed_dim = sd["head.weight"].shape
+    blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in sd if k.startswith("stage")}
+    settings = dict(family=family, num_classes=num_classes, embed_dim=embed_dim,
+                    depths=len(blocks), in_channels=sd["patch_embed1.proj_conv.weight"].shape[1],
+                    num_heads=8 if family == "cifar" else embed_dim // 64,
+                    img_size=32 if family == "cifar" else 224, official_quirks=True)
+    return QKFormerConfig(**{**settings, **overrides})
+
+
+def load_official_state_dict(model: QKFormer, state_dict: dict) -> QKFormer:
+    """Load official QKFormer weights into `model` (strictly) and switch on official_quirks,
+    since the released models were trained with the batch-mixing SSA neuron."""
+    converted = convert_official_state_dict(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(converted))
+    extra = sorted(set(converted) - set(own))
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
+             if k in own and v.shape != own[k].shape]
+    if missing or extra or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if extra:
+            problems.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
+        if wrong:
+            problems.append(f"{len(wrong)} of another shape (e.g. {wrong[:3]})")
+        raise ValueError("the official state dict does not fit this model: " + "; ".join(problems)
+                         + ". Build the model with official_config(state_dict) to match it.")
+    model.load_state_dict(converted, strict=True)
+    model.set_official_quirks(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,254 @@
+"""qkformer.py: shapes, equations, presets, and parity with the official code's outputs.
+
+tests/golden/ holds outputs of the official QKFormer code (SpikingJelly 0.0.0.0.14
+neurons, CPU, float64) for two narrow configurations; see ../shared/README.md.
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuron import LIFNode
+from qkformer import (PRESETS, QKAttention, QKFormer, QKFormerConfig, SpikingSelfAttention,
+                      convert_official_state_dict, count_parameters, create_model,
+                      load_official_state_dict, official_config, unwrap_state_dict)
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+OFFICIAL_PARAMS = {"cifar10": 6_706_234, "cifar100": 6_740_884, "imagenet_10_384": 16_473_688,
+                   "imagenet_10_512": 29_079_336, "imagenet_10_768": 64_962_760}
+
+
+def small(**overrides):
+    settings = dict(embed_dim=32, depths=3, num_heads=2, T=2)
+    return create_model("cifar10", **{**settings, **overrides})
+
+
+# ---------------------------------------------------------------- presets and official weights
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_preset_parameter_counts_equal_official(name):
+    assert count_parameters(create_model(name)) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_official_keys_load_strictly(name):
+    """Every key and shape of the five released models maps onto this model."""
+    with open(os.path.join(GOLDEN, "official_state_dict_keys.json")) as f:
+        spec = json.load(f)[name]
+    official = {"module." + k: torch.zeros(shape, dtype=torch.int64 if k.endswith("num_batches_tracked")
+                                             else torch.float32)
+                for k, shape in spec["state_dict"].items()}
+    config = official_config({"model": official})
+    assert (config.num_heads, config.family) == (
+        PRESETS[name]["num_heads"], PRESETS[name]["family"])
+    model = QKFormer(config)
+    assert count_parameters(model) == spec["num_params"]
+    load_official_state_dict(model, {"model": official})
+    assert model.config.official_quirks
+
+
+@pytest.mark.parametrize("family", ["cifar", "imagenet"])
+def test_parity_with_official_code(family):
+    """Eval logits, train logits, loss and every gradient match the official code to 1e-9."""
+    golden = torch.load(os.path.join(GOLDEN, f"official_{family}_small.pt"), weights_only=True)
+    model = QKFormer(QKFormerConfig(**golden["config"])).double()
+    load_official_state_dict(model, golden["official_state_dict"])
+    x, target = golden["input"], golden["target"]
+
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), golden["logits_eval"], rtol=0, atol=1e-9)
+
+    model.train()
+    logits = model(x)
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    assert torch.allclose(logits, golden["logits_train"], rtol=0, atol=1e-9)
+    assert abs(loss.item() - golden["loss_train"].item()) < 1e-9
+    grads = convert_official_state_dict(golden["grads"])
+    params = dict(model.named_parameters())
+    assert grads.keys() == params.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(params[name].grad, grad, rtol=0, atol=1e-9), name
+
+
+def test_paper_mode_differs_from_official_quirk_only_through_batch_mixing():
+    golden = torch.load(os.path.join(GOLDEN, "official_cifar_small.pt"), weights_only=True)
+    model = QKFormer(QKFormerConfig(**golden["config"])).double().eval()
+    load_official_state_dict(model, golden["official_state_dict"])
+    x = golden["input"]
+    with torch.no_grad():
+        quirk_batch = model(x)
+        quirk_alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        model.set_official_quirks(False)
+        paper_batch = model(x)
+        paper_alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    # Paper mode: a sample's output does not depend on the rest of its batch.
+    assert torch.allclose(paper_batch, paper_alone, rtol=0, atol=1e-12)
+    # The official quirk: the membrane of the last SSA neuron runs across samples.
+    assert not torch.allclose(quirk_batch, quirk_alone, rtol=0, atol=1e-6)
+    assert not torch.allclose(paper_batch, quirk_batch, rtol=0, atol=1e-6)
+
+
+def test_convert_unwraps_checkpoints_and_rejects_foreign_keys():
+    golden = torch.load(os.path.join(GOLDEN, "official_cifar_small.pt"), weights_only=True)
+    sd = golden["official_state_dict"]
+    wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}}
+    assert convert_official_state_dict(wrapped).keys() == convert_official_state_dict(sd).keys()
+    with pytest.raises(ValueError, match="belong to no QKFormer layer"):
+        convert_official_state_dict({**sd, "stage1.0.tssa.extra_conv.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no state dict"):
+        unwrap_state_dict({"epoch": 3})
+
+
+def test_load_official_reports_missing_and_mismatched_keys():
+    golden = torch.load(os.path.join(GOLDEN, "official_cifar_small.pt"), weights_only=True)
+    sd = dict(golden["official_state_dict"])
+    model = QKFormer(QKFormerConfig(**golden["config"]))
+    del sd["stage3.0.ssa.v_conv.weight"]
+    with pytest.raises(ValueError, match="1 missing"):
+        load_official_state_dict(model, sd)
+    with pytest.raises(ValueError, match="another shape"):
+        load_official_state_dict(create_model("cifar10", embed_dim=64, depths=4, num_heads=8, num_classes=100),
+                                 golden["official_state_dict"])
+
+
+# ---------------------------------------------------------------- shapes and structure
+
+@pytest.mark.parametrize("family,size,grids", [("cifar", 32, (32, 16, 8)), ("imagenet", 64, (16, 8, 4))])
+def test_stage_shapes(family, size, grids):
+    model = small(family=family, img_size=size, depths=4)
+    shapes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    logits = model(torch.randn(3, 3, size, size))
+    assert logits.shape == (3, 10)
+    widths = (8, 16, 32)
+    assert shapes == [(2, 3, w, g, g) for w, g in zip(widths, grids)]
+
+
+def test_speds_pool_positions():
+    """CIFAR: stage-2/3 embeddings pool after their second conv; ImageNet: after the first."""
+    def pools(model, stage):
+        return [not isinstance(u.pool, torch.nn.Identity) for u in model.stages[stage].embed.main]
+    cifar, imagenet = small(), small(family="imagenet", img_size=64, depths=4)
+    assert pools(cifar, 1) == [False, True] and pools(cifar, 0) == [False]
+    assert pools(imagenet, 1) == [True, False] and pools(imagenet, 0) == [True, False]
+    assert not isinstance(imagenet.stages[0].embed.stem.pool, torch.nn.Identity)
+    assert isinstance(cifar.stages[0].embed.stem.pool, torch.nn.Identity)
+    assert [len(s.blocks) for s in small(depths=5).stages] == [1, 1, 3]
+    assert [len(s.blocks) for s in small(family="imagenet", img_size=64, depths=5).stages] == [1, 2, 2]
+
+
+def test_event_input_used_as_is():
+    model = small().eval()
+    seq = torch.randn(5, 2, 3, 32, 32)                       # T=5 time steps of events
+    with torch.no_grad():
+        assert model(seq).shape == (2, 10)
+        images = torch.randn(2, 3, 32, 32)
+        repeated = images.unsqueeze(0).repeat(2, 1, 1, 1, 1)  # direct encoding by hand, T=2
+        assert torch.equal(model(images), model(repeated))
+
+
+def test_attention_choice_per_stage():
+    model = small(attention=("channel", "token", "token"))
+    kinds = [type(s.blocks[0].attn) for s in model.stages]
+    assert kinds == [QKAttention, QKAttention, QKAttention]
+    assert model.stages[0].blocks[0].attn.mode == "channel"
+    assert isinstance(small().stages[2].blocks[0].attn, SpikingSelfAttention)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_linear_init():
+    model = create_model("cifar100")
+    w = model.head.weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert torch.count_nonzero(model.head.bias) == 0
+
+
+# ---------------------------------------------------------------- the attention equations
+
+def _spiking_bn_eval(module):
+    """Eval mode, with batch norms that pass their input through scaled, so layers spike."""
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.fill_(3.0)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["token", "channel"])
+def test_qk_attention_equations(mode):
+    torch.manual_seed(0)
+    T, B, C, H, W, heads = 2, 2, 8, 4, 4, 2
+    attn = _spiking_bn_eval(QKAttention(C, heads, mode)).double()
+    x = (torch.rand(T, B, C, H, W, dtype=torch.float64) < 0.5).double()
+    masks = []
+    attn.attn_lif.register_forward_hook(lambda m, i, out: masks.append(out))
+    out = attn(x)
+    q = attn.q(x).reshape(T, B, heads, C // heads, H * W)
+    k = attn.k(x).reshape(T, B, heads, C // heads, H * W)
+    if mode == "token":   # A_t = SN(sum over a head's channels), one value per token
+        a = LIFNode(v_threshold=0.5)(q.sum(3, keepdim=True))
+        assert masks[0].shape == (T, B, heads, 1, H * W)
+    else:                 # A_c = SN(sum over tokens), one value per channel
+        a = LIFNode(v_threshold=0.5)(q.sum(4, keepdim=True))
+        assert masks[0].shape == (T, B, heads, C // heads, 1)
+    assert torch.equal(masks[0], a)
+    assert 0 < a.mean() < 1
+    assert torch.equal(out, attn.proj((a * k).reshape(T, B, C, H, W)))
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_ssa_equals_quadratic_form():
+    """SSA computed right to left, Q (K^T V), equals the textbook (Q K^T) V."""
+    torch.manual_seed(0)
+    T, B, C, H, W, heads = 2, 2, 8, 2, 2, 2
+    ssa = _spiking_bn_eval(SpikingSelfAttention(C, heads)).double()
+    x = (torch.rand(T, B, C, H, W, dtype=torch.float64) < 0.5).double()
+    inputs = []
+    ssa.attn_lif.register_forward_hook(lambda m, i, out: inputs.append(i[0]))
+    ssa(x)
+
+    def tokens(u):  # (T, B, C, H, W) -> (T, B, h, N, d)
+        return u.reshape(T, B, heads, C // heads, H * W).transpose(-2, -1)
+    q, k, v = tokens(ssa.q(x)), tokens(ssa.k(x)), tokens(ssa.v(x))
+    quadratic = (q @ k.transpose(-2, -1)) @ v * 0.125        # (T, B, h, N, d)
+    assert torch.equal(inputs[0], quadratic.transpose(-2, -1).reshape(T, B, C, H, W))
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(embed_dim=96, num_heads=16), "divisible by num_heads"),
+    (dict(embed_dim=36), "divisible by 8"),
+    (dict(img_size=30), "multiple of 4"),
+    (dict(family="imagenet", img_size=56, depths=4), "multiple of 16"),
+    (dict(T=0), "T must be a positive integer"),
+    (dict(depths=2), "depths >= 3"),
+    (dict(attention=("token", "ssa")), "attention"),
+    (dict(attention=("token", "token", "linear")), "attention"),
+    (dict(family="mnist"), "family"),
+    (dict(mlp_ratio=0), "mlp_ratio"),
+    (dict(dropout=0.1), "unknown model setting"),
+])
+def test_invalid_configuration(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small(**overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet50")
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((2, 1, 32, 32), "3 input channels"),
+    ((3, 32, 32), "expected images"),
+    ((2, 3, 30, 30), "multiples of 4"),
+])
+def test_invalid_input(shape, message):
+    with pytest.raises(ValueError, match=message):
+        small()(torch.randn(shape))
