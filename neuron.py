@@ -2,12 +2,14 @@
 trained with a surrogate gradient.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
-Attention", NeurIPS 2024, Section 3.1 ("Preliminaries", Eq. 1-3). The official code
+Attention", NeurIPS 2024, Appendix 6.1 (the LIF model) and 6.5 (the sigmoid surrogate
+gradient, alpha = 4). The official code
 uses SpikingJelly's `MultiStepLIFNode(tau=2.0, detach_reset=True)` with a hard reset
 to 0 and the sigmoid surrogate (alpha = 4); this file reproduces it exactly, without
 SpikingJelly.
 
-The neuron, for a time step t (Eq. 1-3 of the paper):
+The neuron, for a time step t (the three lines of the LIF equation in Appendix 6.1,
+numbered Eq. 1-3 in this file):
 
     charge  H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau           (Eq. 1)
     fire    S[t] = Heaviside(H[t] - V_th)        Heaviside(0) = 1        (Eq. 2)
@@ -121,7 +123,7 @@ class LIFFunction(torch.autograd.Function):
 
 
 class LIFNode(nn.Module):
-    """Multi-step LIF neuron (paper Section 3.1, Eq. 1-3), the "SN(.)" of every equation.
+    """Multi-step LIF neuron (paper Appendix 6.1, Eq. 1-3 above), the "SN(.)" of every equation.
 
     Takes a whole sequence `x_seq` of shape (T, ...) and returns spikes (0. or 1.) of
     the same shape. The membrane potential lives only inside one call, so unlike

@@ -6,20 +6,22 @@ Attention", NeurIPS 2024 (arXiv:2403.16552); official code github.com/zhouchenli
 Spiking self-attention (SSA) comes from Zhou et al., "Spikformer: When Spiking Neural
 Network Meets Transformer", ICLR 2023.
 
-Read it top to bottom, next to the paper:
+Read it top to bottom, next to the paper (section and equation numbers of arXiv v2):
   ConvBNLIF            the building brick: conv -> batch norm -> (max-pool) -> spiking neuron
-  QKAttention          Section 3.2: Q-K token attention (QKTA) and Q-K channel attention (QKCA)
-  SpikingSelfAttention Spikformer's SSA, used in the last stage (Section 3.3)
-  SpikingMLP, QKFormerBlock   the transformer block X = X + Attn(X); X = X + MLP(X)
-  SPEDS                Section 3.4: spiking patch embedding with deformed shortcut
-  QKFormer             Section 3.3 / Figure 2: three stages of widths D/4, D/2, D
-  create_model, PRESETS, convert_official_state_dict   presets and loading the released weights
+  QKAttention          Section 3.2, Eq. (5)-(7): Q-K token attention (QKTA) and channel attention (QKCA)
+  SpikingSelfAttention Section 3.1, Eq. (3)-(4): Spikformer's SSA, used in the last stage
+  SpikingMLP, QKFormerBlock   Section 3.4, Eq. (8): X = X + Attn(X); X = X + MLP(X)
+  SPEDS                Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut
+  QKFormer             Section 3.4 / Figure 2: three stages of widths D/4, D/2, D
+  create_model, PRESETS, convert_official_state_dict, load_checkpoint   presets and weights
 
 Every tensor inside the network is laid out (T, B, C, H, W): time steps, batch,
 channels, height, width; N = H * W is the number of tokens. Layers without memory
 (conv, batch norm) see the T*B images as one big batch; the spiking neurons (LIFNode)
 see the time axis.
 """
+import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -159,13 +161,13 @@ class ConvBNLIF(nn.Module):
 # Attention (Section 3.2)
 
 class QKAttention(nn.Module):
-    """Spike-form Q-K attention, Section 3.2, Eq. (5)-(8) (QKTA) and the QKCA variant.
+    """Spike-form Q-K attention, Section 3.2: Eq. (5)-(7) for QKTA, and the QKCA variant.
 
         Q = SN(BN(X W_Q)),  K = SN(BN(X W_K))                       binary, (T, B, C, N)
-        QKTA: A_t = SN(sum of Q over the channels of a head)         one value per token
+        QKTA: A_t = SN(sum of Q over the channels of a head)         one value per token, Eq. (6)
         QKCA: A_c = SN(sum of Q over the tokens)                     one value per channel
         X' = A (*) K                                                 a mask on K, broadcast
-        X'' = SN(BN(Linear(X')))
+        X'' = SN(BN(Linear(X')))                                    Eq. (7)
 
     Cost: the sums and the mask touch each of the N*C spikes once, so time and memory grow
     linearly with N, where SSA (below) builds C x C or N x N products. There is no V and no
@@ -197,7 +199,7 @@ class QKAttention(nn.Module):
 
 
 class SpikingSelfAttention(nn.Module):
-    """Spikformer's spiking self-attention (SSA), used by QKFormer in stage 3 (Section 3.3).
+    """Spikformer's spiking self-attention (SSA), Section 3.1, Eq. (3)-(4); QKFormer's stage 3.
 
         Q, K, V = SN(BN(X W_Q)), SN(BN(X W_K)), SN(BN(X W_V))       binary, per head (N, d)
         SSA = SN(Q K^T V * s),  s = 0.125, threshold 0.5
@@ -259,7 +261,7 @@ class SpikingMLP(nn.Module):
 
 
 class QKFormerBlock(nn.Module):
-    """A QKFormer block (Q-K attention) or Spikformer block (SSA), Section 3.3, Eq. (10)-(11):
+    """A QKFormer block (Q-K attention) or Spikformer block (SSA), Section 3.4, Eq. (8):
 
         X' = X + Attn(X)
         X'' = X' + MLP(X')
@@ -283,10 +285,10 @@ class QKFormerBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Patch embedding (Section 3.4)
+# Patch embedding (Section 3.5)
 
 class SPEDS(nn.Module):
-    """Spiking Patch Embedding with Deformed Shortcut, Section 3.4, Eq. (12):
+    """Spiking Patch Embedding with Deformed Shortcut, Section 3.5, Eq. (9):
 
         Y = F(Z) + SN(BN(Conv1x1_stride(Z)))
 
@@ -335,7 +337,7 @@ def build_speds(family: str, stage: int, in_channels: int, width: int) -> SPEDS:
 
 
 # ----------------------------------------------------------------------------------------
-# The hierarchical network (Section 3.3, Figure 2)
+# The hierarchical network (Section 3.4, Figure 2)
 
 class Stage(nn.Module):
     """One stage of the hierarchy: a SPEDS patch embedding, then its transformer blocks."""
@@ -353,7 +355,7 @@ class Stage(nn.Module):
 
 
 class QKFormer(nn.Module):
-    """The hierarchical spiking transformer, Section 3.3 and Figure 2.
+    """The hierarchical spiking transformer, Section 3.4 and Figure 2.
 
     Three stages of widths D/4, D/2, D. Each halves the token grid (the ImageNet stage 1
     quarters it), so the early stages work on many narrow tokens with Q-K attention, whose
@@ -537,3 +539,38 @@ def load_official_state_dict(model: QKFormer, state_dict: dict) -> QKFormer:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a checkpoint file safely: `weights_only=True`, so a file can never run code.
+    Raises ValueError with a clear message for a missing, unreadable or foreign file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"refusing to load {path!r}: it is not a PyTorch checkpoint, or it holds "
+                         f"objects other than tensors and plain data, which could run code") from None
+    except Exception as e:  # a truncated or damaged zip archive
+        raise ValueError(f"cannot read checkpoint {path!r}: the file is damaged or incomplete "
+                         f"({type(e).__name__})") from None
+
+
+def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
+    """Rebuild a model from a checkpoint dict: this project's own ({"model", "config", ...},
+    as train.py writes them) or an official QKFormer checkpoint (converted, official_quirks on).
+    `overrides` change config fields that do not affect the weights (e.g. T, official_quirks)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) \
+            and isinstance(checkpoint.get("model"), dict):
+        model = QKFormer(QKFormerConfig(**{**checkpoint["config"], **overrides}))
+        state = unwrap_state_dict(checkpoint["model"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k, v in state.items() if k in model.state_dict()
+                 and v.shape != model.state_dict()[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"the checkpoint's weights do not fit its own config: {len(missing)} "
+                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape")
+        return model
+    state = unwrap_state_dict(checkpoint)
+    model = QKFormer(official_config(state, **overrides))
+    return load_official_state_dict(model, state)

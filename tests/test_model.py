@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from neuron import LIFNode
 from qkformer import (PRESETS, QKAttention, QKFormer, QKFormerConfig, SpikingSelfAttention,
                       convert_official_state_dict, count_parameters, create_model,
-                      load_official_state_dict, official_config, unwrap_state_dict)
+                      load_checkpoint, load_official_state_dict, model_from_checkpoint,
+                      official_config, unwrap_state_dict)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 OFFICIAL_PARAMS = {"cifar10": 6_706_234, "cifar100": 6_740_884, "imagenet_10_384": 16_473_688,
@@ -252,3 +253,39 @@ def test_unknown_preset():
 def test_invalid_input(shape, message):
     with pytest.raises(ValueError, match=message):
         small()(torch.randn(shape))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_and_official(tmp_path):
+    import dataclasses
+    model = small()
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, path)
+    rebuilt = model_from_checkpoint(load_checkpoint(str(path)), T=1)
+    assert rebuilt.config.T == 1
+    for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)
+    golden = torch.load(os.path.join(GOLDEN, "official_cifar_small.pt"), weights_only=True)
+    official = model_from_checkpoint({"model": golden["official_state_dict"]})
+    assert official.config.official_quirks and official.config.embed_dim == 64
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(str(tmp_path / "text.pt"))
+    torch.save({"model": small().state_dict()}, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged or incomplete"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+    torch.save({"model": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(str(tmp_path / "evil.pt"))
