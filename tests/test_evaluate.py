@@ -1,0 +1,341 @@
+"""evaluate.py: firing rates, SOP / energy arithmetic, the complexity experiment, pictures and
+the command line.
+
+Everything runs on tiny models (embed_dim 16-32, T = 2, 8x8 or 32x32 images) and a fake
+CIFAR-10 folder of a few random images written in the official pickle format.
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import evaluate as ev
+import qkformer
+from neuron import LIFNode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+PICTURES = ("firing_rates.png", "spike_raster.png", "token_masks.png", "confusion_matrix.png")
+
+
+def tiny(**overrides):
+    """A 3-stage QKFormer on 8x8 images: stage widths 4, 8, 16; tokens 64, 16, 4."""
+    settings = dict(embed_dim=16, depths=3, num_heads=2, T=2, img_size=8)
+    return qkformer.create_model("cifar10", **{**settings, **overrides}).eval()
+
+
+def force_bn_bias(module: nn.Module, value: float):
+    """Make every neuron after these batch norms fire at every step (value = +100) or never
+    (value = -100): in eval mode BN(y) = y + bias with the default running statistics."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.bias, value)
+
+
+def run(model, images=4, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (images,), generator=g)
+    return ev.evaluate(model, [(x[:2], y[:2]), (x[2:], y[2:])], 10)
+
+
+# ---------------------------------------------------------------- firing rates
+
+@pytest.mark.parametrize("bias, rate", [(100.0, 1.0), (-100.0, 0.0)])
+def test_firing_rates_of_layers_forced_to_always_or_never_spike(bias, rate):
+    model = tiny()
+    force_bn_bias(model, bias)
+    results, rec = run(model)
+    rates = rec.firing_rates()
+    lifs = [n for n, m in model.named_modules() if isinstance(m, LIFNode)]
+    assert list(rates) == lifs                               # every spiking layer, in order
+    assert all(r == rate for r in rates.values())
+    assert all(r == rate for r in ev.stage_firing_rates(rec).values())
+    table = ev.table4(model, rec)
+    assert list(table) == ["stage 1", "stage 2"]             # the QKTA stages, as in Table 4
+    assert all(v == rate for rows in table.values() for v in rows.values())   # X' = A_t (*) K too
+    assert results["images"] == 4 and results["confusion"].sum() == 4
+
+
+def test_one_forced_layer_and_its_successors_input():
+    model = tiny()
+    force_bn_bias(model, -100.0)                             # silence the whole network ...
+    force_bn_bias(model.stages[0].blocks[0].mlp.fc1, 100.0)  # ... except one MLP layer
+    _, rec = run(model)
+    rates = rec.firing_rates()
+    assert rates["stages.0.blocks.0.mlp.fc1.lif"] == 1.0
+    assert sum(rates.values()) == 1.0
+    inputs = rec.input_rates()
+    assert inputs["stages.0.blocks.0.mlp.fc2.conv"] == 1.0   # fc2 is fed by fc1's spikes
+    assert inputs["stages.0.blocks.0.mlp.fc1.conv"] == 0.0
+
+
+def test_accuracy_and_confusion_with_known_predictions():
+    class Fixed(nn.Module):                                  # ranks the classes 3, 1, 0, 2, 4, ...
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            logits = -torch.arange(10.0).repeat(len(x), 1)
+            logits[:, 3], logits[:, 1] = 10.0, 5.0
+            return logits
+
+    x = torch.zeros(6, 3, 4, 4)
+    y = torch.tensor([3, 3, 1, 0, 5, 3])
+    results, _ = ev.evaluate(Fixed(), [(x[:4], y[:4]), (x[4:], y[4:])], 10, limit=5)
+    assert results["images"] == 5                            # --limit cuts the last batch
+    assert results["top1"] == pytest.approx(40.0)            # 3, 3 right; 1, 0, 5 wrong
+    assert results["top5"] == pytest.approx(80.0)            # 3, 3, 1, 0 in the top 5; 5 is not
+    assert results["confusion"][3, 3] == 2 and results["confusion"][5, 3] == 1
+
+
+# ---------------------------------------------------------------- SOPs and energy
+
+class TinySNN(nn.Module):
+    """conv1 (3 -> 4, 1x1) -> BN -> LIF -> conv2 (4 -> 2, 1x1) -> BN -> LIF -> mean -> head (2 -> 5)
+    on 4x4 images at T = 2. MACs per image and step: conv1 3*4*16 = 192, conv2 4*2*16 = 128,
+    head 2*5 = 10."""
+    T = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.lif1 = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), LIFNode()
+        self.conv2, self.bn2, self.lif2 = nn.Conv2d(4, 2, 1, bias=False), nn.BatchNorm2d(2), LIFNode()
+        self.head = nn.Linear(2, 5)
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)   # (T, B, C, H, W)
+        T, B = x.shape[:2]
+        s = self.lif1(self.bn1(self.conv1(x.flatten(0, 1))).reshape(T, B, 4, *x.shape[-2:]))
+        s = self.lif2(self.bn2(self.conv2(s.flatten(0, 1))).reshape(T, B, 2, *x.shape[-2:]))
+        return self.head(s.flatten(3).mean(3).mean(0))
+
+
+def tiny_snn_energy(bias1, bias2):
+    model = TinySNN().eval()
+    model.bn1.bias.data = torch.tensor(bias1)
+    model.bn2.bias.data.fill_(bias2)
+    x = torch.randn(3, 3, 4, 4)
+    _, rec = ev.evaluate(model, [(x, torch.zeros(3, dtype=torch.long))], 5)
+    macs = ev.layer_macs(model, torch.zeros(1, 1, 3, 4, 4))
+    return macs, ev.energy_report(model, rec, images=3, T=2, macs=macs)
+
+
+def test_macs_and_energy_of_a_hand_computed_network():
+    # lif1: channels 0 and 1 always fire, 2 and 3 never (input rate of conv2 = 0.5);
+    # lif2 always fires (the head's input is all ones).
+    macs, e = tiny_snn_energy([100.0, 100.0, -100.0, -100.0], 100.0)
+    assert macs["layers"] == {"conv1": 192, "conv2": 128, "head": 10}
+    assert macs["total"] == 330
+    assert e["mac_layers"] == ["conv1"] and e["ac_layers"] == ["conv2", "head"]
+    rows = {r["name"]: r for r in e["layers"]}
+    assert rows["conv1"]["ops"] == 192                       # MACs, counted once (Eq. 20)
+    assert rows["conv2"]["input_rate"] == 0.5
+    assert rows["conv2"]["ops"] == pytest.approx(0.5 * 2 * 128)   # SOP = fr x T x FLOPs, Eq. 19
+    assert rows["head"]["ops"] == pytest.approx(1.0 * 2 * 10)
+    assert e["SOPs"] == pytest.approx(128 + 20)
+    assert e["E_snn_mJ"] == pytest.approx((0.9 * 148 + 4.6 * 192) * 1e-9)
+    assert e["E_ann_mJ"] == pytest.approx(4.6 * 330 * 1e-9)
+
+
+def test_silent_network_costs_only_its_first_layer():
+    _, e = tiny_snn_energy([-100.0] * 4, -100.0)
+    assert e["SOPs"] == 0
+    assert e["E_snn_mJ"] == pytest.approx(4.6 * 192 * 1e-9)
+
+
+def test_qkformer_energy_terms_when_every_neuron_fires():
+    model = tiny()
+    force_bn_bias(model, 100.0)
+    results, rec = run(model)
+    macs = ev.layer_macs(model)
+    # stem: 3x3 conv, 3 -> 2 channels (embed_dim / 8), on 8x8 pixels (CIFAR stage 1: stride 1)
+    assert macs["layers"]["stages.0.embed.stem.conv"] == 3 * 3 * 3 * 2 * 8 * 8
+    # stage-3 SSA, C = 16, 2 heads of d = 8, N = 2x2 tokens: K^T V and (K^T V) Q, h N d^2 each
+    assert macs["attention"] == {"stages.2.blocks.0.attn": 2 * 2 * 4 * 8 * 8}
+    e = ev.energy_report(model, rec, results["images"], model.config.T, macs)
+    rows = {r["name"]: r for r in e["layers"]}
+    assert e["mac_layers"] == ["stages.0.embed.stem.conv"]
+    assert len(e["ac_layers"]) == len(e["layers"]) - 1
+    # every Q neuron fires: QKTA's sum costs one addition per Q spike = T x C x N
+    assert rows["stages.0.blocks.0.attn (sum of Q)"]["ops"] == 2 * 4 * 64
+    assert rows["stages.1.blocks.0.attn (sum of Q)"]["ops"] == 2 * 8 * 16
+    assert rows["stages.2.blocks.0.attn (K^T V, (K^T V) Q)"]["ops"] == 2 * 1024
+    # the layers right after a neuron see rate 1; after a residual sum, spike counts > 1
+    assert rows["stages.0.blocks.0.mlp.fc2.conv"]["input_rate"] == 1.0
+    assert rows["stages.0.blocks.0.attn.q.conv"]["input_rate"] == 2.0   # SPEDS: main + shortcut
+    for r in e["layers"]:
+        if r["kind"] == "AC" and "(" not in r["name"]:
+            assert r["ops"] == pytest.approx(r["input_rate"] * 2 * r["macs"])
+    assert e["E_snn_mJ"] == pytest.approx(
+        (0.9 * e["SOPs"] + 4.6 * macs["layers"]["stages.0.embed.stem.conv"]) * 1e-9)
+
+
+# ---------------------------------------------------------------- complexity experiment
+
+def test_peak_memory_counts_live_tensors_only():
+    x = torch.randn(1000, 1000)                              # 4 MB, allocated before: not counted
+    with ev.PeakMemory() as pm:
+        a = x * 2                                            # 4 MB
+        b = a @ a                                            # 8 MB live
+        del a                                                # 4 MB
+        c = b + 1                                            # 8 MB
+        view = c.view(-1)[:10]                               # a view allocates nothing ...
+        del c                                                # ... and keeps c's memory alive
+        d = x.t()                                            # a view of the input: nothing
+        e = b + 1                                            # 12 MB: the peak
+        del b, e
+    assert pm.peak == 3 * 4_000_000
+    assert pm.current == 4_000_000                           # only c, held by `view`
+    del view, d
+
+
+def test_explicit_ssa_equals_right_to_left_ssa():
+    torch.manual_seed(0)
+    explicit = ev.ExplicitSSA(32, 2).eval()
+    ssa = qkformer.SpikingSelfAttention(32, 2).eval()
+    ssa.load_state_dict(explicit.state_dict())
+    x = (torch.rand(2, 3, 32, 6, 6) < 0.5).float()
+    with torch.no_grad():
+        assert torch.equal(explicit(x), ssa(x))
+
+
+def test_complexity_qkta_linear_explicit_ssa_quadratic(tmp_path):
+    out = tmp_path / "complexity"
+    assert ev.main(["--complexity", "--min-side", "8", "--max-side", "48", "--step", "8",
+                    "--dim", "16", "--output", str(out)]) == 0
+    result = json.loads((out / "complexity.json").read_text())
+    assert (out / "complexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cpu = result["devices"]["cpu"]
+    assert [r["side"] for r in cpu["QKTA"]] == [8, 16, 24, 32, 40, 48]
+    slopes = result["slopes"]["cpu"]
+    # memory is measured exactly (bytes of tensors), so these are tight
+    assert 0.9 < slopes["QKTA"]["memory_MiB"] < 1.1
+    assert 0.9 < slopes["SSA Q (K^T V)"]["memory_MiB"] < 1.1
+    assert slopes["SSA (Q K^T) V"]["memory_MiB"] > 1.7
+    # doubling N from side 24 to 48 (x4 tokens): QKTA memory x4, explicit SSA about x16
+    qkta = {r["side"]: r["memory_MiB"] for r in cpu["QKTA"]}
+    ssa = {r["side"]: r["memory_MiB"] for r in cpu["SSA (Q K^T) V"]}
+    assert qkta[48] / qkta[24] == pytest.approx(4.0, rel=0.05)
+    assert ssa[48] / ssa[24] > 10
+    # times are noisy on a shared CPU: only ask that the quadratic form grows clearly faster
+    assert slopes["SSA (Q K^T) V"]["time_ms"] > slopes["QKTA"]["time_ms"] + 0.3
+
+
+# ---------------------------------------------------------------- command line
+
+def write_fake_cifar10(root, test_images=12, seed=0):
+    """The official python-format files (pickled dicts with bytes keys), filled with noise."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    files = {f"data_batch_{i}": 2 for i in range(1, 6)}
+    files["test_batch"] = test_images
+    for name, n in files.items():
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_fake_cifar10(tmp_path_factory.mktemp("data"))
+
+
+def own_checkpoint(path, **overrides):
+    """A checkpoint in the format train.py writes: {"model", "config", "args", "epoch", ...}."""
+    settings = dict(embed_dim=16, depths=3, num_heads=2, T=2)
+    torch.manual_seed(0)
+    model = qkformer.create_model("cifar10", **{**settings, **overrides})
+    torch.save({"model": model.state_dict(), "config": dict(vars(model.config)),
+                "args": {"model": "cifar10"}, "epoch": 0}, path)
+    return str(path)
+
+
+def check_outputs(out, images):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == images
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    assert metrics["firing_rates"] and all(0 <= r <= 1 for r in metrics["firing_rates"].values())
+    assert set(metrics["stage_firing_rates"]) == {"stage 1", "stage 2", "stage 3"}
+    e = metrics["energy"]
+    assert e["mac_layers"] == ["stages.0.embed.stem.conv"] and "head" in e["ac_layers"]
+    assert 0 < e["E_snn_mJ"] < e["E_ann_mJ"]
+    for name in PICTURES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    return metrics
+
+
+def test_cli_on_own_checkpoint(tmp_path, cifar_dir, capsys):
+    ckpt = own_checkpoint(tmp_path / "run.pt")
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", cifar_dir,
+                    "--limit", "8", "--batch-size", "4", "--pictures", "2", "--output", str(out)]) == 0
+    metrics = check_outputs(out, images=8)
+    assert metrics["T"] == 2 and not metrics["official_quirks"]
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "MAC layers" in printed and "stages.0.embed.stem.conv" in printed
+
+
+def test_cli_on_official_state_dict(tmp_path, cifar_dir):
+    golden = torch.load(os.path.join(GOLDEN, "official_cifar_small.pt"), weights_only=True)
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": golden["official_state_dict"], "epoch": 3}, path)   # timm-style file
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", str(path), "--dataset", "cifar10", "--data-dir", cifar_dir,
+                    "--limit", "4", "--pictures", "2", "--output", str(out)]) == 0
+    metrics = check_outputs(out, images=4)
+    assert metrics["official_quirks"] and metrics["config"]["embed_dim"] == 64
+
+
+def bad_checkpoints(tmp):
+    missing_keys = tmp / "missing_keys.pt"
+    model = qkformer.create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=2)
+    state = model.state_dict()
+    del state["head.weight"]
+    torch.save({"model": state, "config": dict(vars(model.config)), "epoch": 0}, missing_keys)
+    garbage = tmp / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    return {
+        "missing file": (str(tmp / "nope.pt"), "does not exist"),
+        "not a checkpoint": (str(garbage), "checkpoint"),
+        "wrong number of classes": (own_checkpoint(tmp / "c100.pt", num_classes=100), "100 classes"),
+        "missing keys": (str(missing_keys), "missing"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "not a checkpoint", "wrong number of classes",
+                                  "missing keys"])
+def test_cli_bad_checkpoints_give_clear_errors(case, tmp_path, capsys):
+    path, message = bad_checkpoints(tmp_path)[case]
+    # an empty data folder: the checkpoint must be refused before any data is read
+    code = ev.main(["--checkpoint", path, "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
+                    "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
+    ckpt = own_checkpoint(tmp_path / "run.pt")
+    code = ev.main(["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
+                    "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "CIFAR-10" in err
+
+
+def test_cli_as_a_program_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "nope.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
