@@ -439,6 +439,28 @@ def create_model(name: str = "cifar10", **overrides) -> QKFormer:
     return QKFormer(QKFormerConfig(**{**PRESETS[name], **overrides}))
 
 
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every batch norm into the convolution before it, for inference (in place).
+
+    In eval mode BN(y) = (y - mean) / sqrt(var + eps) * gamma + beta is a fixed affine map
+    per channel, so it can be merged into the convolution's weights and bias: one pass
+    over each activation map fewer. Exact up to rounding (the max-pool comes after the
+    batch norm, so it sees the same values). The model is for inference only afterwards.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (batch statistics change in training)")
+    for m in model.modules():
+        if isinstance(m, ConvBNLIF) and isinstance(m.bn, nn.BatchNorm2d):
+            conv, bn = m.conv, m.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)          # (C',)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            m.bn = nn.Identity()
+    return model
+
+
 # ----------------------------------------------------------------------------------------
 # The released checkpoints
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from neuron import LIFNode
 from qkformer import (PRESETS, QKAttention, QKFormer, QKFormerConfig, SpikingSelfAttention,
                       convert_official_state_dict, count_parameters, create_model,
-                      load_checkpoint, load_official_state_dict, model_from_checkpoint,
+                      fold_batchnorm, load_checkpoint, load_official_state_dict, model_from_checkpoint,
                       official_config, unwrap_state_dict)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -289,3 +289,15 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"model": {}, "payload": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refusing to load"):
         load_checkpoint(str(tmp_path / "evil.pt"))
+
+
+def test_fold_batchnorm_keeps_eval_outputs():
+    golden = torch.load(os.path.join(GOLDEN, "official_imagenet_small.pt"), weights_only=True)
+    model = QKFormer(QKFormerConfig(**golden["config"])).double()
+    load_official_state_dict(model, golden["official_state_dict"])
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model)
+    folded = fold_batchnorm(model.eval())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(golden["input"]), golden["logits_eval"], rtol=0, atol=1e-9)

@@ -97,3 +97,34 @@ def test_no_state_between_calls():
 def test_invalid_tau():
     with pytest.raises(ValueError, match="tau"):
         LIFNode(tau=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_kernels_equal_reference(dtype):
+    """The torch.compile'd kernels (the default outside the tests) give the same spikes and
+    gradients as the plain loop."""
+    import neuron
+    previous = neuron._BACKEND
+    neuron.set_backend("compiled")
+    try:
+        torch.manual_seed(2)
+        x = (torch.randn(4, 3, 50, dtype=dtype) * 1.5 + 0.7).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        grad_out = torch.randn(4, 3, 50, dtype=dtype)
+        for threshold in (1.0, 0.5):
+            fast = LIFNode(v_threshold=threshold)(x)
+            ref = lif_reference(x_ref, 2.0, threshold, 4.0)
+            assert neuron._kernels["name"] == "compiled"
+            assert torch.equal(fast, ref)
+            gx, = torch.autograd.grad(fast, x, grad_out)
+            gr, = torch.autograd.grad(ref, x_ref, grad_out)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            assert torch.allclose(gx, gr, rtol=tol, atol=tol)
+    finally:
+        neuron.set_backend(previous)
+
+
+def test_backend_choice():
+    import neuron
+    with pytest.raises(ValueError, match="backend"):
+        neuron.set_backend("cuda-magic")

@@ -1,0 +1,191 @@
+"""Speed and memory of QKFormer: training and inference images per second, peak memory.
+
+    python benchmark.py --model cifar10 --batch-size 16 --T 4 --device cpu
+    python benchmark.py --model imagenet_10_384 --batch-size 128 --device cuda --amp
+
+Measures, for one preset, batch size and T on one device:
+  * training: forward, cross-entropy, backward and an AdamW step, in train mode;
+  * inference: forward in eval mode under torch.inference_mode(), with the batch norms
+    folded into their convolutions (`qkformer.fold_batchnorm`, exact in eval mode);
+each as the median over several timed steps after warm-up steps, in images per second;
+and the peak memory: on the CPU the peak resident memory of a fresh process per phase
+(what `top` shows, so it includes PyTorch itself), on a GPU the allocator's peak.
+Results are printed and written as JSON (`--output`). Inputs are random images: the
+cost of a step does not depend on the pixel values, only on how many neurons spike,
+which random inputs exercise at rates close to trained networks (printed alongside).
+
+Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
+NeurIPS 2024. The FLOP count uses torch.utils.flop_counter (2 FLOPs per multiply-add).
+"""
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from neuron import LIFNode
+from qkformer import PRESETS, create_model, fold_batchnorm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cifar10", choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--T", type=int, default=None, help="time steps (default: the preset's)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--phases", default="train,inference", help="comma-separated subset")
+    p.add_argument("--reference-neuron", action="store_true",
+                   help="use the plain autograd loop of neuron.py instead of the fused LIF")
+    p.add_argument("--output", default="benchmark.json", help="JSON file to write")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but PyTorch sees no GPU here; use --device cpu")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def build(args):
+    overrides = {k: v for k, v in (("T", args.T), ("img_size", args.img_size)) if v is not None}
+    model = create_model(args.model, **overrides)
+    if args.reference_neuron:
+        for m in model.modules():
+            if isinstance(m, LIFNode):
+                m.reference = True
+    return model
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_phase(args, phase: str) -> dict:
+    """Time one phase ("train" or "inference") in this process."""
+    torch.manual_seed(0)
+    device = args.device
+    model = build(args).to(device)
+    cfg = model.config
+    x = torch.randn(args.batch_size, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+    if phase == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.06)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def step():
+            with autocast:
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    else:
+        model = fold_batchnorm(model.eval())
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(x)
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"images_per_s": args.batch_size / seconds, "step_s": seconds,
+            "step_s_all": times, "peak_memory_GB": peak / 1e9}
+
+
+def _phase_in_child(args, phase, queue):
+    try:
+        queue.put(run_phase(args, phase))
+    except Exception as e:  # report, don't hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def measure(args, phase: str) -> dict:
+    """On the CPU each phase runs in a fresh process, so its peak resident memory is its own."""
+    if args.device.startswith("cuda"):
+        return run_phase(args, phase)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_phase_in_child, args=(args, phase, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    if "error" in result:
+        raise RuntimeError(f"{phase} phase failed: {result['error']}")
+    return result
+
+
+def model_facts(args) -> dict:
+    """Parameters, FLOPs per image (forward, all T steps) and the firing rate on random input."""
+    model = build(args).eval()
+    cfg = model.config
+    x = torch.randn(1, cfg.in_channels, cfg.img_size, cfg.img_size)
+    spikes, count = [0.0], [0]
+
+    def hook(module, inputs, out):
+        spikes[0] += out.sum().item()
+        count[0] += out.numel()
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LIFNode)]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    for h in handles:
+        h.remove()
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "forward_GFLOP_per_image": counter.get_total_flops() / 1e9,
+            "mean_firing_rate_random_input": spikes[0] / count[0],
+            "T": cfg.T, "img_size": cfg.img_size}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    facts = model_facts(args)
+    report = {"model": args.model, "batch_size": args.batch_size, "device": args.device,
+              "device_name": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                              else f"CPU, {torch.get_num_threads()} threads"),
+              "amp_bf16": args.amp, "reference_neuron": args.reference_neuron,
+              "torch": torch.__version__, **facts}
+    print(f"{args.model}: {facts['parameters']:,} parameters, T={facts['T']}, "
+          f"{facts['img_size']}px, {facts['forward_GFLOP_per_image']:.2f} GFLOP per image (forward)")
+    for phase in args.phases.split(","):
+        if phase not in ("train", "inference"):
+            sys.exit(f"error: unknown phase {phase!r}: use train and/or inference")
+        result = measure(args, phase)
+        report[phase] = result
+        flops = facts["forward_GFLOP_per_image"] * (3 if phase == "train" else 1)
+        print(f"{phase:>9}: {result['images_per_s']:8.2f} images/s   "
+              f"({result['images_per_s'] * flops:6.1f} GFLOP/s)   "
+              f"peak memory {result['peak_memory_GB']:.2f} GB")
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
