@@ -115,8 +115,8 @@ def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: float, v_t
 # around it. torch.compile fuses each loop into a single kernel (C++ with OpenMP on the
 # CPU, Triton on a GPU) that reads each input once and writes each output once: about
 # 8x faster on 2 CPU cores (T=4, 6M neurons). Compiling takes a while once per process
-# (dynamic shapes: one kernel
-# serves every layer), needs a C++ compiler, and is skipped where it fails.
+# (dynamic shapes: one kernel serves every layer), needs a C++ compiler, and is skipped
+# where it fails.
 _BACKEND = os.environ.get("QKFORMER_LIF", "auto")        # "auto", "compiled" or "eager"
 _kernels = {}
 

@@ -298,6 +298,28 @@ def test_cli_on_official_state_dict(tmp_path, cifar_dir):
     assert metrics["official_quirks"] and metrics["config"]["embed_dim"] == 64
 
 
+def test_cli_on_imagenet_folders(tmp_path):
+    """ImageNet layout (val/<class>/*.JPEG), an ImageNet-family model, 1000 classes."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            os.makedirs(tmp_path / "imagenet" / split / cls)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "imagenet" / split / cls / "a.JPEG")
+    torch.manual_seed(0)
+    model = qkformer.create_model("imagenet_10_384", embed_dim=16, depths=4, num_heads=2, T=2,
+                                  img_size=32)
+    ckpt = tmp_path / "imagenet.pt"
+    torch.save({"model": model.state_dict(), "config": dict(vars(model.config)), "epoch": 0}, ckpt)
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", str(ckpt), "--dataset", "imagenet", "--data-dir",
+                    str(tmp_path / "imagenet"), "--pictures", "1", "--output", str(out)]) == 0
+    metrics = check_outputs(out, images=2)
+    assert len(metrics["confusion"]) == 1000
+    assert set(metrics["table4"]) == {"stage 1", "stage 2"}
+
+
 def bad_checkpoints(tmp):
     missing_keys = tmp / "missing_keys.pt"
     model = qkformer.create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=2)
@@ -306,16 +328,20 @@ def bad_checkpoints(tmp):
     torch.save({"model": state, "config": dict(vars(model.config)), "epoch": 0}, missing_keys)
     garbage = tmp / "garbage.pt"
     garbage.write_text("not a checkpoint")
+    resnet = tmp / "resnet.pt"
+    torch.save({"model": {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}},
+               resnet)
     return {
         "missing file": (str(tmp / "nope.pt"), "does not exist"),
         "not a checkpoint": (str(garbage), "checkpoint"),
         "wrong number of classes": (own_checkpoint(tmp / "c100.pt", num_classes=100), "100 classes"),
         "missing keys": (str(missing_keys), "missing"),
+        "another model": (str(resnet), "not an official QKFormer state dict"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "not a checkpoint", "wrong number of classes",
-                                  "missing keys"])
+                                  "missing keys", "another model"])
 def test_cli_bad_checkpoints_give_clear_errors(case, tmp_path, capsys):
     path, message = bad_checkpoints(tmp_path)[case]
     # an empty data folder: the checkpoint must be refused before any data is read
