@@ -782,6 +782,9 @@ def print_complexity(result: dict):
 def print_report(metrics: dict):
     print(f"\n{metrics['dataset']}: {metrics['images']} test images, T = {metrics['T']}")
     print(f"top-1 {metrics['top1']:.2f} %   top-{metrics['top5_k']} {metrics['top5']:.2f} %")
+    if metrics["official_quirks"]:
+        print("official_quirks on (an official checkpoint): the stage-3 SSA neuron runs over "
+              "time x batch as in the official code, so results depend a little on --batch-size")
     print("\nFiring rate of every spiking layer (spikes per neuron per time step):")
     for name, r in metrics["firing_rates"].items():
         print(f"  {name:<44} {r:.4f}")
