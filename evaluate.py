@@ -674,8 +674,9 @@ def complexity_experiment(sides=range(10, 101, 10), dim=256, heads=1, T=1, B=1, 
     each other and the times jump by 100x; one thread gives reproducible times (None: leave
     torch's setting).
     Returns {"settings", "devices": {device: {layer: [{side, N, memory_MiB, time_ms}]}},
-    "slopes": {device: {layer: {"memory_MiB", "time_ms"}}}}, log-log slopes fitted on the larger half of
-    the sizes (where the N or N^2 term dominates the constant ones)."""
+    "slopes": {device: {layer: {"memory_MiB", "time_ms"}}}, "attention_map_memory": {device:
+    {"rows", "slope"}}, "paper_table9_MiB"}; log-log slopes fitted on the larger half of the
+    sizes (where the N or N^2 term dominates the constant ones)."""
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     sides = [int(s) for s in sides]
@@ -716,6 +717,16 @@ def complexity_experiment(sides=range(10, 101, 10), dim=256, heads=1, T=1, B=1, 
             name: {key: loglog_slope([r["N"] for r in rows[upper:]], [r[key] for r in rows[upper:]])
                    if len(rows) - upper >= 2 else float("nan") for key in ("memory_MiB", "time_ms")}
             for name, rows in table.items()}
+        # The two SSA forms differ only in the order of the products, so the difference of
+        # their memory is what the left-to-right form stores in addition: the N x N map,
+        # T * B * heads * N^2 float32 values. Its slope over ALL sizes is 2 (no linear part).
+        extra = [dict(side=a["side"], N=a["N"], MiB=a["memory_MiB"] - b["memory_MiB"],
+                      N_by_N_map_MiB=T * B * heads * a["N"] ** 2 * 4 / 2 ** 20)
+                 for a, b in zip(table["SSA (Q K^T) V"], table["SSA Q (K^T V)"])]
+        result["attention_map_memory"] = result.get("attention_map_memory", {})
+        result["attention_map_memory"][dev] = dict(
+            rows=extra, slope=loglog_slope([r["N"] for r in extra], [max(r["MiB"], 1e-9) for r in extra])
+            if len(extra) >= 2 else float("nan"))
     bar.close()
     result["paper_table9_MiB"] = {s: dict(QKTA=v[0], SSA=v[1]) for s, v in PAPER_TABLE9.items()
                                   if s in sides}
@@ -770,6 +781,10 @@ def print_complexity(result: dict):
         print("log-log slope on the larger half of the sizes (1 = linear in N, 2 = quadratic):")
         for n in names:
             print(f"  {n:<16} memory {slopes[n]['memory_MiB']:.2f}   time {slopes[n]['time_ms']:.2f}")
+        extra = result["attention_map_memory"][dev]
+        print(f"memory of (Q K^T) V minus Q (K^T V): slope {extra['slope']:.2f} over all sizes; at "
+              f"N = {extra['rows'][-1]['N']} it is {extra['rows'][-1]['MiB']:.2f} MiB, one N x N "
+              f"float32 map per head is {extra['rows'][-1]['N_by_N_map_MiB']:.2f} MiB")
     if result.get("paper_table9_MiB"):
         print("\nPaper, Table 9 (GPU, MiB; counts the attention's tensors only, see PAPER_TABLE9):")
         for s, v in result["paper_table9_MiB"].items():

@@ -226,6 +226,12 @@ def test_complexity_qkta_linear_explicit_ssa_quadratic(tmp_path):
     ssa = {r["side"]: r["memory_MiB"] for r in cpu["SSA (Q K^T) V"]}
     assert qkta[48] / qkta[24] == pytest.approx(4.0, rel=0.05)
     assert ssa[48] / ssa[24] > 10
+    # what the left-to-right form stores in addition is its N x N map (less the d x d map of
+    # the right-to-left form, which matters only for the smallest N)
+    extra = result["attention_map_memory"]["cpu"]
+    assert 1.95 < extra["slope"] < 2.1
+    for row in extra["rows"][2:]:
+        assert row["MiB"] == pytest.approx(row["N_by_N_map_MiB"], rel=0.02)
     # times are noisy on a shared CPU: only ask that the quadratic form grows clearly faster
     assert slopes["SSA (Q K^T) V"]["time_ms"] > slopes["QKTA"]["time_ms"] + 0.3
 
