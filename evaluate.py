@@ -718,15 +718,16 @@ def complexity_experiment(sides=range(10, 101, 10), dim=256, heads=1, T=1, B=1, 
                    if len(rows) - upper >= 2 else float("nan") for key in ("memory_MiB", "time_ms")}
             for name, rows in table.items()}
         # The two SSA forms differ only in the order of the products, so the difference of
-        # their memory is what the left-to-right form stores in addition: the N x N map,
-        # T * B * heads * N^2 float32 values. Its slope over ALL sizes is 2 (no linear part).
+        # their memory is what the left-to-right form stores in addition: its N x N map,
+        # T * B * heads * N^2 float32 values, less the d x d map of the right-to-left form
+        # (larger while N < d: the difference is then negative).
         extra = [dict(side=a["side"], N=a["N"], MiB=a["memory_MiB"] - b["memory_MiB"],
                       N_by_N_map_MiB=T * B * heads * a["N"] ** 2 * 4 / 2 ** 20)
                  for a, b in zip(table["SSA (Q K^T) V"], table["SSA Q (K^T V)"])]
-        result["attention_map_memory"] = result.get("attention_map_memory", {})
-        result["attention_map_memory"][dev] = dict(
-            rows=extra, slope=loglog_slope([r["N"] for r in extra], [max(r["MiB"], 1e-9) for r in extra])
-            if len(extra) >= 2 else float("nan"))
+        big = [r for r in extra[upper:] if r["MiB"] > 0]
+        result.setdefault("attention_map_memory", {})[dev] = dict(
+            rows=extra, slope=loglog_slope([r["N"] for r in big], [r["MiB"] for r in big])
+            if len(big) >= 2 else float("nan"))
     bar.close()
     result["paper_table9_MiB"] = {s: dict(QKTA=v[0], SSA=v[1]) for s, v in PAPER_TABLE9.items()
                                   if s in sides}
@@ -782,7 +783,7 @@ def print_complexity(result: dict):
         for n in names:
             print(f"  {n:<16} memory {slopes[n]['memory_MiB']:.2f}   time {slopes[n]['time_ms']:.2f}")
         extra = result["attention_map_memory"][dev]
-        print(f"memory of (Q K^T) V minus Q (K^T V): slope {extra['slope']:.2f} over all sizes; at "
+        print(f"memory of (Q K^T) V minus Q (K^T V): slope {extra['slope']:.2f}; at "
               f"N = {extra['rows'][-1]['N']} it is {extra['rows'][-1]['MiB']:.2f} MiB, one N x N "
               f"float32 map per head is {extra['rows'][-1]['N_by_N_map_MiB']:.2f} MiB")
     if result.get("paper_table9_MiB"):
