@@ -160,17 +160,20 @@ TABLE4_ROWS = (("QKTA", "Q", "attn.q.lif"), ("QKTA", "K", "attn.k.lif"),
 
 
 def table4(model: nn.Module, recorder: SpikeRecorder) -> dict:
-    """The paper's Table 4 for this model: per stage with Q-K attention, the firing rate of
+    """The paper's Table 4 for this model: per stage with Q-K token attention, the firing rate of
     Q, K, A_t, X', X'' and the two MLP layers, pooled over the stage's blocks."""
+    def is_qkta(block):
+        return isinstance(block.attn, QKAttention) and block.attn.mode == "token"
+
     table = {}
     for i, stage in enumerate(getattr(model, "stages", [])):
-        if not any(isinstance(b.attn, QKAttention) for b in stage.blocks):
+        if not any(is_qkta(b) for b in stage.blocks):
             continue
         rows = {}
         for block_kind, row, suffix in TABLE4_ROWS:
             total = count = 0.0
             for j, block in enumerate(stage.blocks):
-                if not isinstance(block.attn, QKAttention):
+                if not is_qkta(block):
                     continue
                 prefix = f"stages.{i}.blocks.{j}."
                 if suffix.endswith(":input"):
