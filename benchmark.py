@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuron import LIFNode
-from qkformer import PRESETS, create_model, fold_batchnorm
+from qkformer import PRESETS, create_model, fold_batchnorm, return_freed_memory_to_os
 
 
 def parse_args(argv=None):
@@ -74,6 +74,7 @@ def synchronize(device):
 
 def run_phase(args, phase: str) -> dict:
     """Time one phase ("train" or "inference") in this process."""
+    return_freed_memory_to_os()
     torch.manual_seed(0)
     device = args.device
     model = build(args).to(device)

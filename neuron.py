@@ -132,7 +132,8 @@ def set_backend(name: str):
     _kernels.clear()
 
 
-def _get_kernels():
+def lif_kernels() -> dict:
+    """The LIF kernels of the chosen backend: {"forward": ..., "backward": ..., "name": ...}."""
     if not _kernels:
         _kernels.update(forward=lif_forward, backward=lif_backward, name="eager")
         if _BACKEND != "eager":
@@ -167,7 +168,7 @@ class LIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, tau, v_threshold, alpha):
-        spikes, h_seq = _get_kernels()["forward"](x_seq, tau, v_threshold)
+        spikes, h_seq = lif_kernels()["forward"](x_seq, tau, v_threshold)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(h_seq)
         ctx.tau, ctx.v_threshold, ctx.alpha = tau, v_threshold, alpha
@@ -176,7 +177,7 @@ class LIFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes):
         (h_seq,) = ctx.saved_tensors
-        grad_x = _get_kernels()["backward"](h_seq, grad_spikes.contiguous(), ctx.tau,
+        grad_x = lif_kernels()["backward"](h_seq, grad_spikes.contiguous(), ctx.tau,
                                             ctx.v_threshold, ctx.alpha)
         return grad_x, None, None, None
 

@@ -301,3 +301,32 @@ def test_fold_batchnorm_keeps_eval_outputs():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         assert torch.allclose(folded(golden["input"]), golden["logits_eval"], rtol=0, atol=1e-9)
+
+
+def test_memory_lean_training_path_equals_plain_layers():
+    """The fused BatchNormLIF node and the uint8 storage of spike inputs change no number:
+    gradients equal those of the plain conv -> BN -> LIF path."""
+    from qkformer import ConvBNLIF
+    torch.manual_seed(0)
+    unit = ConvBNLIF(4, 6, 3).double()
+    unit.bn.weight.data.uniform_(1, 4)
+    x = (torch.rand(3, 2, 4, 6, 6, dtype=torch.float64) < 0.4).double() * 2  # spike counts 0/2
+    weights = [p.detach().clone() for p in unit.parameters()]
+
+    def grads(lean):
+        for p, w in zip(unit.parameters(), weights):
+            p.data.copy_(w)
+            p.grad = None
+        unit.bn.reset_running_stats()
+        unit.lif.reference = not lean          # the reference neuron also skips BatchNormLIF
+        xin = x.clone().requires_grad_()
+        out = unit(xin)
+        (out * torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape).sin()).sum().backward()
+        return out, xin.grad, [p.grad.clone() for p in unit.parameters()], unit.bn.running_var.clone()
+    out_a, gx_a, gp_a, rv_a = grads(lean=True)
+    out_b, gx_b, gp_b, rv_b = grads(lean=False)
+    assert torch.equal(out_a, out_b) and 0 < out_a.mean() < 1
+    assert torch.equal(rv_a, rv_b)             # running statistics updated once, identically
+    assert torch.allclose(gx_a, gx_b, rtol=0, atol=1e-12)
+    for a, b in zip(gp_a, gp_b):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
