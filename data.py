@@ -1,0 +1,738 @@
+"""Datasets and the official training recipe's augmentations for QKFormer.
+
+QKFormer ("QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
+Zhou et al., NeurIPS 2024) was trained with the timm library's data pipeline
+(CIFAR: timm's train.py with cifar10.yml / cifar100.yml; ImageNet: the MAE
+fine-tuning script). This file writes that pipeline out in plain PyTorch,
+numpy and Pillow so that every step can be read, and it knows nothing about
+the model:
+
+* Reading the data.
+  - CIFAR-10 / CIFAR-100 from the official "python version" pickle files
+    (``cifar-10-batches-py/``, ``cifar-100-python/``), downloaded, md5-checked
+    and unpacked when missing. The whole split is kept in memory as one uint8
+    tensor of shape (N, 3, 32, 32): 150 MB for the CIFAR training set.
+  - ImageNet-1K from ``train/`` and ``val/`` folders with one sub-folder of
+    JPEG files per class (what torchvision's ImageFolder reads).
+* Per-image augmentations, run in DataLoader worker processes on uint8 data
+  (cheap: no float conversion until the batch is on the device):
+  random crop with zero padding, random resized crop, horizontal flip and
+  RandAugment (timm's ``rand-m9-n1-mstd0.4-inc1`` / ``rand-m9-mstd0.5-inc1``).
+* Per-batch steps, run on the training device after the batch arrives (as
+  timm's "prefetcher" does): normalisation with the dataset's mean and std,
+  random erasing, and mixup / cutmix.
+* ``make_loader``: a DataLoader over a DistributedSampler, used for one
+  process and for many alike, so that the order of the images depends only on
+  (seed, epoch) -- which is what makes ``--resume`` exact.
+
+All randomness comes from torch's generator (never Python's ``random`` or
+numpy's), so that one seed and one saved generator state pin down a run.
+Errors a user can cause (missing folder, corrupt file, bad option) raise
+``DataError`` with a message that says what to do.
+"""
+import hashlib
+import io
+import math
+import os
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+
+class DataError(Exception):
+    """A problem with the data or a data option that the user can fix; the message says how."""
+
+
+# ----------------------------------------------------------------------------
+# Dataset facts
+# ----------------------------------------------------------------------------
+
+CIFAR = {
+    "cifar10": dict(
+        title="CIFAR-10",
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        train_files=["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
+        test_files=["test_batch"],
+        label_key="labels",
+        num_classes=10,
+        # Per-channel mean and std of the training images (as in cifar10.yml).
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": dict(
+        title="CIFAR-100",
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_files=["train"],
+        test_files=["test"],
+        label_key="fine_labels",  # the 100 classes; "coarse_labels" holds the 20 super-classes
+        num_classes=100,
+        # CIFAR-100's own statistics. (The official cifar100.yml reused CIFAR-10's
+        # values; the difference is under 0.02 per channel.)
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+
+IMAGENET = dict(
+    title="ImageNet-1K",
+    num_classes=1000,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+
+DATASETS = ("cifar10", "cifar100", "imagenet")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DOWNLOAD_TIMEOUT_S = 15
+
+
+def dataset_info(name):
+    """Number of classes, mean and std of a dataset name ('cifar10', 'cifar100', 'imagenet')."""
+    if name in CIFAR:
+        info = CIFAR[name]
+    elif name == "imagenet":
+        info = IMAGENET
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return dict(num_classes=info["num_classes"], mean=info["mean"], std=info["std"])
+
+
+# ----------------------------------------------------------------------------
+# CIFAR: download, md5 check, extraction, reading the pickle files
+# ----------------------------------------------------------------------------
+
+def md5sum(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _where_to_put(spec, root):
+    return (f"Download {spec['archive']} (md5 {spec['md5']}) from {spec['url']} on a machine with "
+            f"internet access, then either copy the archive into {os.path.abspath(root)}/ (it is checked "
+            f"and unpacked on the next run) or unpack it there so that "
+            f"{os.path.join(os.path.abspath(root), spec['folder'], spec['train_files'][0])} exists. "
+            f"Use --data-dir to point at another folder.")
+
+
+def download(url, dest, md5, timeout=DOWNLOAD_TIMEOUT_S):
+    """Download url to dest, check its md5, and only then give it its final name.
+
+    The bytes go to dest + '.part' first, so an interrupted or corrupt download
+    never leaves a file at dest that a later run would trust.
+    """
+    part = dest + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}") as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        if os.path.exists(part):
+            os.remove(part)
+        raise DataError(f"could not download {url}: {getattr(e, 'reason', e)}") from None
+    got = md5sum(part)
+    if got != md5:
+        os.remove(part)
+        raise DataError(f"the download of {url} is corrupt: md5 {got}, expected {md5}")
+    os.replace(part, dest)
+
+
+def _extract(archive, root):
+    with tarfile.open(archive, "r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            # The 'data' filter refuses absolute paths, '..', links out of root and
+            # device files: an archive can only write inside root.
+            tar.extractall(root, filter="data")
+        else:  # Python < 3.11.4 has no filters: check the names ourselves
+            base = os.path.realpath(root)
+            for m in tar.getmembers():
+                target = os.path.realpath(os.path.join(root, m.name))
+                if not (m.isfile() or m.isdir()) or os.path.commonpath([base, target]) != base:
+                    raise DataError(f"{archive} holds an unsafe entry {m.name!r}; not extracting it")
+            tar.extractall(root)
+
+
+def ensure_cifar(name, root, download_missing=True):
+    """Return the folder holding the official CIFAR files, fetching them if needed.
+
+    Order of attempts: the unpacked folder; the archive already in root (e.g.
+    copied there by hand on an offline machine); a download. When none works
+    the DataError says where to put the files.
+    """
+    spec = CIFAR[name]
+    folder = os.path.join(root, spec["folder"])
+    needed = spec["train_files"] + spec["test_files"]
+    if all(os.path.isfile(os.path.join(folder, f)) for f in needed):
+        return folder
+    archive = os.path.join(root, spec["archive"])
+    if not os.path.isfile(archive):
+        if not download_missing:
+            raise DataError(f"{spec['title']} not found in {os.path.abspath(folder)}. " + _where_to_put(spec, root))
+        os.makedirs(root, exist_ok=True)
+        print(f"{spec['title']} not found in {folder}; downloading {spec['url']}")
+        try:
+            download(spec["url"], archive, spec["md5"])
+        except DataError as e:
+            raise DataError(f"{spec['title']} not found in {os.path.abspath(folder)}, and {e}. "
+                            + _where_to_put(spec, root)) from None
+    elif md5sum(archive) != spec["md5"]:
+        raise DataError(f"{archive} is not the official {spec['archive']} (its md5 is not {spec['md5']}): "
+                        f"delete it and run again to download it, or replace it with the official file.")
+    try:
+        _extract(archive, root)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"could not unpack {archive} ({e}); delete it and run again.") from None
+    missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"{archive} unpacked, but {folder} lacks {', '.join(missing)}: "
+                        f"it is not the official {spec['archive']}.")
+    return folder
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays, lists, dicts and strings, and nothing else.
+
+    CIFAR's official files are Python pickles, and a plain pickle.load of a
+    doctored file can run any code. Only the few names numpy arrays need may
+    be looked up here; anything else (os.system, ...) is refused.
+    """
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 3 pickles (protocol 2) store bytes
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _read_cifar_file(path, label_key, num_classes):
+    try:
+        with open(path, "rb") as f:
+            # The official files were written by Python 2: encoding='bytes' keeps
+            # their str keys as bytes instead of guessing a text encoding.
+            d = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, MemoryError) as e:
+        raise DataError(f"{path} is corrupt or not a CIFAR python-format file ({type(e).__name__}: {e}). "
+                        f"Delete its folder and run again to download it afresh, or put the official "
+                        f"file there.") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a CIFAR python-format file (it holds a {type(d).__name__}, not a dict)")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or label_key not in d:
+        raise DataError(f"{path} is not a CIFAR python-format file: it lacks the keys 'data' and "
+                        f"'{label_key}' (a CIFAR-10 file read as CIFAR-100, or the other way round?)")
+    data = np.asarray(d["data"])
+    labels = np.asarray(d[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{path}: expected 'data' of shape (N, 3072) uint8 and N labels, got {data.shape} "
+                        f"{data.dtype} and {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1}")
+    # Each row holds the red, green and blue 32x32 planes one after another.
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # (N, 3072) -> (N, 3, 32, 32)
+    return images, torch.from_numpy(labels)
+
+
+def load_cifar(name, root, train, download_missing=True):
+    """All images and labels of one CIFAR split: (N, 3, 32, 32) uint8 and (N,) int64 tensors."""
+    spec = CIFAR[name]
+    folder = ensure_cifar(name, root, download_missing)
+    files = spec["train_files"] if train else spec["test_files"]
+    parts = [_read_cifar_file(os.path.join(folder, f), spec["label_key"], spec["num_classes"]) for f in files]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ----------------------------------------------------------------------------
+# ImageNet: folders of JPEG files
+# ----------------------------------------------------------------------------
+
+def imagenet_root(data_dir):
+    """The folder holding ImageNet's train/ and val/: data_dir itself or data_dir/imagenet."""
+    for root in (data_dir, os.path.join(data_dir, "imagenet")):
+        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+            return root
+    raise DataError(
+        f"ImageNet not found: neither {os.path.abspath(data_dir)} nor {os.path.abspath(data_dir)}/imagenet "
+        f"holds train/ and val/ folders. Put the ImageNet-1K training and validation images there with one "
+        f"sub-folder per class (train/n01440764/*.JPEG, ..., val/n01440764/*.JPEG; the validation images "
+        f"must be sorted into class folders too), or point --data-dir at them. ImageNet cannot be "
+        f"downloaded automatically: get it from https://image-net.org.")
+
+
+def find_images(split_dir):
+    """(class names, [(path, class index)]) for a folder of class sub-folders, sorted for reproducibility."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    samples = []
+    for idx, cls in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls))):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), idx))
+    if not samples:
+        raise DataError(f"no images (*.jpg, *.jpeg, *.png) in class sub-folders of {split_dir}")
+    return classes, samples
+
+
+def load_image(path):
+    """A file as an RGB PIL image, or a DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # also forces the lazy decoder to read the whole file
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e}); the file is corrupt: replace or delete it") from None
+
+
+# ----------------------------------------------------------------------------
+# Per-image augmentations (uint8 tensors (3, H, W) and PIL images)
+# ----------------------------------------------------------------------------
+
+def _uniform(lo, hi):
+    return lo + (hi - lo) * torch.rand(()).item()
+
+
+def _coin(p):
+    return p > 0 and torch.rand(()).item() < p
+
+
+def to_pil(img):
+    return Image.fromarray(img.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+
+
+def from_pil(pil):
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def random_crop(img, size, padding):
+    """Pad with `padding` zero pixels on each side, then cut a random size x size window.
+
+    The standard CIFAR augmentation: the object shifts by up to `padding`
+    pixels, with black borders entering from the edges.
+    """
+    if padding > 0:
+        img = F.pad(img, (padding, padding, padding, padding))
+    h, w = img.shape[-2:]
+    top = int(torch.randint(0, h - size + 1, ()))
+    left = int(torch.randint(0, w - size + 1, ()))
+    return img[:, top:top + size, left:left + size]
+
+
+def random_hflip(img, p=0.5):
+    return img.flip(-1) if _coin(p) else img
+
+
+def random_resized_crop(pil, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style crop: a random region covering `scale` of the area with an
+    aspect ratio in `ratio`, resized (bicubic) to size x size. As torchvision's
+    RandomResizedCrop, which the official ImageNet recipe used."""
+    width, height = pil.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(*scale)
+        aspect = math.exp(_uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()))
+            left = int(torch.randint(0, width - w + 1, ()))
+            break
+    else:  # ten misses (very elongated image): fall back to a centre crop
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, int(round(width / ratio[0]))
+        elif in_ratio > ratio[1]:
+            w, h = int(round(height * ratio[1])), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return pil.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+def resize_center_crop(pil, size, crop_pct=0.875):
+    """Evaluation view of ImageNet: shorter side to size / crop_pct (224 -> 256), then the central size x size."""
+    scale_size = int(math.floor(size / crop_pct))
+    width, height = pil.size
+    if width <= height:
+        new_w, new_h = scale_size, int(round(scale_size * height / width))
+    else:
+        new_w, new_h = int(round(scale_size * width / height)), scale_size
+    pil = pil.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return pil.crop((left, top, left + size, top + size))
+
+
+# RandAugment (Cubuk et al. 2020) as timm implements it: each of n layers picks
+# one operation uniformly at random and applies it with probability 0.5 at a
+# magnitude drawn around m (on a 0..10 scale). "inc1" selects timm's
+# "increasing" variants, whose effect grows with the magnitude for every
+# operation (e.g. posterize keeps fewer bits, solarize a lower threshold).
+
+def _signed(v):
+    return -v if _coin(0.5) else v
+
+
+def _affine(pil, matrix, fill):
+    # PIL maps each output pixel (x, y) to input (a x + b y + c, d x + e y + f).
+    return pil.transform(pil.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=fill)
+
+
+def _solarize_add(pil, add, threshold=128):
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return pil.point(lut * 3)  # one table per channel
+
+
+def _enhance_factor(level):
+    # 1.0 leaves the image unchanged; level 10 moves up to 0.9 away from it, in either direction
+    return max(0.1, 1.0 + _signed(level / 10 * 0.9))
+
+
+RANDAUGMENT_OPS = {
+    # name: function(pil, level 0..10, fill colour) -> pil
+    "AutoContrast": lambda p, lv, fill: ImageOps.autocontrast(p),
+    "Equalize": lambda p, lv, fill: ImageOps.equalize(p),
+    "Invert": lambda p, lv, fill: ImageOps.invert(p),
+    "Rotate": lambda p, lv, fill: p.rotate(_signed(lv / 10 * 30), resample=Image.BICUBIC, fillcolor=fill),
+    "PosterizeIncreasing": lambda p, lv, fill: ImageOps.posterize(p, 4 - int(lv / 10 * 4)),
+    "SolarizeIncreasing": lambda p, lv, fill: ImageOps.solarize(p, 256 - int(lv / 10 * 256)),
+    "SolarizeAdd": lambda p, lv, fill: _solarize_add(p, int(lv / 10 * 110)),
+    "ColorIncreasing": lambda p, lv, fill: ImageEnhance.Color(p).enhance(_enhance_factor(lv)),
+    "ContrastIncreasing": lambda p, lv, fill: ImageEnhance.Contrast(p).enhance(_enhance_factor(lv)),
+    "BrightnessIncreasing": lambda p, lv, fill: ImageEnhance.Brightness(p).enhance(_enhance_factor(lv)),
+    "SharpnessIncreasing": lambda p, lv, fill: ImageEnhance.Sharpness(p).enhance(_enhance_factor(lv)),
+    "ShearX": lambda p, lv, fill: _affine(p, (1, _signed(lv / 10 * 0.3), 0, 0, 1, 0), fill),
+    "ShearY": lambda p, lv, fill: _affine(p, (1, 0, 0, _signed(lv / 10 * 0.3), 1, 0), fill),
+    # shift by up to 45 % of the image size
+    "TranslateXRel": lambda p, lv, fill: _affine(p, (1, 0, _signed(lv / 10 * 0.45) * p.size[0], 0, 1, 0), fill),
+    "TranslateYRel": lambda p, lv, fill: _affine(p, (1, 0, 0, 0, 1, _signed(lv / 10 * 0.45) * p.size[1]), fill),
+}
+
+
+class RandAugment:
+    """RandAugment from a timm policy string such as 'rand-m9-n1-mstd0.4-inc1'.
+
+    m: magnitude (0..10); n: operations per image (timm's default 2);
+    mstd: the magnitude is drawn from a normal(m, mstd) per operation, clipped
+    to 0..10; inc1: the "increasing" operation set (the only one written here).
+    Operations that move pixels fill the uncovered area with the dataset's
+    mean colour, as timm does.
+    """
+
+    def __init__(self, policy, mean=(0.5, 0.5, 0.5)):
+        self.policy = policy
+        parts = policy.split("-")
+        if parts[0] != "rand":
+            raise DataError(f"augmentation policy {policy!r} is not a RandAugment string like "
+                            f"'rand-m9-n1-mstd0.4-inc1' (use 'none' to switch it off)")
+        self.magnitude, self.num_ops, self.magnitude_std, increasing = 10.0, 2, 0.0, False
+        try:
+            for part in parts[1:]:
+                if part.startswith("mstd"):
+                    self.magnitude_std = float(part[4:])
+                elif part.startswith("inc"):
+                    increasing = bool(int(part[3:]))
+                elif part.startswith("m"):
+                    self.magnitude = float(part[1:])
+                elif part.startswith("n"):
+                    self.num_ops = int(part[1:])
+                else:
+                    raise ValueError(part)
+        except ValueError:
+            raise DataError(f"cannot read RandAugment policy {policy!r}: expected parts m<magnitude>, "
+                            f"n<number of ops>, mstd<std>, inc1, e.g. 'rand-m9-n1-mstd0.4-inc1'") from None
+        if not increasing:
+            raise DataError(f"RandAugment policy {policy!r}: only the 'inc1' operation set (the one the "
+                            f"official QKFormer runs used) is implemented; add '-inc1'")
+        self.ops = list(RANDAUGMENT_OPS.items())
+        self.fill = tuple(min(255, round(255 * c)) for c in mean)
+
+    def __call__(self, pil):
+        for _ in range(self.num_ops):
+            # ops are drawn with replacement, and each runs only half of the time
+            name, op = self.ops[int(torch.randint(len(self.ops), ()))]
+            if not _coin(0.5):
+                continue
+            level = self.magnitude
+            if self.magnitude_std > 0:
+                level = level + self.magnitude_std * torch.randn(()).item()
+            level = min(10.0, max(0.0, level))
+            pil = op(pil, level, self.fill)
+        return pil
+
+    def __repr__(self):
+        return f"RandAugment({self.policy!r})"
+
+
+class CifarTrainTransform:
+    """uint8 (3, 32, 32) -> uint8 (3, 32, 32): crop with padding, flip, then RandAugment.
+
+    Same order as timm's pipeline (crop, flip, auto-augment). Cheap enough to
+    run in the main process when RandAugment is off.
+    """
+
+    def __init__(self, padding=4, hflip=0.5, randaugment=None):
+        self.padding, self.hflip, self.randaugment = padding, hflip, randaugment
+
+    def __call__(self, img):
+        if self.padding:
+            img = random_crop(img, img.shape[-1], self.padding)
+        img = random_hflip(img, self.hflip)
+        if self.randaugment is not None:
+            img = from_pil(self.randaugment(to_pil(img)))
+        return img
+
+
+class ImageNetTrainTransform:
+    """PIL image -> uint8 (3, size, size): random resized crop, flip, RandAugment."""
+
+    def __init__(self, size=224, hflip=0.5, randaugment=None, scale=(0.08, 1.0)):
+        self.size, self.hflip, self.randaugment, self.scale = size, hflip, randaugment, scale
+
+    def __call__(self, pil):
+        pil = random_resized_crop(pil, self.size, self.scale)
+        if _coin(self.hflip):
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            pil = self.randaugment(pil)
+        return from_pil(pil)
+
+
+class ImageNetEvalTransform:
+    def __init__(self, size=224, crop_pct=0.875):
+        self.size, self.crop_pct = size, crop_pct
+
+    def __call__(self, pil):
+        return from_pil(resize_center_crop(pil, self.size, self.crop_pct))
+
+
+# ----------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor (N, 3, H, W), with an optional per-image transform."""
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.labels[i]
+
+
+class ImageFiles(Dataset):
+    """Images read from files on demand (ImageNet), decoded with Pillow in the worker processes."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(load_image(path)), label
+
+
+def prepare(name, data_dir, download_missing=True):
+    """Make sure a dataset is on disk (downloading CIFAR if allowed) before any process reads it."""
+    if name in CIFAR:
+        ensure_cifar(name, data_dir, download_missing)
+    elif name == "imagenet":
+        imagenet_root(data_dir)
+    else:
+        dataset_info(name)  # raises the DataError for an unknown name
+
+
+def build_datasets(name, data_dir, img_size=None, crop_padding=0, hflip=0.5, randaugment="none",
+                   subset=None, test_subset=None, download_missing=True):
+    """(train set, test set) yielding (uint8 image (3, H, W), label), with the per-image augmentations.
+
+    randaugment: a timm policy string or 'none'. subset: keep the first N
+    CIFAR training images (an evenly spaced selection of ImageNet's, whose
+    files are sorted by class); test_subset: an evenly spaced selection of N
+    test images. Both for quick runs.
+    """
+    info = dataset_info(name)
+    ra = None if randaugment in (None, "", "none") else RandAugment(randaugment, info["mean"])
+    if name in CIFAR:
+        if img_size not in (None, 32):
+            raise DataError(f"{CIFAR[name]['title']} images are 32x32; got --img-size {img_size}")
+        train_x, train_y = load_cifar(name, data_dir, train=True, download_missing=download_missing)
+        test_x, test_y = load_cifar(name, data_dir, train=False, download_missing=False)
+        if subset:
+            train_x, train_y = train_x[:subset], train_y[:subset]
+        if test_subset:
+            # evenly spaced: a test file sorted by class would otherwise give one class only
+            step = max(1, len(test_y) // test_subset)
+            test_x, test_y = test_x[::step][:test_subset], test_y[::step][:test_subset]
+        train = TensorImages(train_x, train_y, CifarTrainTransform(crop_padding, hflip, ra))
+        test = TensorImages(test_x, test_y)
+    else:
+        root = imagenet_root(data_dir)
+        classes, train_samples = find_images(os.path.join(root, "train"))
+        val_classes, val_samples = find_images(os.path.join(root, "val"))
+        if val_classes != classes:
+            raise DataError(f"{root}/train and {root}/val hold different class folders "
+                            f"({len(classes)} and {len(val_classes)}); the validation images must be "
+                            f"sorted into the same class folders as the training images")
+        if subset:
+            # the first N files in sorted order would all belong to a few classes,
+            # so take an evenly spaced selection instead (as for the test subset)
+            step = max(1, len(train_samples) // subset)
+            train_samples = train_samples[::step][:subset]
+        if test_subset:
+            step = max(1, len(val_samples) // test_subset)
+            val_samples = val_samples[::step][:test_subset]
+        size = img_size or 224
+        train = ImageFiles(train_samples, classes, ImageNetTrainTransform(size, hflip, ra))
+        test = ImageFiles(val_samples, classes, ImageNetEvalTransform(size))
+    return train, test
+
+
+def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_size=1, pin_memory=False):
+    """DataLoader that gives each process its share of the images.
+
+    A DistributedSampler is used even for a single process: it shuffles with a
+    generator seeded by (seed, epoch) -- call loader.sampler.set_epoch(epoch)
+    each epoch -- so the image order of every epoch is known in advance and a
+    resumed run sees the same batches as an uninterrupted one. Training drops
+    the last incomplete batch (as the official runs did); evaluation keeps
+    every image, split over ranks without padding when world_size is 1.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
+                                 seed=seed, drop_last=train)
+    # Workers are started afresh each epoch (no persistent_workers): each start
+    # seeds them from torch's generator, which the checkpoint saves, so the
+    # augmentations of a resumed epoch are the same as in an uninterrupted run.
+    # The evaluation loader gets a generator of its own: evaluating more or less
+    # often then leaves the random numbers of training untouched.
+    generator = None if train else torch.Generator().manual_seed(0)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=train, pin_memory=pin_memory, generator=generator)
+
+
+# ----------------------------------------------------------------------------
+# Per-batch steps on the device: normalisation, random erasing, mixup/cutmix
+# ----------------------------------------------------------------------------
+
+def normalize(images, mean, std):
+    """uint8 (B, 3, H, W) in 0..255 -> float (B, 3, H, W) with zero mean and unit std per channel."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255  # (3,) -> (1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def random_erasing(x, prob=0.25, mode="const", scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+    """Random erasing (Zhong et al. 2020) as timm applies it, to a normalised float batch, in place.
+
+    Each image, with probability `prob`, gets one rectangle covering 2-33 % of
+    its area (aspect ratio 0.3-3.3) overwritten: with zeros ('const', i.e. the
+    mean colour after normalisation; the CIFAR recipe), with one random colour
+    ('rand'), or with per-pixel normal noise ('pixel'; the ImageNet recipe).
+    """
+    if mode not in ("const", "rand", "pixel"):
+        raise DataError(f"random erasing mode must be const, rand or pixel, not {mode!r}")
+    if prob <= 0:
+        return x
+    b, c, h, w = x.shape
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for i in range(b):
+        if not _coin(prob):
+            continue
+        for _ in range(10):  # a few tries to find a rectangle that fits
+            area = h * w * _uniform(*scale)
+            aspect = math.exp(_uniform(*log_ratio))
+            eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if eh < h and ew < w:
+                top = int(torch.randint(0, h - eh + 1, ()))
+                left = int(torch.randint(0, w - ew + 1, ()))
+                if mode == "const":
+                    patch = torch.zeros(c, 1, 1)
+                elif mode == "rand":
+                    patch = torch.randn(c, 1, 1)
+                else:
+                    patch = torch.randn(c, eh, ew)
+                # random numbers come from the CPU generator, so a run depends on one generator only
+                x[i, :, top:top + eh, left:left + ew] = patch.to(x.device, x.dtype)
+                break
+    return x
+
+
+class Mixup:
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) per batch, as timm's Mixup(mode='batch').
+
+    The whole batch is blended with itself in reverse order, with one weight
+    lam ~ Beta(alpha, alpha): mixup averages the images, cutmix pastes a box
+    of the reversed batch (lam is then the area actually kept). When both are
+    on, cutmix is chosen with probability switch_prob. Returns the mixed
+    images and soft targets (B, num_classes) = lam * one_hot(y) + (1 - lam) *
+    one_hot(y reversed). Label smoothing is left to the loss
+    (CrossEntropyLoss(label_smoothing=...)); smoothing the mixed targets gives
+    the same numbers as timm smoothing each one-hot before mixing, because
+    smoothing is affine and the weights sum to 1.
+    """
+
+    def __init__(self, mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5, num_classes=10):
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise DataError("mixup and cutmix alphas must be >= 0")
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.prob, self.switch_prob, self.num_classes = prob, switch_prob, num_classes
+        self.enabled = mixup_alpha > 0 or cutmix_alpha > 0
+
+    @staticmethod
+    def _beta(alpha):
+        a = torch.tensor(float(alpha))
+        return torch.distributions.Beta(a, a).sample().item()
+
+    def __call__(self, x, y):
+        lam, use_cutmix = 1.0, False
+        if self.enabled and _coin(self.prob):
+            if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+                use_cutmix = _coin(self.switch_prob)
+            else:
+                use_cutmix = self.cutmix_alpha > 0
+            lam = self._beta(self.cutmix_alpha if use_cutmix else self.mixup_alpha)
+        if lam != 1.0:
+            if use_cutmix:
+                h, w = x.shape[-2:]
+                # a box of area (1 - lam) h w, centred anywhere, clipped at the border
+                cut = math.sqrt(1.0 - lam)
+                ch, cw = int(h * cut), int(w * cut)
+                cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+                y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+                x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+                x = x.clone()
+                x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+                lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the clipped box may be smaller
+            else:
+                x = x * lam + x.flip(0) * (1.0 - lam)
+        one_hot = F.one_hot(y, self.num_classes).to(x.dtype)
+        return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
