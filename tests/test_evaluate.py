@@ -259,7 +259,8 @@ def cifar_dir(tmp_path_factory):
 
 
 def own_checkpoint(path, **overrides):
-    """A checkpoint in the format train.py writes: {"model", "config", "args", "epoch", ...}."""
+    """A checkpoint in the format train.py writes: {"model", "config", "args", "epoch", ...}
+    (without running train.py, for speed; test_cli_on_a_checkpoint_train_py_wrote runs it)."""
     settings = dict(embed_dim=16, depths=3, num_heads=2, T=2)
     torch.manual_seed(0)
     model = qkformer.create_model("cifar10", **{**settings, **overrides})
@@ -291,6 +292,25 @@ def test_cli_on_own_checkpoint(tmp_path, cifar_dir, capsys):
     assert metrics["T"] == 2 and not metrics["official_quirks"]
     printed = capsys.readouterr().out
     assert "top-1" in printed and "MAC layers" in printed and "stages.0.embed.stem.conv" in printed
+
+
+def test_cli_on_a_checkpoint_train_py_wrote(tmp_path, cifar_dir):
+    """One epoch of train.py on 4 images, then the evaluation of its last.pt."""
+    if not os.path.exists(os.path.join(ROOT, "train.py")):
+        pytest.skip("train.py is not there")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--dataset", "cifar10", "--data-dir", cifar_dir, "--no-download",
+         "--model", "tiny", "--embed-dim", "16", "--depths", "3", "--num-heads", "2", "--T", "2",
+         "--epochs", "1", "--cooldown-epochs", "0", "--warmup-epochs", "0", "--batch-size", "4",
+         "--subset", "4", "--test-subset", "4", "--output", str(run_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", str(run_dir / "last.pt"), "--dataset", "cifar10", "--data-dir",
+                    cifar_dir, "--pictures", "2", "--output", str(out)]) == 0
+    metrics = check_outputs(out, images=12)
+    assert metrics["config"]["embed_dim"] == 16
 
 
 def test_cli_on_official_state_dict(tmp_path, cifar_dir):
