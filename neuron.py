@@ -151,6 +151,13 @@ def lif_kernels() -> dict:
     return _kernels
 
 
+def as_time_by_neurons(x: torch.Tensor) -> torch.Tensor:
+    """(T, ...) -> (T, M), the one layout the kernels see, so that one compiled kernel
+    serves every layer. Detached and without a view base, so torch.compile guards on
+    nothing but (T, M) and does not recompile for each layer's shape."""
+    return x.reshape(x.shape[0], -1).detach()
+
+
 class LIFFunction(torch.autograd.Function):
     """Eq. 1-3 over all T steps in one autograd node (hard reset to V_reset = 0).
 
@@ -168,18 +175,18 @@ class LIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, tau, v_threshold, alpha):
-        spikes, h_seq = lif_kernels()["forward"](x_seq, tau, v_threshold)
+        spikes, h_seq = lif_kernels()["forward"](as_time_by_neurons(x_seq), tau, v_threshold)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(h_seq)
         ctx.tau, ctx.v_threshold, ctx.alpha = tau, v_threshold, alpha
-        return spikes
+        return spikes.reshape(x_seq.shape)
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        (h_seq,) = ctx.saved_tensors
-        grad_x = lif_kernels()["backward"](h_seq, grad_spikes.contiguous(), ctx.tau,
+        (h_seq,) = ctx.saved_tensors                       # (T, M)
+        grad_x = lif_kernels()["backward"](h_seq, as_time_by_neurons(grad_spikes), ctx.tau,
                                             ctx.v_threshold, ctx.alpha)
-        return grad_x, None, None, None
+        return grad_x.reshape(grad_spikes.shape), None, None, None
 
 
 class LIFNode(nn.Module):

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neuron import LIFNode, lif_kernels
+from neuron import LIFNode, as_time_by_neurons, lif_kernels
 
 ATTENTIONS = ("token", "channel", "ssa")
 FAMILIES = ("cifar", "imagenet")
@@ -210,10 +210,10 @@ class BatchNormLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, bn: nn.BatchNorm2d, lif: LIFNode, T: int):
         x = bn(y)                                                # (T*B, C, H, W), updates running stats
-        spikes = lif_kernels()["forward"](x.reshape(T, -1, *x.shape[1:]), lif.tau, lif.v_threshold)[0]
+        spikes = lif_kernels()["forward"](as_time_by_neurons(x.reshape(T, -1)), lif.tau, lif.v_threshold)[0]
         ctx.bn, ctx.lif, ctx.T, ctx.training = bn, lif, T, bn.training
         ctx.save_for_backward(y, weight, bias)
-        return spikes                                            # (T, B, C, H, W)
+        return spikes.reshape(T, -1, *x.shape[1:])               # (T, B, C, H, W)
 
     @staticmethod
     def backward(ctx, grad_spikes):
@@ -224,10 +224,9 @@ class BatchNormLIF(torch.autograd.Function):
             stats = (None, None) if ctx.training else (bn.running_mean, bn.running_var)
             x = F.batch_norm(y, *stats, weight, bias, ctx.training, 0.0, bn.eps)
         kernels = lif_kernels()
-        x_seq = x.detach().reshape(ctx.T, -1, *x.shape[1:])    # (T, B, C, H, W)
-        h_seq = kernels["forward"](x_seq, lif.tau, lif.v_threshold)[1]
-        grad_x = kernels["backward"](h_seq, grad_spikes.contiguous(), lif.tau, lif.v_threshold,
-                                     lif.alpha)
+        h_seq = kernels["forward"](as_time_by_neurons(x.reshape(ctx.T, -1)), lif.tau, lif.v_threshold)[1]
+        grad_x = kernels["backward"](h_seq, as_time_by_neurons(grad_spikes), lif.tau,
+                                     lif.v_threshold, lif.alpha)          # (T, M)
         grads = torch.autograd.grad(x, (y, weight, bias), grad_x.reshape(x.shape))
         return (*grads, None, None, None)
 
