@@ -1,0 +1,314 @@
+"""train.py: recipes, schedule, a learning run, files of a run, exact resume, DDP with two
+gloo processes, the NaN stop and clear errors.
+
+Everything runs a tiny QKFormer (embed_dim 16, T=1) on a few fake CIFAR-10 images
+written in the official format (tests/_fakedata.py).
+"""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from _fakedata import write_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--embed-dim", "16", "--num-heads", "1", "--depths", "3", "--T", "1"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=8, n_test=16)  # 40 training images, 16 test images
+    return str(root)
+
+
+def run(cifar, out, *extra):
+    """train.py's main() in this process on the fake CIFAR-10; returns the run folder."""
+    argv = ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+            "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0.5", *extra]
+    return train.main(argv)
+
+
+def args_of(*argv):
+    return train.resolve_args(train.parse_args(list(argv)))
+
+
+# ---------------------------------------------------------------- recipes and schedule
+
+def test_defaults_are_the_official_recipes():
+    a = args_of("--dataset", "cifar10")
+    assert (a.model, a.T, a.img_size, a.epochs, a.cooldown_epochs, a.batch_size, a.lr) == \
+        ("cifar10", 4, 32, 400, 10, 64, 1e-3)
+    assert (a.weight_decay, a.warmup_epochs, a.warmup_lr, a.min_lr, a.smoothing) == (0.06, 20, 1e-5, 1e-5, 0.1)
+    assert (a.mixup, a.cutmix, a.mixup_off_epoch, a.aa, a.reprob, a.remode) == \
+        (0.5, 0.0, 200, "rand-m9-n1-mstd0.4-inc1", 0.25, "const")
+    assert args_of("--dataset", "cifar100").model == "cifar100"
+    # --epochs alone rescales the recipe: the warm-up keeps its 5 %, the cool-down goes
+    a = args_of("--epochs", "40")
+    assert (a.epochs, a.warmup_epochs, a.cooldown_epochs) == (40, 2.0, 0)
+    a = args_of("--epochs", "40", "--warmup-epochs", "3", "--cooldown-epochs", "1")
+    assert (a.epochs, a.warmup_epochs, a.cooldown_epochs) == (40, 3.0, 1)
+    a = args_of("--dataset", "imagenet")
+    assert (a.model, a.img_size, a.epochs, a.batch_size, a.blr, a.weight_decay, a.warmup_epochs) == \
+        ("imagenet_10_384", 224, 200, 64, 6e-4, 0.05, 5)
+    assert (a.min_lr, a.accum_iter, a.aa, a.reprob, a.mixup, a.cutmix, a.smoothing) == \
+        (1e-6, 3, "rand-m9-mstd0.5-inc1", 0.25, 0.0, 0.0, 0.1)
+    # 8 GPUs x 64 x 3 accumulated = 1536 images per update: lr = 6e-4 * 1536 / 256
+    assert math.isclose(train.peak_lr(a, 8 * 64 * 3), 3.6e-3)
+
+
+def test_command_line_overrides_recipes():
+    a = args_of("--dataset", "cifar10", "--recipe", "cpu")
+    assert a.model == "tiny" and a.mixup == 0 and a.aa == "none" and a.weight_decay == 0.05
+    a = args_of("--recipe", "cpu", "--epochs", "3", "--T", "2", "--aa", "rand-m9-n1-mstd0.4-inc1")
+    assert (a.epochs, a.T, a.aa, a.model) == (3, 2, "rand-m9-n1-mstd0.4-inc1", "tiny")
+    a = args_of("--dataset", "imagenet", "--lr", "0.01", "--accum-iter", "1")
+    assert train.peak_lr(a, 512) == 0.01 and a.accum_iter == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--warmup-epochs", "500"], "shorter than --epochs"),
+    (["--epochs", "4", "--warmup-epochs", "4"], "e.g. --warmup-epochs 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--reprob", "2"], "probabilities"),
+    (["--dataset", "imagenet", "--recipe", "cpu"], "meant for CIFAR"),
+])
+def test_invalid_options_are_named(argv, match):
+    with pytest.raises(train.TrainError, match=match):
+        args_of(*argv)
+
+
+def test_lr_schedule():
+    a = args_of("--epochs", "400")  # CIFAR: timm's cosine, counted from epoch 0
+    assert train.lr_at(0, a) == 1e-5
+    assert math.isclose(train.lr_at(10, a), (1e-5 + 1e-3) / 2)
+    assert math.isclose(train.lr_at(20, a), 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 20 / 400)))
+    assert math.isclose(train.lr_at(200, a), 1e-5 + (1e-3 - 1e-5) / 2)
+    assert train.lr_at(400, a) == train.lr_at(409.5, a) == 1e-5  # the 10 cool-down epochs
+    b = args_of("--dataset", "imagenet", "--lr", "1e-3")  # MAE: the cosine starts after the warm-up
+    assert train.lr_at(0, b) == 0 and math.isclose(train.lr_at(5, b), 1e-3)
+    assert math.isclose(train.lr_at(102.5, b), (1e-3 + 1e-6) / 2)
+    # LambdaLR, stepped per update, follows lr_at at fractional epochs
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=a.lr)
+    sched = train.build_scheduler(opt, a, updates_per_epoch=4)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], train.lr_at(1.5, a))
+
+
+def test_mixup_is_switched_off_after_its_epoch():
+    a = args_of("--dataset", "cifar10")
+    mixup = data.Mixup(a.mixup, a.cutmix, num_classes=10)
+    assert train.mixup_for_epoch(mixup, a, 199) is mixup
+    assert train.mixup_for_epoch(mixup, a, 200) is None
+    assert train.mixup_for_epoch(data.Mixup(0.0, 0.0), a, 0) is None
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = train.build_model(args_of(*TINY), num_classes=10)
+    opt = train.build_optimizer(model, args_of(*TINY, "--weight-decay", "0.1"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------- it learns
+
+def test_loss_falls_on_a_fixed_batch(cifar):
+    a = args_of(*TINY, "--embed-dim", "32", "--num-heads", "2", "--lr", "1e-2", "--warmup-epochs", "0",
+                "--epochs", "1", "--smoothing", "0")
+    images, labels = data.load_cifar("cifar10", cifar, train=True, download_missing=False)
+    batch = (images[:8], labels[:8])
+    model = train.build_model(a, 10)
+    opt = train.build_optimizer(model, a)
+    sched = train.build_scheduler(opt, a, updates_per_epoch=10 ** 6)  # constant lr here
+    info = data.dataset_info("cifar10")
+    losses = []
+    for _ in range(6):  # 6 x 5 updates on the same 8 images
+        stats = train.train_one_epoch(model, [batch] * 5, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                                      torch.nn.CrossEntropyLoss(), a, 0, torch.device("cpu"),
+                                      info["mean"], info["std"], show=False)
+        losses.append(stats["train_loss"])
+    assert losses[-1] < 0.6 * losses[0] and losses == sorted(losses, reverse=True), losses
+
+
+# ---------------------------------------------------------------- a run and its files
+
+def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
+    out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--aa", "rand-m9-n1-mstd0.4-inc1",
+              "--reprob", "0.25", "--mixup", "0.5", "--cutmix", "1.0", "--amp")
+    printed = capsys.readouterr().out
+    assert "effective batch 8 = 8 per process x 1 accumulated x 1 processes; peak lr 0.001" in printed
+    assert "--amp auto ignored" in printed
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "lr", "img_per_s", "acc1", "acc5", "test_loss"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)  # plain data only: no code
+    assert set(train.CHECKPOINT_KEYS) <= set(ckpt) and ckpt["epoch"] == 2
+    assert ckpt["config"]["embed_dim"] == 16 and ckpt["args"]["dataset"] == "cifar10"
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert best["best_acc1"] == max(r["acc1"] for r in records)
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_checkpoint_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def killed_midway(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint_atomic({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_gives_exactly_the_uninterrupted_run(cifar, tmp_path):
+    # every source of randomness on: crop, flip, RandAugment, erasing, mixup/cutmix
+    recipe = ["--epochs", "3", "--lr", "2e-3", "--warmup-epochs", "1", "--crop-padding", "4",
+              "--aa", "rand-m9-n1-mstd0.4-inc1", "--reprob", "0.5", "--mixup", "0.5", "--cutmix", "1.0",
+              "--subset", "24", "--eval-every", "2"]
+    whole = run(cifar, tmp_path / "whole", *recipe)
+    split = run(cifar, tmp_path / "split", *recipe, "--stop-after", "1")
+    assert torch.load(os.path.join(split, "last.pt"), weights_only=True)["epoch"] == 1
+    train.main(["--resume", os.path.join(split, "last.pt")])
+    a = torch.load(os.path.join(whole, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
+    assert a["scheduler"] == b["scheduler"]
+    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (whole, split)]
+    assert [r["train_loss"] for r in logs[0]] == [r["train_loss"] for r in logs[1]]
+    assert [r.get("acc1") for r in logs[0]] == [r.get("acc1") for r in logs[1]]
+
+
+# ---------------------------------------------------------------- DDP
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
+    """Two processes with batch 8 each == one process summing the gradients of the same two
+    half-batches (loss / 2 each), for the parameters; no augmentation randomness."""
+    flags = ["--dataset", "cifar10", "--data-dir", cifar, *TINY, "--batch-size", "8", "--epochs", "1",
+             "--lr", "1e-2", "--warmup-epochs", "0.5", "--crop-padding", "0", "--hflip", "0", "--aa", "none",
+             "--reprob", "0", "--mixup", "0", "--subset", "32", "--test-subset", "8", "--workers", "0"]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                           os.path.join(ROOT, "train.py"), *flags, "--output", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective batch 16 = 8 per process x 1 accumulated x 2 processes" in proc.stdout
+    ddp = torch.load(out / "last.pt", weights_only=True)
+
+    # The reference: one process, the same model, each update from rank 0's and rank 1's batch.
+    a = train.resolve_args(train.parse_args(flags + ["--accum-iter", "2"]))
+    train_set, _ = data.build_datasets("cifar10", cifar, 32, 0, 0.0, "none", subset=32, download_missing=False)
+    per_rank = []
+    for rank in (0, 1):
+        loader = data.make_loader(train_set, 8, train=True, seed=a.seed, rank=rank, world_size=2)
+        loader.sampler.set_epoch(0)
+        per_rank.append(list(loader))
+    interleaved = [batch for pair in zip(*per_rank) for batch in pair]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each DDP process: the same kernels, the same rounding
+    try:
+        model = train.build_model(a, 10)
+        opt = train.build_optimizer(model, a)
+        sched = train.build_scheduler(opt, a, updates_per_epoch=len(per_rank[0]))
+        info = data.dataset_info("cifar10")
+        train.train_one_epoch(model, interleaved, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                              torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing), a, 0,
+                              torch.device("cpu"), info["mean"], info["std"], show=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(per_rank[0]) == 2 and ddp["epoch"] == 1
+    start = train.build_model(a, 10).state_dict()
+    for name, p in model.named_parameters():
+        assert not torch.equal(p.detach(), start[name]) or p.grad is None, name  # it did train
+        assert torch.equal(p.detach(), ddp["model"][name]), name
+
+
+# ---------------------------------------------------------------- failures
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeypatch, capsys):
+    real = train.create_model
+
+    def poisoned(*args, **kwargs):  # a model whose output turns NaN from the 6th training step on
+        model = real(*args, **kwargs)
+        forward, calls = model.forward, [0]
+
+        def nan_later(x):
+            if model.training:
+                calls[0] += 1
+            out = forward(x)
+            return out * float("nan") if model.training and calls[0] > 5 else out
+        model.forward = nan_later
+        return model
+
+    monkeypatch.setattr(train, "create_model", poisoned)
+    with pytest.raises(SystemExit) as e:  # 40 images, batch 8: 5 steps per epoch
+        run(cifar, tmp_path / "run", "--epochs", "3", "--lr", "1e-3")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at epoch 2, step 1" in err and "last good checkpoint" in err and "after epoch 1" in err
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_cli_errors_are_one_clear_message(cifar, tmp_path):
+    """The real command line: exit code 2, a message saying what to do, no traceback."""
+    def cli(*argv):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stderr
+
+    err = cli("--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), "--no-download")
+    assert "CIFAR-10 not found" in err and "cifar-10-python.tar.gz" in err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    assert "cannot resume" in cli("--resume", str(tmp_path / "garbage.pt"))
+    assert "invalid model configuration" in cli("--data-dir", cifar, *TINY[:2], "--embed-dim", "20")
+    assert "no full batch of 64" in cli("--data-dir", cifar, *TINY, "--epochs", "1")
+
+
+def test_resume_errors(cifar, tmp_path, capsys):
+    out = run(cifar, tmp_path / "run", "--epochs", "2", "--stop-after", "1", "--lr", "1e-3")
+    with pytest.raises(SystemExit):  # a checkpoint of another model than the options ask for
+        train.main(["--resume", out, "--embed-dim", "32"])
+    assert "holds another model than this run builds" in capsys.readouterr().err
+    torch.save({"model": {}, "epoch": 1}, tmp_path / "weights.pt")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "weights.pt")])
+    assert "not a checkpoint written by train.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(cifar, tmp_path / "sync", "--sync-bn")
+    assert "--sync-bn needs GPUs" in capsys.readouterr().err
