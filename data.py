@@ -286,7 +286,9 @@ def find_images(split_dir):
     """(class names, [(path, class index)]) for a folder of class sub-folders, sorted for reproducibility."""
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     samples = []
-    for idx, cls in enumerate(classes):
+    # listing ImageNet's 1.3 million files takes a while on a network disk: show it
+    for idx, cls in enumerate(tqdm(classes, desc=f"listing {split_dir}", leave=False,
+                                   disable=len(classes) < 50)):
         for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls))):
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):

@@ -37,6 +37,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -131,10 +132,17 @@ PER_INVOCATION = ("resume", "stop_after", "output")
 def parse_args(argv=None):
     """Command-line options. Every default is None here, so that what the user
     typed can be told apart from defaults (see resolve_args)."""
+    def describe(title, recipe):
+        return textwrap.fill(", ".join(f"{k}={v}" for k, v in recipe.items()), 100,
+                             initial_indent=f"  {title}: ", subsequent_indent="    ")
+
+    epilog = "\n".join(["defaults of each dataset (the official recipes), then what --recipe cpu changes:"]
+                       + [describe(name, recipe) for name, recipe in RECIPES.items()]
+                       + [describe("--recipe cpu", CPU_RECIPE), describe("all datasets", DEFAULTS)])
     p = argparse.ArgumentParser(
         description="Train QKFormer (Zhou et al., NeurIPS 2024). Defaults are the official recipe of "
-                    "the chosen dataset; any of them can be overridden.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+                    "the chosen dataset (listed below); any of them can be overridden.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=data.DATASETS, help="default cifar10")
     g.add_argument("--data-dir", help="folder with cifar-10-batches-py/, cifar-100-python/ or "
@@ -190,7 +198,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", nargs="?", const="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision on GPU: --amp alone picks bf16 where supported, else fp16 "
                         "(with a grad scaler)")
-    g.add_argument("--sync-bn", action="store_true", help="synchronise batch norm across processes (GPUs)")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="synchronise batch norm across processes (GPUs)")
     g.add_argument("--seed", type=int, help="random seed")
     return p.parse_args(argv)
 
@@ -713,6 +722,8 @@ def train(cli):
         f"accumulated x {world} processes; peak lr {args.lr:.3g}; {total_epochs} epochs of "
         f"{updates_per_epoch} updates" + (f"; resuming after epoch {start_epoch}" if ckpt else ""))
 
+    if start_epoch >= total_epochs:
+        say(f"this run is already complete ({total_epochs} epochs); give a larger --epochs to train on")
     run_start = time.time()
     for epoch in range(start_epoch, total_epochs):
         train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
