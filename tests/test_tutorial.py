@@ -1,0 +1,354 @@
+"""tutorial.md: run its code, so that the tutorial cannot drift from the code.
+
+How tutorial.md is read (the conventions its authors follow):
+
+  * ```python blocks are executed in order, in one namespace, in a temporary working
+    directory laid out like the repository root: the project's .py files and
+    tests/golden/ are linked there, and the repository is on sys.path. Whatever a block
+    writes (pictures under docs/, JSON files) lands in that directory.
+  * ```bash blocks are commands, run there with `bash -eo pipefail`, in turn with the
+    python blocks (a later python block may read what a command wrote).
+  * A line `<!-- not run -->` just before a block (blank lines allowed in between) marks
+    a block that is shown but not run: full training, anything that needs a dataset, a
+    GPU or minutes. Such commands are still checked: every `python train.py`,
+    `torchrun ... train.py`, `python evaluate.py` and `python ablate.py` line must be
+    accepted by that script's argument parser.
+  * A line `<!-- file: NAME -->` just before a block: the block is the content of a file
+    the reader saves as NAME; the test writes it to NAME in the working directory.
+  * Other fences (```text, bare ```) are not run.
+  * Every picture the tutorial shows, ![...](docs/NAME.png), is committed under docs/,
+    is smaller than 150 KB, and is written by the run into docs/ of the working directory,
+    or, for pictures of a trained model, named by a not-run command (`--output docs/...`).
+  * The table after `<!-- shapes table -->` (section 4) is compared with the stage outputs
+    that the tutorial's code records (`stage_shapes`: forward hooks on the real presets) and
+    with the models it names; the table after `<!-- presets table -->` with their configs.
+  * Names written as `module.attribute` in backticks (module one of neuron, qkformer,
+    evaluate, train, data) must exist in the code.
+
+The whole run takes about half a minute on two CPU cores (tiny models, T <= 4).
+
+The committed pictures under docs/ come from the same run. To regenerate them:
+
+    python tests/test_tutorial.py --write-docs
+"""
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUTORIAL = os.path.join(ROOT, "tutorial.md")
+MODULES = ("neuron", "qkformer", "evaluate", "train", "data")
+MAX_PICTURE_BYTES = 150 * 1024
+
+os.environ.setdefault("QKFORMER_LIF", "eager")     # as conftest.py: no torch.compile per process
+os.environ.setdefault("MPLBACKEND", "Agg")          # pictures to files, no display needed
+
+
+# ----------------------------------------------------------------------------------------
+# Reading tutorial.md
+
+FENCE = re.compile(r"^```(\w*)\s*$")
+MARK = re.compile(r"^<!--\s*(not run|file:\s*(\S+))\s*-->\s*$")
+
+
+def read_blocks(path=TUTORIAL):
+    """The fenced blocks of the tutorial, in order: dicts with lang, code, line (of the
+    first code line, 1-based), run (False after <!-- not run -->) and file (a name after
+    <!-- file: NAME -->, else None)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        j = i - 1                                   # the marker, above blank lines
+        while j >= 0 and not lines[j].strip():
+            j -= 1
+        mark = MARK.match(lines[j]) if j >= 0 else None
+        end = i + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        if end == len(lines):
+            raise ValueError(f"tutorial.md:{i + 1}: a code block that is never closed")
+        blocks.append(dict(lang=m.group(1), code="\n".join(lines[i + 1:end]) + "\n", line=i + 2,
+                           run=not (mark and mark.group(1) == "not run"),
+                           file=mark.group(2) if mark and mark.group(2) else None))
+        i = end + 1
+    return blocks
+
+
+def prepare_workdir(workdir):
+    """Make `workdir` look like the repository root: the project's scripts and the golden
+    files, linked (copied where links are not possible)."""
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            _link(os.path.join(ROOT, name), os.path.join(workdir, name))
+    os.makedirs(os.path.join(workdir, "tests"), exist_ok=True)
+    _link(os.path.join(ROOT, "tests", "golden"), os.path.join(workdir, "tests", "golden"))
+
+
+def _link(src, dst):
+    try:
+        os.symlink(src, dst)
+    except OSError:
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+
+
+def run_tutorial(workdir, log=print):
+    """Run every block of tutorial.md in `workdir`; returns the python namespace.
+    Raises AssertionError naming the block (tutorial.md line) that failed."""
+    prepare_workdir(workdir)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    namespace = {"__name__": "__tutorial__"}
+    old_cwd, old_path = os.getcwd(), list(sys.path)
+    os.chdir(workdir)
+    sys.path[:0] = [ROOT, workdir]
+    try:
+        for block in read_blocks():
+            where = f"tutorial.md:{block['line']}"
+            if block["file"]:
+                with open(os.path.join(workdir, block["file"]), "w") as f:
+                    f.write(block["code"])
+                continue
+            if not block["run"] or block["lang"] not in ("python", "bash"):
+                continue
+            start = time.time()
+            if block["lang"] == "python":
+                # padded with blank lines, so tracebacks give tutorial.md's line numbers
+                code = compile("\n" * (block["line"] - 1) + block["code"], "tutorial.md", "exec")
+                try:
+                    exec(code, namespace)
+                except Exception as e:
+                    raise AssertionError(f"the python block at {where} failed: "
+                                         f"{type(e).__name__}: {e}") from e
+            else:
+                proc = subprocess.run(["bash", "-eo", "pipefail", "-c", block["code"]], cwd=workdir,
+                                      env=env, capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise AssertionError(f"the bash block at {where} failed (exit {proc.returncode}):\n"
+                                         f"{block['code']}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                         f"stderr:\n{proc.stderr[-3000:]}")
+            log(f"{where} ({block['lang']}) {time.time() - start:.1f} s")
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+        sys.modules.pop("ablate", None)               # the exercise's script, from workdir
+    return namespace
+
+
+def pictures_shown(text):
+    return re.findall(r"!\[[^\]]*\]\((docs/[^)\s]+\.png)\)", text)
+
+
+def markdown_table_after(text, marker):
+    """Rows (lists of cell strings) of the first markdown table after `marker`."""
+    rest = text[text.index(marker):].splitlines()[1:]
+    rows = []
+    for line in rest:
+        if not line.strip():
+            if rows:
+                break
+            continue
+        if not line.lstrip().startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not all(set(c) <= set("-: ") for c in cells):   # skip the |---|---| line
+            rows.append(cells)
+    return rows[0], rows[1:]
+
+
+# ----------------------------------------------------------------------------------------
+# The tests
+
+@pytest.fixture(scope="module")
+def tutorial_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tutorial"))
+    namespace = run_tutorial(workdir, log=lambda *a: None)
+    return workdir, namespace
+
+
+def test_every_block_runs(tutorial_run):
+    workdir, namespace = tutorial_run
+    blocks = read_blocks()
+    assert sum(b["run"] and b["lang"] == "python" and not b["file"] for b in blocks) >= 10
+    assert any(b["run"] and b["lang"] == "bash" for b in blocks)
+    assert any(not b["run"] for b in blocks)
+    for b in blocks:
+        assert b["lang"] in ("python", "bash", "text", ""), f"tutorial.md:{b['line']}: ```{b['lang']}"
+
+
+def test_pictures_are_written_by_the_tutorial_and_committed(tutorial_run):
+    workdir, _ = tutorial_run
+    with open(TUTORIAL, encoding="utf-8") as f:
+        text = f.read()
+    shown = pictures_shown(text)
+    assert len(shown) >= 4
+    not_run = "\n".join(b["code"] for b in read_blocks() if not b["run"])
+    for path in shown:
+        committed = os.path.join(ROOT, path)
+        assert os.path.isfile(committed), f"{path} is shown but not committed"
+        assert os.path.getsize(committed) < MAX_PICTURE_BYTES, f"{path} is too large"
+        produced = os.path.join(workdir, path)
+        if not os.path.exists(produced):
+            folder = os.path.dirname(path)
+            assert re.search(rf"--output\s+{re.escape(folder)}\b", not_run), \
+                f"{path} is neither written by the tutorial's code nor by a command it shows"
+        else:
+            with open(produced, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_shapes_table_matches_the_model(tutorial_run):
+    """Section 4's table against the models: the tokens and widths of each stage's output, as
+    the tutorial recorded them with forward hooks (one image through each real preset, T=1;
+    `stage_shapes`), and the blocks, attention and widths of the built models."""
+    import qkformer
+    _, namespace = tutorial_run
+    with open(TUTORIAL, encoding="utf-8") as f:
+        text = f.read()
+    header, rows = markdown_table_after(text, "<!-- shapes table -->")
+    assert header == ["preset", "input", "stage", "blocks", "attention", "tokens", "N", "width"]
+    by_preset, preset, size = {}, None, None
+    for cells in rows:
+        preset = cells[0].strip("`") or preset
+        size = cells[1] or size
+        by_preset.setdefault((preset, size), []).append(cells)
+    recorded = namespace["stage_shapes"]
+    assert {p for p, _ in by_preset} == set(recorded) == {"cifar10", "imagenet_10_384"}
+    names = {"token": "QKTA", "channel": "QKCA"}
+    for (preset, size), cells in by_preset.items():
+        side = tuple(map(int, re.match(r"(\d+)\s*[×x]\s*(\d+)", size).groups()))
+        model = qkformer.create_model(preset, T=1)
+        assert side == (model.config.img_size,) * 2
+        assert [int(c[2]) for c in cells] == [1, 2, 3]
+        for c, stage, width, shape in zip(cells, model.stages, model.config.stage_widths,
+                                          recorded[preset]):
+            grid = tuple(map(int, re.match(r"(\d+)\s*[×x]\s*(\d+)", c[5]).groups()))
+            attn = stage.blocks[0].attn
+            kind = names.get(getattr(attn, "mode", None), "SSA")
+            assert isinstance(attn, qkformer.SpikingSelfAttention) == (kind == "SSA")
+            assert shape == (1, 1, int(c[7]), *grid), (preset, c, shape)
+            assert int(c[7]) == width, c
+            assert int(c[6].replace(",", "")) == grid[0] * grid[1], c
+            assert int(c[3]) == len(stage.blocks), c
+            assert c[4] == kind, c
+
+
+def test_presets_table_matches_the_configs():
+    import qkformer
+    with open(TUTORIAL, encoding="utf-8") as f:
+        text = f.read()
+    header, rows = markdown_table_after(text, "<!-- presets table -->")
+    assert header == ["preset", "family", "D", "widths", "blocks", "heads", "T", "parameters"]
+    assert {r[0].strip("`") for r in rows} == set(qkformer.PRESETS)
+    for r in rows:
+        model = qkformer.create_model(r[0].strip("`"))
+        cfg = model.config
+        assert r[1] == cfg.family
+        assert int(r[2]) == cfg.embed_dim
+        assert tuple(int(v) for v in r[3].split("/")) == cfg.stage_widths
+        assert tuple(int(v) for v in r[4].split("+")) == cfg.stage_depths
+        assert int(r[5]) == cfg.num_heads and int(r[6]) == cfg.T
+        assert int(r[7].replace(",", "")) == qkformer.count_parameters(model)
+
+
+def test_names_the_tutorial_cites_exist():
+    import importlib
+    with open(TUTORIAL, encoding="utf-8") as f:
+        text = f.read()
+    cited = set(re.findall(rf"`((?:{'|'.join(MODULES)})(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", text))
+    assert len(cited) >= 15
+    for name in sorted(cited - {f"{m}.py" for m in MODULES}):      # file names are not attributes
+        module, *attrs = name.split(".")
+        obj = importlib.import_module(module)
+        for a in attrs:
+            assert hasattr(obj, a), f"tutorial.md cites `{name}`, which does not exist"
+            obj = getattr(obj, a)
+
+
+def command_lines(code):
+    """Logical command lines of a bash block (continuations joined, comments dropped)."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    return [line.split(" #")[0].strip() for line in joined.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_commands_not_run_are_valid(tutorial_run, capsys):
+    """The long commands are not run, but their options must exist and fit together."""
+    import evaluate
+    import train
+    workdir, _ = tutorial_run
+    sys.path.insert(0, workdir)
+    try:
+        import ablate
+        checked = 0
+        for block in read_blocks():
+            if block["lang"] != "bash" or block["run"]:
+                continue
+            for line in command_lines(block["code"]):
+                words = shlex.split(line)
+                for i, w in enumerate(words):
+                    if w.endswith(".py") and os.path.basename(w) in ("train.py", "evaluate.py", "ablate.py"):
+                        script, argv = os.path.basename(w), words[i + 1:]
+                        break
+                else:
+                    continue
+                where = f"tutorial.md:{block['line']}: {line}"
+                try:
+                    if script == "evaluate.py":
+                        args = evaluate.build_parser().parse_args(argv)
+                        assert args.complexity or args.checkpoint, where
+                    else:
+                        if script == "ablate.py":
+                            own, argv = ablate.parse(argv)
+                            assert len(own.attention.split(",")) == 3, where
+                        train.resolve_args(train.parse_args(argv))
+                except SystemExit:
+                    raise AssertionError(f"{where}: rejected by the parser: {capsys.readouterr().err}")
+                checked += 1
+        assert checked >= 5
+    finally:
+        sys.path.remove(workdir)
+        sys.modules.pop("ablate", None)
+
+
+# ----------------------------------------------------------------------------------------
+# Regenerating the committed pictures
+
+def write_docs():
+    """Run the tutorial in a temporary folder and copy the pictures it shows into docs/,
+    as 256-colour PNGs (the same picture, a fraction of the bytes)."""
+    from PIL import Image
+    with open(TUTORIAL, encoding="utf-8") as f:
+        shown = pictures_shown(f.read())
+    with tempfile.TemporaryDirectory() as workdir:
+        run_tutorial(workdir)
+        for path in shown:
+            src = os.path.join(workdir, path)
+            if not os.path.exists(src):
+                print(f"{path}: not written by the run (a trained model's picture), left as it is")
+                continue
+            dst = os.path.join(ROOT, path)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            Image.open(src).convert("RGB").quantize(256).save(dst, optimize=True)
+            print(f"wrote {path} ({os.path.getsize(dst) // 1024} KB)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write-docs", action="store_true",
+                        help="run the tutorial and copy the pictures it writes into docs/")
+    if parser.parse_args().write_docs:
+        write_docs()
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
