@@ -207,7 +207,9 @@ class LIFNode(nn.Module):
                  reference: bool = False):
         super().__init__()
         if tau < 1.0:
-            raise ValueError(f"tau must be >= 1 (tau=1 has no leak memory at all), got {tau}")
+            # Eq. 1 mixes V[t-1] and X[t] with weights 1 - 1/tau and 1/tau; below 1 the old
+            # potential would count negatively (tau = 1: no memory, H[t] = X[t]).
+            raise ValueError(f"tau must be at least 1, got {tau}")
         self.tau, self.v_threshold, self.alpha = float(tau), float(v_threshold), float(alpha)
         self.reference = reference
 

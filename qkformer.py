@@ -147,8 +147,9 @@ class ConvBNLIF(nn.Module):
     and `BatchNormLIF`): a convolution whose input is spikes (or sums of spikes) keeps
     that input for its backward pass as one byte per value instead of four, and batch
     norm and neuron keep only the convolution's output, recomputing the rest in backward.
-    The second runs only when gradients are needed: without them (evaluation) the layers
-    run one by one, so forward hooks on `bn` and `lif` see every call.
+    The second runs only when gradients are needed and `lif` is a plain LIFNode: without
+    gradients (evaluation) the layers run one by one, so forward hooks on `bn` and `lif`
+    see every call, and a neuron swapped in for `lif` (a subclass) is always called.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
@@ -171,7 +172,8 @@ class ConvBNLIF(nn.Module):
         else:
             y = self.conv(x)
         if torch.is_grad_enabled() and isinstance(self.pool, nn.Identity) \
-                and isinstance(self.bn, nn.BatchNorm2d) and not self.lif.reference:
+                and isinstance(self.bn, nn.BatchNorm2d) and type(self.lif) is LIFNode \
+                and not self.lif.reference:
             return BatchNormLIF.apply(y, self.bn.weight, self.bn.bias, self.bn, self.lif, T)
         y = self.pool(self.bn(y))                                # (T*B, C', H', W')
         return self.lif(y.reshape(T, B, *y.shape[1:]))           # (T, B, C', H', W')
