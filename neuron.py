@@ -16,6 +16,8 @@ numbered Eq. 1-3 in this file):
     reset   V[t] = H[t] * (1 - S[t]) + V_reset * S[t]                    (Eq. 3)
 
 with tau = 2, V_reset = 0, V[-1] = 0 and V_th = 1 (0.5 for the attention neurons).
+With tau=None the neuron has no leak, H[t] = V[t-1] + X[t]: the integrate-and-fire (IF)
+neuron of the paper's ablation (Table 7, "LIF -> IF").
 The Heaviside step has a zero derivative almost everywhere, so backpropagation
 replaces it by the derivative of a smooth stand-in, sigmoid(alpha * x):
 
@@ -36,6 +38,7 @@ Two implementations of the same equations live here:
 """
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -67,13 +70,16 @@ class _SurrogateHeaviside(torch.autograd.Function):
         return grad_spike * sigmoid_surrogate_grad(x, ctx.alpha), None
 
 
-def lif_reference(x_seq: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0,
+def lif_reference(x_seq: torch.Tensor, tau: Optional[float] = 2.0, v_threshold: float = 1.0,
                   alpha: float = 4.0, v_reset: float = 0.0) -> torch.Tensor:
     """The LIF neuron as a plain loop over time (dim 0). Readable reference for `LIFNode`."""
     v = torch.full_like(x_seq[0], v_reset)                     # V[-1] = V_reset
     spikes = []
     for x in x_seq:
-        h = v + (x - (v - v_reset)) / tau                      # Eq. 1, charge
+        if tau is None:
+            h = v + x                                          # IF: charge without leak
+        else:
+            h = v + (x - (v - v_reset)) / tau                  # Eq. 1, charge
         s = _SurrogateHeaviside.apply(h - v_threshold, alpha)  # Eq. 2, fire
         s_const = s.detach()                                   # detached reset
         v = h * (1.0 - s_const) + v_reset * s_const            # Eq. 3, hard reset
@@ -81,22 +87,22 @@ def lif_reference(x_seq: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.
     return torch.stack(spikes)
 
 
-def lif_forward(x_seq: torch.Tensor, tau: float, v_threshold: float):
+def lif_forward(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float):
     """Eq. 1-3 over all steps (V_reset = 0). Returns the spikes and H, all the backward needs."""
     v = torch.zeros_like(x_seq[0])                        # V[-1] = 0
     h_seq = []
     for t in range(x_seq.shape[0]):
         # Eq. 1, written as SpikingJelly computes it (v + (x - v) / tau) so that every spike
-        # decision matches the official code to the last bit.
-        h = v + (x_seq[t] - v) / tau
+        # decision matches the official code to the last bit. tau=None: IF, no leak.
+        h = v + x_seq[t] if tau is None else v + (x_seq[t] - v) / tau
         h_seq.append(h)
         v = torch.where(h < v_threshold, h, 0.0)          # Eq. 2-3: V = H (1 - S), S = [H >= V_th]
     h_seq = torch.stack(h_seq)
     return (h_seq >= v_threshold).to(x_seq.dtype), h_seq  # Eq. 2 for all steps at once
 
 
-def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: float, v_threshold: float,
-                 alpha: float) -> torch.Tensor:
+def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[float],
+                 v_threshold: float, alpha: float) -> torch.Tensor:
     """Backpropagation through time of `lif_forward` (see LIFFunction)."""
     grad_v = torch.zeros_like(h_seq[0])                   # dL/dV[T-1] = 0
     grad_x = []
@@ -105,8 +111,12 @@ def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: float, v_t
         surrogate = sigmoid_surrogate_grad(h - v_threshold, alpha)
         # (1 - S[t]) is a constant here: the detached reset.
         grad_h = grad_spikes[t] * surrogate + torch.where(h < v_threshold, grad_v, 0.0)
-        grad_x.append(grad_h / tau)
-        grad_v = grad_h * (1.0 - 1.0 / tau)
+        if tau is None:                                   # IF: H = V + X
+            grad_x.append(grad_h)
+            grad_v = grad_h
+        else:                                             # LIF: H = V + (X - V) / tau
+            grad_x.append(grad_h / tau)
+            grad_v = grad_h * (1.0 - 1.0 / tau)
     return torch.stack(grad_x[::-1])
 
 
@@ -197,20 +207,21 @@ class LIFNode(nn.Module):
     SpikingJelly no `reset_net` is needed between batches.
 
     Args:
-        tau: membrane time constant (2.0 in QKFormer).
+        tau: membrane time constant (2.0 in QKFormer); None for an IF neuron (no leak).
         v_threshold: firing threshold V_th (1.0; 0.5 for the attention neurons).
         alpha: sharpness of the sigmoid surrogate gradient (4.0, SpikingJelly's default).
         reference: use the plain autograd loop `lif_reference` instead of `LIFFunction`.
     """
 
-    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
+    def __init__(self, tau: Optional[float] = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
                  reference: bool = False):
         super().__init__()
-        if tau < 1.0:
+        if tau is not None and tau < 1.0:
             # Eq. 1 mixes V[t-1] and X[t] with weights 1 - 1/tau and 1/tau; below 1 the old
             # potential would count negatively (tau = 1: no memory, H[t] = X[t]).
-            raise ValueError(f"tau must be at least 1, got {tau}")
-        self.tau, self.v_threshold, self.alpha = float(tau), float(v_threshold), float(alpha)
+            raise ValueError(f"tau must be at least 1 (or None for an IF neuron), got {tau}")
+        self.tau = None if tau is None else float(tau)
+        self.v_threshold, self.alpha = float(v_threshold), float(alpha)
         self.reference = reference
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:

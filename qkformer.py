@@ -55,6 +55,7 @@ class QKFormerConfig:
                  The paper's model is ("token", "token", "ssa"); the others rerun its ablation.
     official_quirks: reproduce the official code's batch-mixing SSA neuron (see
                  `SpikingSelfAttention`); needed to match the released checkpoints exactly.
+    neuron:      "lif" (the paper's) or "if" (integrate-and-fire, no leak: Table 7's ablation).
     """
     family: str = "cifar"
     num_classes: int = 10
@@ -67,6 +68,7 @@ class QKFormerConfig:
     T: int = 4
     attention: Tuple[str, str, str] = ("token", "token", "ssa")
     official_quirks: bool = False
+    neuron: str = "lif"
 
     def __post_init__(self):
         self.attention = tuple(self.attention)  # a list after a round trip through JSON
@@ -76,6 +78,8 @@ class QKFormerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.neuron not in ("lif", "if"):
+            raise ValueError(f"neuron must be 'lif' or 'if', got {self.neuron!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if len(self.attention) != 3 or any(a not in ATTENTIONS for a in self.attention):
@@ -459,6 +463,10 @@ class QKFormer(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(config.embed_dim, config.num_classes)
         self.apply(self._init_weights)
+        if config.neuron == "if":                       # the IF ablation: every neuron loses its leak
+            for m in self.modules():
+                if isinstance(m, LIFNode):
+                    m.tau = None
 
     @staticmethod
     def _init_weights(m: nn.Module):

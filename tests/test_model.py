@@ -330,3 +330,12 @@ def test_memory_lean_training_path_equals_plain_layers():
     assert torch.allclose(gx_a, gx_b, rtol=0, atol=1e-12)
     for a, b in zip(gp_a, gp_b):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_if_neuron_option():
+    model = small(neuron="if")
+    taus = {m.tau for m in model.modules() if isinstance(m, LIFNode)}
+    assert taus == {None}
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    with pytest.raises(ValueError, match="neuron"):
+        small(neuron="izhikevich")

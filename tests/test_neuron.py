@@ -72,9 +72,9 @@ def test_fast_path_equals_reference_loop():
     x = (torch.randn(6, 3, 5, 7, dtype=torch.float64) * 1.5 + 0.8).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     grad_out = torch.randn(6, 3, 5, 7, dtype=torch.float64)
-    for threshold in (1.0, 0.5):
-        fast = LIFFunction.apply(x, 2.0, threshold, 4.0)
-        ref = lif_reference(x_ref, 2.0, threshold, 4.0)
+    for threshold, tau in ((1.0, 2.0), (0.5, 2.0), (1.0, None)):
+        fast = LIFFunction.apply(x, tau, threshold, 4.0)
+        ref = lif_reference(x_ref, tau, threshold, 4.0)
         assert torch.equal(fast, ref)
         assert 0.1 < fast.mean().item() < 0.9                 # the test exercises both branches
         gx, = torch.autograd.grad(fast, x, grad_out)
@@ -128,3 +128,17 @@ def test_backend_choice():
     import neuron
     with pytest.raises(ValueError, match="backend"):
         neuron.set_backend("cuda-magic")
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_if_neuron_has_no_leak(reference):
+    # tau=None: H[t] = V[t-1] + X[t]. Inputs 0.4, 0.4, 0.4: H = 0.4, 0.8, 1.2 -> spike at t=2,
+    # where a LIF neuron (tau=2) only reaches 0.2, 0.3, 0.35.
+    x = tensor([0.4, 0.4, 0.4, 0.4]).requires_grad_()
+    node = LIFNode(tau=None, reference=reference)
+    s = node(x)
+    assert torch.equal(s.detach(), tensor([0.0, 0.0, 1.0, 0.0]))
+    assert LIFNode()(x).sum() == 0
+    # Gradient of S[1] w.r.t. X[0]: dH[1]/dV[0] = 1, dV[0]/dH[0] = 1 (no spike), dH[0]/dX[0] = 1.
+    s[1].backward()
+    assert torch.allclose(x.grad[0], sigmoid_surrogate_grad(tensor(0.8 - 1.0), 4.0), rtol=0, atol=1e-15)
