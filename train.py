@@ -122,7 +122,7 @@ DEFAULTS = dict(
     dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None,
     device="auto", seed=0, workers=None, amp="off", sync_bn=False,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
-    embed_dim=None, depths=None, num_heads=None, mlp_ratio=None,
+    embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None,
 )
 
 # Options that belong to one invocation: never taken over from a checkpoint.
@@ -163,6 +163,10 @@ def parse_args(argv=None):
     g.add_argument("--depths", type=int, help="override the preset's number of blocks")
     g.add_argument("--num-heads", type=int, help="override the preset's attention heads")
     g.add_argument("--mlp-ratio", type=float, help="override the preset's MLP ratio")
+    g.add_argument("--attention", help="attention of the three stages, comma-separated: token (QKTA), "
+                   "channel (QKCA) or ssa; default token,token,ssa (the paper's ablation: Table 6)")
+    g.add_argument("--neuron", choices=["lif", "if"], help="spiking neuron: lif (default) or if, "
+                   "integrate-and-fire without leak (the paper's ablation: Table 7)")
     g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone, it "
                    "keeps the recipe's warm-up share and drops its cool-down)")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "
@@ -341,12 +345,14 @@ def gather_rng_states(world):
 # Model, optimizer and learning-rate schedule
 # ----------------------------------------------------------------------------
 
-MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio")
+MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio", "attention", "neuron")
 
 
 def build_model(args, num_classes):
     """The model of the run, initialised from --seed alone (the same on every process)."""
     overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
+    if "attention" in overrides:
+        overrides["attention"] = tuple(a.strip() for a in overrides["attention"].split(","))
     torch.manual_seed(args.seed)
     try:
         return create_model(args.model, T=args.T, num_classes=num_classes, img_size=args.img_size,
@@ -722,6 +728,9 @@ def train(cli):
         f"accumulated x {world} processes; peak lr {args.lr:.3g}; {total_epochs} epochs of "
         f"{updates_per_epoch} updates" + (f"; resuming after epoch {start_epoch}" if ckpt else ""))
 
+    if device.type == "cpu" and args.recipe != "cpu" and args.model != "tiny" and not args.subset:
+        say("note: this is the paper's full-size recipe, meant for GPUs; on a CPU an epoch takes hours. "
+            "For a run that learns on a laptop in about 30 minutes: --recipe cpu")
     if start_epoch >= total_epochs:
         say(f"this run is already complete ({total_epochs} epochs); give a larger --epochs to train on")
     run_start = time.time()
