@@ -11,8 +11,8 @@ How tutorial.md is read (the conventions its authors follow):
   * A line `<!-- not run -->` just before a block (blank lines allowed in between) marks
     a block that is shown but not run: full training, anything that needs a dataset, a
     GPU or minutes. Such commands are still checked: every `python train.py`,
-    `torchrun ... train.py`, `python evaluate.py` and `python ablate.py` line must be
-    accepted by that script's argument parser.
+    `torchrun ... train.py`, `python evaluate.py` and `python benchmark.py` line must be
+    accepted by that script's argument parser (`check_command` of tests/_markdown.py).
   * A line `<!-- file: NAME -->` just before a block: the block is the content of a file
     the reader saves as NAME; the test writes it to NAME in the working directory.
   * Other fences (```text, bare ```) are not run.
@@ -22,6 +22,8 @@ How tutorial.md is read (the conventions its authors follow):
   * The table after `<!-- shapes table -->` (section 4) is compared with the stage outputs
     that the tutorial's code records (`stage_shapes`: forward hooks on the real presets) and
     with the models it names; the table after `<!-- presets table -->` with their configs.
+  * Reading the blocks and their marks, splitting commands and checking them against the
+    scripts' parsers is done by tests/_markdown.py, which other markdown tests share.
   * Names written as `module.attribute` in backticks (module one of neuron, qkformer,
     evaluate, train, data) must exist in the code.
 
@@ -34,7 +36,6 @@ The committed pictures under docs/ come from the same run. To regenerate them:
 import argparse
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,9 @@ import tempfile
 import time
 
 import pytest
+
+from _markdown import (check_command, command_lines, markdown_table_after, pictures_shown,
+                       read_blocks)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = os.path.join(ROOT, "tutorial.md")
@@ -53,39 +57,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")          # pictures to files, no disp
 
 
 # ----------------------------------------------------------------------------------------
-# Reading tutorial.md
-
-FENCE = re.compile(r"^```(\w*)\s*$")
-MARK = re.compile(r"^<!--\s*(not run|file:\s*(\S+))\s*-->\s*$")
-
-
-def read_blocks(path=TUTORIAL):
-    """The fenced blocks of the tutorial, in order: dicts with lang, code, line (of the
-    first code line, 1-based), run (False after <!-- not run -->) and file (a name after
-    <!-- file: NAME -->, else None)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        m = FENCE.match(lines[i])
-        if not m:
-            i += 1
-            continue
-        j = i - 1                                   # the marker, above blank lines
-        while j >= 0 and not lines[j].strip():
-            j -= 1
-        mark = MARK.match(lines[j]) if j >= 0 else None
-        end = i + 1
-        while end < len(lines) and lines[end].strip() != "```":
-            end += 1
-        if end == len(lines):
-            raise ValueError(f"tutorial.md:{i + 1}: a code block that is never closed")
-        blocks.append(dict(lang=m.group(1), code="\n".join(lines[i + 1:end]) + "\n", line=i + 2,
-                           run=not (mark and mark.group(1) == "not run"),
-                           file=mark.group(2) if mark and mark.group(2) else None))
-        i = end + 1
-    return blocks
-
+# Running tutorial.md
 
 def prepare_workdir(workdir):
     """Make `workdir` look like the repository root: the project's scripts and the golden
@@ -114,7 +86,7 @@ def run_tutorial(workdir, log=print):
     os.chdir(workdir)
     sys.path[:0] = [ROOT, workdir]
     try:
-        for block in read_blocks():
+        for block in read_blocks(TUTORIAL):
             where = f"tutorial.md:{block['line']}"
             if block["file"]:
                 with open(os.path.join(workdir, block["file"]), "w") as f:
@@ -142,29 +114,7 @@ def run_tutorial(workdir, log=print):
     finally:
         os.chdir(old_cwd)
         sys.path[:] = old_path
-        sys.modules.pop("ablate", None)               # the exercise's script, from workdir
     return namespace
-
-
-def pictures_shown(text):
-    return re.findall(r"!\[[^\]]*\]\((docs/[^)\s]+\.png)\)", text)
-
-
-def markdown_table_after(text, marker):
-    """Rows (lists of cell strings) of the first markdown table after `marker`."""
-    rest = text[text.index(marker):].splitlines()[1:]
-    rows = []
-    for line in rest:
-        if not line.strip():
-            if rows:
-                break
-            continue
-        if not line.lstrip().startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not all(set(c) <= set("-: ") for c in cells):   # skip the |---|---| line
-            rows.append(cells)
-    return rows[0], rows[1:]
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,7 +129,7 @@ def tutorial_run(tmp_path_factory):
 
 def test_every_block_runs(tutorial_run):
     workdir, namespace = tutorial_run
-    blocks = read_blocks()
+    blocks = read_blocks(TUTORIAL)
     assert sum(b["run"] and b["lang"] == "python" and not b["file"] for b in blocks) >= 10
     assert any(b["run"] and b["lang"] == "bash" for b in blocks)
     assert any(not b["run"] for b in blocks)
@@ -193,7 +143,7 @@ def test_pictures_are_written_by_the_tutorial_and_committed(tutorial_run):
         text = f.read()
     shown = pictures_shown(text)
     assert len(shown) >= 4
-    not_run = "\n".join(b["code"] for b in read_blocks() if not b["run"])
+    not_run = "\n".join(b["code"] for b in read_blocks(TUTORIAL) if not b["run"])
     for path in shown:
         committed = os.path.join(ROOT, path)
         assert os.path.isfile(committed), f"{path} is shown but not committed"
@@ -276,50 +226,15 @@ def test_names_the_tutorial_cites_exist():
             obj = getattr(obj, a)
 
 
-def command_lines(code):
-    """Logical command lines of a bash block (continuations joined, comments dropped)."""
-    joined = re.sub(r"\\\n\s*", " ", code)
-    return [line.split(" #")[0].strip() for line in joined.splitlines()
-            if line.strip() and not line.strip().startswith("#")]
-
-
-def test_commands_not_run_are_valid(tutorial_run, capsys):
+def test_commands_not_run_are_valid():
     """The long commands are not run, but their options must exist and fit together."""
-    import evaluate
-    import train
-    workdir, _ = tutorial_run
-    sys.path.insert(0, workdir)
-    try:
-        import ablate
-        checked = 0
-        for block in read_blocks():
-            if block["lang"] != "bash" or block["run"]:
-                continue
-            for line in command_lines(block["code"]):
-                words = shlex.split(line)
-                for i, w in enumerate(words):
-                    if w.endswith(".py") and os.path.basename(w) in ("train.py", "evaluate.py", "ablate.py"):
-                        script, argv = os.path.basename(w), words[i + 1:]
-                        break
-                else:
-                    continue
-                where = f"tutorial.md:{block['line']}: {line}"
-                try:
-                    if script == "evaluate.py":
-                        args = evaluate.build_parser().parse_args(argv)
-                        assert args.complexity or args.checkpoint, where
-                    else:
-                        if script == "ablate.py":
-                            own, argv = ablate.parse(argv)
-                            assert len(own.attention.split(",")) == 3, where
-                        train.resolve_args(train.parse_args(argv))
-                except SystemExit:
-                    raise AssertionError(f"{where}: rejected by the parser: {capsys.readouterr().err}")
-                checked += 1
-        assert checked >= 5
-    finally:
-        sys.path.remove(workdir)
-        sys.modules.pop("ablate", None)
+    checked = 0
+    for block in read_blocks(TUTORIAL):
+        if block["lang"] != "bash" or block["run"]:
+            continue
+        for line in command_lines(block["code"]):
+            checked += check_command(line, where=f"tutorial.md:{block['line']}")
+    assert checked >= 5
 
 
 # ----------------------------------------------------------------------------------------
