@@ -298,6 +298,16 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
+def from_rank0(world, *values):
+    """Rank 0's values, on every process. Decisions only rank 0 can take (a folder
+    name, a problem found) travel this way, so that all processes act alike
+    instead of some waiting forever for one that stopped."""
+    if world > 1:
+        values = list(values)
+        dist.broadcast_object_list(values, src=0)
+    return tuple(values)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -348,15 +358,19 @@ def gather_rng_states(world):
 MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio", "attention", "neuron")
 
 
-def build_model(args, num_classes):
-    """The model of the run, initialised from --seed alone (the same on every process)."""
+def model_overrides(args) -> dict:
+    """The settings of qkformer.create_model that the options give (besides --model)."""
     overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
     if "attention" in overrides:
         overrides["attention"] = tuple(a.strip() for a in overrides["attention"].split(","))
+    return dict(overrides, T=args.T, img_size=args.img_size)
+
+
+def build_model(args, num_classes):
+    """The model of the run, initialised from --seed alone (the same on every process)."""
     torch.manual_seed(args.seed)
     try:
-        return create_model(args.model, T=args.T, num_classes=num_classes, img_size=args.img_size,
-                            **overrides)
+        return create_model(args.model, num_classes=num_classes, **model_overrides(args))
     except ValueError as e:
         raise TrainError(f"invalid model configuration: {e}") from None
 
@@ -646,27 +660,25 @@ def train(cli):
             data.prepare(args.dataset, args.data_dir, download_missing=args.download)
         except DataError as e:
             problem = str(e)
-    if world > 1:
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
+    (problem,) = from_rank0(world, problem)
     if problem:
         raise DataError(problem)
     train_set, test_set = data.build_datasets(
         args.dataset, args.data_dir, args.img_size, args.crop_padding, args.hflip, args.aa,
         args.subset, args.test_subset, download_missing=False)
-    if args.workers is None:
+    workers = args.workers
+    if workers is None:
         # On a CPU the model needs every core and the per-image work is small next
         # to it (about 1 %), so the main process loads. A GPU waits for data unless
         # worker processes prepare the next batches in parallel.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        args.workers = 0 if device.type == "cpu" else min(8, max(1, cores // local))
-    train_loader = data.make_loader(train_set, args.batch_size, train=True, workers=args.workers,
+        workers = 0 if device.type == "cpu" else min(8, max(1, cores // local))
+    train_loader = data.make_loader(train_set, args.batch_size, train=True, workers=workers,
                                     seed=args.seed, rank=rank, world_size=world,
                                     pin_memory=device.type == "cuda")
     eval_loader = data.make_loader(test_set, args.eval_batch_size or args.batch_size, train=False,
-                                   workers=args.workers, pin_memory=device.type == "cuda")
+                                   workers=workers, pin_memory=device.type == "cuda")
     if len(train_loader) == 0:
         raise TrainError(f"{len(train_set)} training images give no full batch of {args.batch_size} "
                          f"per process ({world} processes): lower --batch-size or raise --subset")
@@ -705,25 +717,29 @@ def train(cli):
         seed_everything(args.seed + rank)  # augmentations differ between processes
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = args.output or os.path.join("runs", f"{args.dataset}-{args.model}-{stamp}")
-    if world > 1:  # rank 0's choice of folder (the time stamp) for everyone
-        box = [out_dir]
-        dist.broadcast_object_list(box, src=0)
-        out_dir = box[0]
+    problem = None
+    if rank == 0 and ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
+        problem = (f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
+                   f"or choose another --output")
+    out_dir, problem = from_rank0(world, out_dir, problem)  # rank 0's time stamp and verdict for all
+    if problem:
+        raise TrainError(problem)
     log_path = os.path.join(out_dir, "log.jsonl")
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        if ckpt is not None:  # forget log lines of epochs after the checkpoint (a kill in between)
-            records = [r for r in read_log(log_path) if r["epoch"] <= start_epoch]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            os.replace(log_path + ".tmp", log_path)
+        # A fresh run starts an empty log; a resumed one forgets the lines of epochs
+        # after its checkpoint (written before a kill, and about to be redone).
+        records = [r for r in read_log(log_path) if r["epoch"] <= start_epoch] if ckpt else []
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(log_path + ".tmp", log_path)
 
     say(f"QKFormer '{args.model}' ({count_parameters(raw_model):,} parameters, T={args.T}) on "
         f"{args.dataset}: {len(train_set):,} training / {len(test_set):,} test images")
     say(f"device {device}{' x ' + str(world) + ' processes' if world > 1 else ''}, "
-        f"amp {amp}, {args.workers} loader workers; run folder {out_dir}")
+        f"amp {amp}, {workers} loader workers; run folder {out_dir}")
     say(f"effective batch {effective_batch} = {args.batch_size} per process x {args.accum_iter} "
         f"accumulated x {world} processes; peak lr {args.lr:.3g}; {total_epochs} epochs of "
         f"{updates_per_epoch} updates" + (f"; resuming after epoch {start_epoch}" if ckpt else ""))

@@ -309,6 +309,9 @@ def test_resume_errors(cifar, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path / "weights.pt")])
     assert "not a checkpoint written by train.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a new run may not overwrite an old one
+        run(cifar, out, "--epochs", "2")
+    assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(cifar, tmp_path / "sync", "--sync-bn")
     assert "--sync-bn needs GPUs" in capsys.readouterr().err
