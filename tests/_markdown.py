@@ -157,11 +157,7 @@ def _parse(script, argv):
         args = train.resolve_args(train.parse_args(argv))
         if args.model not in qkformer.PRESETS:
             return f"unknown --model {args.model!r}; choose one of {sorted(qkformer.PRESETS)}"
-        overrides = {k: getattr(args, k) for k in train.MODEL_OVERRIDES if getattr(args, k) is not None}
-        if "attention" in overrides:
-            overrides["attention"] = tuple(a.strip() for a in overrides["attention"].split(","))
-        overrides.update(T=args.T, img_size=args.img_size)
-        qkformer.QKFormerConfig(**{**qkformer.PRESETS[args.model], **overrides})   # ValueError if invalid
+        qkformer.QKFormerConfig(**{**qkformer.PRESETS[args.model], **train.model_overrides(args)})
         return None
     if script == "evaluate.py":
         import evaluate
