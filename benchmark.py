@@ -74,7 +74,10 @@ def synchronize(device):
 
 def run_phase(args, phase: str) -> dict:
     """Time one phase ("train" or "inference") in this process."""
-    return_freed_memory_to_os()
+    if phase == "train":
+        # As train.py does: without it the resident memory grows by a step's activations
+        # (see qkformer.return_freed_memory_to_os). Inference keeps little and is faster without.
+        return_freed_memory_to_os()
     torch.manual_seed(0)
     device = args.device
     model = build(args).to(device)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import data
 from data import DataError
-from qkformer import create_model, load_checkpoint, count_parameters
+from qkformer import count_parameters, create_model, load_checkpoint, return_freed_memory_to_os
 
 
 class TrainError(Exception):
@@ -291,6 +291,7 @@ def setup_distributed(device_arg):
         torch.cuda.set_device(device)
     elif device_arg in ("auto", "cpu"):
         device = torch.device("cpu")
+        return_freed_memory_to_os()      # else each step's activations stay in the process's memory
     else:
         raise TrainError(f"unknown --device {device_arg!r}: use auto, cpu, cuda or cuda:N")
     if world > 1 and not dist.is_initialized():
