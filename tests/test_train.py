@@ -32,7 +32,9 @@ def cifar(tmp_path_factory):
 def run(cifar, out, *extra):
     """train.py's main() in this process on the fake CIFAR-10; returns the run folder."""
     argv = ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
-            "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0.5", *extra]
+            "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0.5",
+            "--no-low-memory",  # its malloc setting would stay with the test process for good
+            *extra]
     return train.main(argv)
 
 
