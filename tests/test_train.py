@@ -22,6 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--embed-dim", "16", "--num-heads", "1", "--depths", "3", "--T", "1"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are too small to gain from a second thread, and on a busy 2-core machine
+    OpenMP threads waiting for each other make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
@@ -240,18 +250,14 @@ def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
         loader.sampler.set_epoch(0)
         per_rank.append(list(loader))
     interleaved = [batch for pair in zip(*per_rank) for batch in pair]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each DDP process: the same kernels, the same rounding
-    try:
-        model = train.build_model(a, 10)
-        opt = train.build_optimizer(model, a)
-        sched = train.build_scheduler(opt, a, updates_per_epoch=len(per_rank[0]))
-        info = data.dataset_info("cifar10")
-        train.train_one_epoch(model, interleaved, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                              torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing), a, 0,
-                              torch.device("cpu"), info["mean"], info["std"], show=False)
-    finally:
-        torch.set_num_threads(threads)
+    # one thread here (the one_thread fixture) as in each DDP process: the same kernels, the same rounding
+    model = train.build_model(a, 10)
+    opt = train.build_optimizer(model, a)
+    sched = train.build_scheduler(opt, a, updates_per_epoch=len(per_rank[0]))
+    info = data.dataset_info("cifar10")
+    train.train_one_epoch(model, interleaved, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                          torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing), a, 0,
+                          torch.device("cpu"), info["mean"], info["std"], show=False)
     assert len(per_rank[0]) == 2 and ddp["epoch"] == 1
     start = train.build_model(a, 10).state_dict()
     for name, p in model.named_parameters():
@@ -290,7 +296,8 @@ def test_cli_errors_are_one_clear_message(cifar, tmp_path):
     """The real command line: exit code 2, a message saying what to do, no traceback."""
     def cli(*argv):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         return proc.stderr
 
