@@ -31,7 +31,6 @@ Errors a user can cause (missing folder, corrupt file, bad option) raise
 ``DataError`` with a message that says what to do.
 """
 import hashlib
-import io
 import math
 import os
 import pickle

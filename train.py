@@ -446,6 +446,14 @@ def reduce_mean(value, world):
     return value
 
 
+class NonFiniteLoss(TrainError):
+    """The loss of a step is NaN or infinite: training cannot go on from these weights."""
+
+    def __init__(self, epoch, step, value):
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}")
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, args, epoch, device,
                     mean, std, mixup=None, autocast=contextlib.nullcontext, world=1, show=True):
     """Train over one pass of `loader`; returns the epoch's mean loss, top-1 on the
@@ -502,14 +510,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, args
                 lr=optimizer.param_groups[0]["lr"], img_per_s=seen * world / elapsed, train_time_s=elapsed)
 
 
-class NonFiniteLoss(TrainError):
-    def __init__(self, epoch, step, value):
-        self.epoch, self.step, self.value = epoch, step, value
-        super().__init__(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}")
-
-
 # ----------------------------------------------------------------------------
-# Evaluation (evaluate.py needs the same: see the note in the report)
+# Evaluation (evaluate.py adds firing rates and energy to the same loop)
 # ----------------------------------------------------------------------------
 
 @torch.no_grad()
