@@ -815,7 +815,8 @@ def train(cli):
     if records:
         train_time = sum(r["train_time_s"] for r in records)
         last = records[-1]
-        summary = f"done in {(time.time() - run_start) / 60:.1f} min this session; training time over the run {train_time / 60:.1f} min"
+        summary = (f"done in {(time.time() - run_start) / 60:.1f} min this session; "
+                   f"training time over the run {train_time / 60:.1f} min")
         if last.get("acc1") is not None:
             summary += f"; final test top-1 {last['acc1']:.2f}%, best {best_acc1:.2f}%"
         say(summary)
