@@ -87,27 +87,42 @@ def lif_reference(x_seq: torch.Tensor, tau: Optional[float] = 2.0, v_threshold: 
     return torch.stack(spikes)
 
 
-def lif_forward(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float):
-    """Eq. 1-3 over all steps (V_reset = 0). Returns the spikes and H, all the backward needs."""
+def lif_charge(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> list:
+    """Eq. 1-3 over all steps (V_reset = 0): the list of H[t], one tensor per step."""
     v = torch.zeros_like(x_seq[0])                        # V[-1] = 0
-    h_seq = []
+    h_steps = []
     for t in range(x_seq.shape[0]):
         # Eq. 1, written as SpikingJelly computes it (v + (x - v) / tau) so that every spike
         # decision matches the official code to the last bit. tau=None: IF, no leak.
         h = v + x_seq[t] if tau is None else v + (x_seq[t] - v) / tau
-        h_seq.append(h)
+        h_steps.append(h)
         v = torch.where(h < v_threshold, h, 0.0)          # Eq. 2-3: V = H (1 - S), S = [H >= V_th]
-    h_seq = torch.stack(h_seq)
-    return (h_seq >= v_threshold).to(x_seq.dtype), h_seq  # Eq. 2 for all steps at once
+    return h_steps
 
 
-def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[float],
-                 v_threshold: float, alpha: float) -> torch.Tensor:
-    """Backpropagation through time of `lif_forward` (see LIFFunction)."""
-    grad_v = torch.zeros_like(h_seq[0])                   # dL/dV[T-1] = 0
+def lif_forward(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float):
+    """The spikes (Eq. 2) and H over all steps: all the backward needs."""
+    h_steps = lif_charge(x_seq, tau, v_threshold)
+    return lif_fire(h_steps, v_threshold, x_seq.dtype), torch.stack(h_steps)
+
+
+def lif_fire(h_steps, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """Eq. 2 for every step: S[t] = 1 where H[t] >= V_th."""
+    return torch.stack([(h >= v_threshold).to(dtype) for h in h_steps])
+
+
+def lif_spikes(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> torch.Tensor:
+    """Spikes only, when no backward follows (inference): compiled, H is never written."""
+    return lif_fire(lif_charge(x_seq, tau, v_threshold), v_threshold, x_seq.dtype)
+
+
+def lif_backward_steps(h_steps, grad_spikes: torch.Tensor, tau: Optional[float],
+                       v_threshold: float, alpha: float) -> list:
+    """Backpropagation through time of Eq. 1-3 (see LIFFunction): dL/dX[t], one per step."""
+    grad_v = torch.zeros_like(h_steps[0])                 # dL/dV[T-1] = 0
     grad_x = []
-    for t in range(h_seq.shape[0] - 1, -1, -1):
-        h = h_seq[t]
+    for t in range(len(h_steps) - 1, -1, -1):
+        h = h_steps[t]
         surrogate = sigmoid_surrogate_grad(h - v_threshold, alpha)
         # (1 - S[t]) is a constant here: the detached reset.
         grad_h = grad_spikes[t] * surrogate + torch.where(h < v_threshold, grad_v, 0.0)
@@ -117,55 +132,94 @@ def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[f
         else:                                             # LIF: H = V + (X - V) / tau
             grad_x.append(grad_h / tau)
             grad_v = grad_h * (1.0 - 1.0 / tau)
-    return torch.stack(grad_x[::-1])
+    return grad_x[::-1]
 
 
-# The two kernels above are loops of small elementwise operations: in eager PyTorch each
-# line reads and writes whole tensors, so the neuron costs more than the convolutions
-# around it. torch.compile fuses each loop into a single kernel (C++ with OpenMP on the
-# CPU, Triton on a GPU) that reads each input once and writes each output once: about
-# 8x faster on 2 CPU cores (T=4, 6M neurons). Compiling takes a while once per process
+def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[float],
+                 v_threshold: float, alpha: float) -> torch.Tensor:
+    """`lif_backward_steps` with H given as one (T, ...) tensor and dL/dX returned as one."""
+    return torch.stack(lif_backward_steps(list(h_seq), grad_spikes, tau, v_threshold, alpha))
+
+
+# The kernels above are loops of small elementwise operations: in eager PyTorch each line
+# reads and writes whole tensors, so the neuron costs more than the convolutions around
+# it. torch.compile fuses each loop into a single kernel (C++ with OpenMP on the CPU,
+# Triton on a GPU) that reads each input once and writes each output once: about 8x
+# faster on 2 CPU cores (T=4, 6M neurons). Compiling takes a while once per process
 # (dynamic shapes: one kernel serves every layer), needs a C++ compiler, and is skipped
-# where it fails.
+# where it fails. qkformer.py fuses batch norm into the same kernels the same way.
 _BACKEND = os.environ.get("QKFORMER_LIF", "auto")        # "auto", "compiled" or "eager"
-_kernels = {}
+_FUSED = []                                              # every Fused, to reset on set_backend
 
 
 def set_backend(name: str):
-    """Choose how LIFFunction runs its kernels: "eager" (plain PyTorch), "compiled"
-    (torch.compile, error if it fails) or "auto" (compiled, eager where compiling fails).
-    The environment variable QKFORMER_LIF sets the default."""
+    """Choose how the Fused kernels run: "eager" (plain PyTorch), "compiled" (torch.compile,
+    error if it fails) or "auto" (compiled, eager where compiling fails). The environment
+    variable QKFORMER_LIF sets the default."""
     global _BACKEND
     if name not in ("auto", "compiled", "eager"):
         raise ValueError(f"LIF backend must be 'auto', 'compiled' or 'eager', got {name!r}")
     _BACKEND = name
-    _kernels.clear()
+    for kernel in _FUSED:
+        kernel.compiled, kernel.used = None, None
 
 
-def lif_kernels() -> dict:
-    """The LIF kernels of the chosen backend: {"forward": ..., "backward": ..., "name": ...}."""
-    if not _kernels:
-        _kernels.update(forward=lif_forward, backward=lif_backward, name="eager")
-        if _BACKEND != "eager":
+class Fused:
+    """A function of whole tensors, run as one torch.compile'd kernel or eagerly, as the
+    backend says (see set_backend). Both give the same results; `used` tells which ran."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.used = fn, None, None
+        _FUSED.append(self)
+
+    def __call__(self, *args):
+        if _BACKEND != "eager" and self.used != "eager":
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)
             try:
-                fwd = torch.compile(lif_forward, dynamic=True)
-                bwd = torch.compile(lif_backward, dynamic=True)
-                x = torch.zeros(2, 8)                     # compile now, to fail here or not at all
-                bwd(fwd(x, 2.0, 1.0)[1], x, 2.0, 1.0, 4.0)
-                _kernels.update(forward=fwd, backward=bwd, name="compiled")
+                out = self.compiled(*args)
+                self.used = "compiled"
+                return out
             except Exception as e:
                 if _BACKEND == "compiled":
                     raise
-                warnings.warn(f"torch.compile of the LIF kernels failed ({type(e).__name__}); "
-                              f"using the eager kernels (slower, same results)")
-    return _kernels
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}); "
+                              f"running it eagerly (slower, same results)")
+        self.used = "eager"
+        return self.fn(*args)
 
 
-def as_time_by_neurons(x: torch.Tensor) -> torch.Tensor:
-    """(T, ...) -> (T, M), the one layout the kernels see, so that one compiled kernel
-    serves every layer. Detached and without a view base, so torch.compile guards on
-    nothing but (T, M) and does not recompile for each layer's shape."""
-    return x.reshape(x.shape[0], -1).detach()
+lif_forward_kernel = Fused(lif_forward)
+lif_spikes_kernel = Fused(lif_spikes)
+lif_backward_kernel = Fused(lif_backward)
+
+
+class TimeByNeurons:
+    """How a (T, ...) tensor is laid out as (T, M) for the kernels, and back.
+
+    The kernels see one layout only, (T, M) with the M neurons of a step side by side,
+    so that one compiled kernel serves every layer (torch.compile guards on nothing but
+    T and M, and does not recompile for each layer's shape). The neurons are taken in the
+    order they lie in memory: for the channels-last activations of `qkformer.py` that is
+    (T, B, H, W, C), not (T, B, C, H, W), and flattening in memory order is free where
+    flattening in index order would copy. The neuron is elementwise over M, so the order
+    of the neurons does not change any result.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        # Dim 0 (time) stays first; the others from the largest stride to the smallest.
+        self.order = [0] + sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+        self.inverse = [self.order.index(d) for d in range(x.dim())]
+        self.shape = tuple(x.shape[d] for d in self.order)
+
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (T, M): a view when x has the layout this was made from. Detached and
+        without a view base, so torch.compile guards on (T, M) only."""
+        return x.permute(self.order).reshape(self.shape[0], -1).detach()
+
+    def unflatten(self, y: torch.Tensor) -> torch.Tensor:
+        """(T, M) -> (T, ...) with the shape and memory layout of the original tensor."""
+        return y.reshape(self.shape).permute(self.inverse)
 
 
 class LIFFunction(torch.autograd.Function):
@@ -185,18 +239,23 @@ class LIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, tau, v_threshold, alpha):
-        spikes, h_seq = lif_kernels()["forward"](as_time_by_neurons(x_seq), tau, v_threshold)
+        layout = TimeByNeurons(x_seq)
         if ctx.needs_input_grad[0]:
+            spikes, h_seq = lif_forward_kernel(layout.flatten(x_seq), tau, v_threshold)
             ctx.save_for_backward(h_seq)
-        ctx.tau, ctx.v_threshold, ctx.alpha = tau, v_threshold, alpha
-        return spikes.reshape(x_seq.shape)
+        else:
+            spikes = lif_spikes_kernel(layout.flatten(x_seq), tau, v_threshold)
+        ctx.layout, ctx.tau, ctx.v_threshold, ctx.alpha = layout, tau, v_threshold, alpha
+        return layout.unflatten(spikes)
 
     @staticmethod
     def backward(ctx, grad_spikes):
         (h_seq,) = ctx.saved_tensors                       # (T, M)
-        grad_x = lif_kernels()["backward"](h_seq, as_time_by_neurons(grad_spikes), ctx.tau,
-                                            ctx.v_threshold, ctx.alpha)
-        return grad_x.reshape(grad_spikes.shape), None, None, None
+        # The incoming gradient may have another layout than x_seq: flatten it in x_seq's
+        # neuron order (a copy only then), so that it lines up with h_seq.
+        grad_x = lif_backward_kernel(h_seq, ctx.layout.flatten(grad_spikes), ctx.tau,
+                                     ctx.v_threshold, ctx.alpha)
+        return ctx.layout.unflatten(grad_x), None, None, None
 
 
 class LIFNode(nn.Module):
