@@ -303,33 +303,70 @@ def test_fold_batchnorm_keeps_eval_outputs():
         assert torch.allclose(folded(golden["input"]), golden["logits_eval"], rtol=0, atol=1e-9)
 
 
-def test_memory_lean_training_path_equals_plain_layers():
-    """The fused BatchNormLIF node and the uint8 storage of spike inputs change no number:
-    gradients equal those of the plain conv -> BN -> LIF path."""
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("bn_mode", ["train", "eval", "cumulative"])
+def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
+    """The fused BatchNormLIF node (batch norm and neuron in one kernel, recomputed in the
+    backward pass) changes no number: spikes, gradients and running statistics equal those
+    of the plain conv -> nn.BatchNorm2d -> reference LIF layers. bn_mode: batch statistics
+    (train), running statistics (eval), momentum=None (a cumulative average)."""
+    import neuron
     from qkformer import ConvBNLIF
-    torch.manual_seed(0)
-    unit = ConvBNLIF(4, 6, 3).double()
-    unit.bn.weight.data.uniform_(1, 4)
-    x = (torch.rand(3, 2, 4, 6, 6, dtype=torch.float64) < 0.4).double() * 2  # spike counts 0/2
-    weights = [p.detach().clone() for p in unit.parameters()]
+    previous = neuron._BACKEND
+    neuron.set_backend(backend)
+    try:
+        torch.manual_seed(0)
+        unit = ConvBNLIF(4, 6, 3).double()
+        unit.bn.weight.data.uniform_(1, 4)
+        unit.bn.momentum = None if bn_mode == "cumulative" else 0.1
+        unit.bn.running_mean.uniform_(-0.5, 0.5)
+        unit.bn.running_var.uniform_(0.5, 2.0)
+        unit.train(bn_mode != "eval")
+        start = {k: v.clone() for k, v in unit.state_dict().items()}
+        x = (torch.rand(3, 2, 4, 6, 6, dtype=torch.float64) < 0.4).double() * 2  # spike counts 0/2
 
-    def grads(lean):
-        for p, w in zip(unit.parameters(), weights):
-            p.data.copy_(w)
-            p.grad = None
-        unit.bn.reset_running_stats()
-        unit.lif.reference = not lean          # the reference neuron also skips BatchNormLIF
-        xin = x.clone().requires_grad_()
-        out = unit(xin)
-        (out * torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape).sin()).sum().backward()
-        return out, xin.grad, [p.grad.clone() for p in unit.parameters()], unit.bn.running_var.clone()
-    out_a, gx_a, gp_a, rv_a = grads(lean=True)
-    out_b, gx_b, gp_b, rv_b = grads(lean=False)
-    assert torch.equal(out_a, out_b) and 0 < out_a.mean() < 1
-    assert torch.equal(rv_a, rv_b)             # running statistics updated once, identically
-    assert torch.allclose(gx_a, gx_b, rtol=0, atol=1e-12)
-    for a, b in zip(gp_a, gp_b):
-        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        def run(fused):
+            unit.load_state_dict(start)
+            unit.zero_grad(set_to_none=True)
+            unit.lif.reference = not fused          # the reference neuron also skips BatchNormLIF
+            xin = x.clone().requires_grad_()
+            out = unit(xin)
+            (out * torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape).sin()).sum().backward()
+            return out, xin.grad, [p.grad.clone() for p in unit.parameters()], \
+                {k: v.clone() for k, v in unit.state_dict().items()}
+        out_a, gx_a, gp_a, state_a = run(fused=True)
+        out_b, gx_b, gp_b, state_b = run(fused=False)
+        if backend == "compiled":
+            from qkformer import bn_lif_forward_kernel, bn_lif_backward_kernel
+            assert bn_lif_forward_kernel.used == bn_lif_backward_kernel.used == "compiled"
+        assert torch.equal(out_a, out_b) and 0 < out_a.mean() < 1
+        for k in state_a:                          # running statistics updated once, alike
+            assert torch.allclose(state_a[k], state_b[k], rtol=0, atol=1e-15), k
+        assert int(state_a["bn.num_batches_tracked"]) == (0 if bn_mode == "eval" else 1)
+        assert torch.allclose(gx_a, gx_b, rtol=0, atol=1e-12)
+        for a, b in zip(gp_a, gp_b):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    finally:
+        neuron.set_backend(previous)
+
+
+def test_activations_are_channels_last():
+    """The layout the fast paths rely on (see the top of qkformer.py), in training (fused
+    batch norm + neuron) and in evaluation, without changing any shape."""
+    from qkformer import ConvBNLIF
+    model = small()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, ConvBNLIF):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    x = torch.randn(2, 3, 32, 32)
+    model.train()(x).sum().backward()
+    with torch.no_grad():
+        model.eval()(x)
+    assert len(seen) == 2 * sum(isinstance(m, ConvBNLIF) for m in model.modules())
+    for out in seen:
+        assert out.shape[:2] == (model.config.T, 2)
+        assert out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_if_neuron_option():

@@ -142,3 +142,20 @@ def test_if_neuron_has_no_leak(reference):
     # Gradient of S[1] w.r.t. X[0]: dH[1]/dV[0] = 1, dV[0]/dH[0] = 1 (no spike), dH[0]/dX[0] = 1.
     s[1].backward()
     assert torch.allclose(x.grad[0], sigmoid_surrogate_grad(tensor(0.8 - 1.0), 4.0), rtol=0, atol=1e-15)
+
+
+def test_any_memory_layout_gives_the_same_spikes_and_gradients():
+    """TimeByNeurons flattens the neurons in memory order: a channels-last input, and an
+    incoming gradient of yet another layout, must give what the contiguous tensors give."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 5, 4, 4, dtype=torch.float64) + 0.8
+    grad = torch.randn(3, 2, 5, 4, 4, dtype=torch.float64)
+    x_cl = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).reshape(x.shape)
+    assert not x_cl.is_contiguous()
+    a, b = x.clone().requires_grad_(), x_cl.clone().requires_grad_()
+    out_a, out_b = LIFNode()(a), LIFNode()(b)
+    assert torch.equal(out_a, out_b)
+    assert out_b.stride() == b.stride()                     # the output keeps the input's layout
+    out_a.backward(grad)
+    out_b.backward(grad.transpose(3, 4).contiguous().transpose(3, 4))   # same values, other strides
+    assert torch.equal(a.grad, b.grad)
