@@ -177,18 +177,22 @@ class ConvBNLIF(nn.Module):
         # first layer, whose input is the image.
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         y = self.conv(x)                                         # (T*B, C', H', W')
-        if torch.is_grad_enabled() and isinstance(self.pool, nn.Identity) \
-                and isinstance(self.bn, nn.BatchNorm2d) and type(self.lif) is LIFNode \
-                and not self.lif.reference:
+        if self._fused():
             return BatchNormLIF.apply(y, self.bn.weight, self.bn.bias, self.bn, self.lif, T)
         y = self.pool(self.bn(y))                                # (T*B, C', H', W')
         return self.lif(y.reshape(T, B, *y.shape[1:]))           # (T, B, C', H', W')
+
+    def _fused(self) -> bool:
+        """Whether BatchNormLIF stands in for bn -> lif here (see the class docstring)."""
+        return (torch.is_grad_enabled() and isinstance(self.pool, nn.Identity)
+                and isinstance(self.bn, nn.BatchNorm2d) and self.bn.affine
+                and type(self.lif) is LIFNode and not self.lif.reference)
 
 
 def bn_lif_forward(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                    tau: Optional[float], v_threshold: float) -> torch.Tensor:
     """SN(BN(Y)) for Y of shape (T, P, C): batch norm as the per-channel affine map
-    y * scale + shift (exactly how PyTorch's CPU batch norm applies it), then Eq. 1-3."""
+    y * scale + shift (the form PyTorch's own CPU batch norm computes), then Eq. 1-3."""
     return lif_fire(lif_charge(y * scale + shift, tau, v_threshold), v_threshold, y.dtype)
 
 
