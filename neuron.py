@@ -173,20 +173,24 @@ class Fused:
         _FUSED.append(self)
 
     def __call__(self, *args):
-        if _BACKEND != "eager" and self.used != "eager":
-            if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=True)
-            try:
-                out = self.compiled(*args)
-                self.used = "compiled"
-                return out
-            except Exception as e:
-                if _BACKEND == "compiled":
-                    raise
-                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}); "
-                              f"running it eagerly (slower, same results)")
-        self.used = "eager"
-        return self.fn(*args)
+        if _BACKEND == "eager" or self.used == "eager":
+            self.used = "eager"
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        if self.used == "compiled":                      # compiled and ran before: no fallback
+            return self.compiled(*args)
+        try:                                             # the first call compiles
+            out = self.compiled(*args)
+        except Exception as e:
+            if _BACKEND == "compiled":
+                raise
+            warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}); "
+                          f"running it eagerly (slower, same results)")
+            self.used = "eager"
+            return self.fn(*args)
+        self.used = "compiled"
+        return out
 
 
 lif_forward_kernel = Fused(lif_forward)
