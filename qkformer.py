@@ -735,12 +735,13 @@ def return_freed_memory_to_os(threshold: int = 8 << 20):
     of such a tensor each time it is allocated; smaller tensors, many and short-lived,
     stay on the heap, where their memory is reused without faults.
 
-    Measured on 2 cores, cifar10 model, batch 16, T=4, training (`benchmark.py`, and 40
-    steps of mixed batch sizes with an evaluation every 10): glibc's default: 7.9-8.4
-    images/s, peak 2.3-2.4 GB in the benchmark's short run but 4.2 GB and still growing
-    after 40 steps; threshold 128 KiB: 5.9-6.5 images/s, 1.9 GB; 8 MiB (the default here):
-    7.7-7.9 images/s, 2.2 GB, steady over the 40 steps (13% slower than glibc's default
-    there). train.py and benchmark.py also back large tensors with 2 MiB pages
+    Measured on 2 cores, cifar10 model, batch 16, T=4, 40 training steps (`python
+    benchmark.py --model cifar10 --batch-size 16 --T 4 --device cpu --phases train --steps
+    40`, then with --no-low-memory): 8 MiB (the default here) 7.5 images/s, peak 2.3 GB;
+    glibc's default 7.4 images/s, 2.6 GB, and more where batch shapes vary (a last, smaller
+    batch, evaluations in between). Every tensor from 128 KiB on (this function called
+    with threshold=128 << 10 in the same benchmark) cost a quarter of the speed: 5.9-6.5
+    images/s, 1.9 GB. train.py and benchmark.py also back large tensors with 2 MiB pages
     (THP_MEM_ALLOC_ENABLE, which PyTorch reads before its first allocation), so that each
     page fault brings in 512 times more memory.
     Harmless elsewhere: on other C libraries it does nothing.
