@@ -20,23 +20,17 @@ NeurIPS 2024. The FLOP count uses torch.utils.flop_counter (2 FLOPs per multiply
 import argparse
 import json
 import multiprocessing as mp
-import os
 import resource
 import statistics
 import sys
 import time
 
-# Large CPU tensors on 2 MiB pages ("transparent huge pages"): far fewer page faults when a
-# training step allocates its activations (see qkformer.return_freed_memory_to_os).
-# PyTorch reads this before its first allocation, hence here, before importing it.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from neuron import LIFNode
-from qkformer import PRESETS, create_model, fold_batchnorm, return_freed_memory_to_os
+from neuron import LIFNode, apply_memory_policy
+from qkformer import PRESETS, create_model, fold_batchnorm
 
 
 def parse_args(argv=None):
@@ -52,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--phases", default="train,inference", help="comma-separated subset")
     p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="training on the CPU: return freed activation memory to the system, as "
-                        "train.py does by default (qkformer.return_freed_memory_to_os)")
+                        "train.py does by default (neuron.apply_memory_policy)")
     p.add_argument("--reference-neuron", action="store_true",
                    help="use the plain autograd loop of neuron.py instead of the fused LIF")
     p.add_argument("--output", default="benchmark.json", help="JSON file to write")
@@ -83,10 +77,11 @@ def synchronize(device):
 
 def run_phase(args, phase: str) -> dict:
     """Time one phase ("train" or "inference") in this process."""
-    if phase == "train" and args.low_memory:
-        # As train.py does: without it the resident memory grows well above what a step
-        # needs (see qkformer.return_freed_memory_to_os). Inference keeps little alive.
-        return_freed_memory_to_os()
+    # As train.py does: huge pages, and in training (unless --no-low-memory) freed memory
+    # returned to the system, without which the resident memory grows well above what a
+    # step needs (see neuron.apply_memory_policy). Inference keeps little alive. On the CPU
+    # this runs first in a fresh process, before its first tensor.
+    apply_memory_policy(return_freed_memory=phase == "train" and args.low_memory)
     torch.manual_seed(0)
     device = args.device
     model = build(args).to(device)

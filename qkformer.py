@@ -24,7 +24,6 @@ then one matrix product with no reordering), measured about 2x faster for the 1x
 layers of stage 1 and 1.4x for the 3x3 ones than the default (T, B, C, H, W). Indexing,
 shapes and results are the same either way; only the strides differ.
 """
-import ctypes
 import os
 import pickle
 import re
@@ -703,6 +702,22 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                          f"({type(e).__name__})") from None
 
 
+def save_checkpoint(obj: dict, path: str):
+    """torch.save to a temporary file in the same folder, then os.replace it over
+    `path`. os.replace is atomic: a kill at any moment leaves either the old file
+    or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
     """Rebuild a model from a checkpoint dict: this project's own ({"model", "config", ...},
     as train.py writes them) or an official QKFormer checkpoint (converted, official_quirks on).
@@ -721,33 +736,3 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
     state = unwrap_state_dict(checkpoint)
     model = QKFormer(official_config(state, **overrides))
     return load_official_state_dict(model, state)
-
-
-def return_freed_memory_to_os(threshold: int = 8 << 20):
-    """Make glibc hand large freed blocks straight back to the operating system (Linux).
-
-    Each training step allocates and frees a whole step's activations. glibc's malloc
-    raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    large tensors come from the heap, where freed memory stays with the process and
-    fragments: the resident memory then grows to well above what is ever alive at once.
-    Fixing the threshold keeps every tensor of `threshold` bytes or more in a mapping of
-    its own, returned to the system when freed. The price is a page fault for every page
-    of such a tensor each time it is allocated; smaller tensors, many and short-lived,
-    stay on the heap, where their memory is reused without faults.
-
-    Measured on 2 cores, cifar10 model, batch 16, T=4, 40 training steps (`python
-    benchmark.py --model cifar10 --batch-size 16 --T 4 --device cpu --phases train --steps
-    40`, then with --no-low-memory): 8 MiB (the default here) 7.5 images/s, peak 2.3 GB;
-    glibc's default 7.4 images/s, 2.6 GB, and more where batch shapes vary (a last, smaller
-    batch, evaluations in between). Every tensor from 128 KiB on (this function called
-    with threshold=128 << 10 in the same benchmark) cost a quarter of the speed: 5.9-6.5
-    images/s, 1.9 GB. train.py and benchmark.py also back large tensors with 2 MiB pages
-    (THP_MEM_ALLOC_ENABLE, which PyTorch reads before its first allocation), so that each
-    page fault brings in 512 times more memory.
-    Harmless elsewhere: on other C libraries it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, int(threshold))                         # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        pass

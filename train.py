@@ -40,11 +40,6 @@ import sys
 import textwrap
 import time
 
-# Large CPU tensors on 2 MiB pages ("transparent huge pages"): far fewer page faults when a
-# training step allocates its activations (see qkformer.return_freed_memory_to_os).
-# PyTorch reads this before its first allocation, hence here, before importing it.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -53,7 +48,8 @@ from tqdm import tqdm
 
 import data
 from data import DataError
-from qkformer import count_parameters, create_model, load_checkpoint, return_freed_memory_to_os
+from neuron import apply_memory_policy
+from qkformer import count_parameters, create_model, load_checkpoint, save_checkpoint
 
 
 class TrainError(Exception):
@@ -213,7 +209,7 @@ def parse_args(argv=None):
                    help="CPU: return the memory of freed large tensors (8 MiB and more) to the "
                         "operating system (default on; off in --recipe cpu). Keeps the resident "
                         "memory down (cifar10 model, batch 16, 40 steps: 2.3 GB instead of 2.6 GB, "
-                        "at the same speed; see qkformer.return_freed_memory_to_os)")
+                        "at the same speed; see neuron.apply_memory_policy)")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="synchronise batch norm across processes (GPUs)")
     g.add_argument("--seed", type=int, help="random seed")
@@ -539,24 +535,8 @@ def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, 
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints (to move to qkformer.py next to load_checkpoint), log and plot
+# Checkpoints, log and plot
 # ----------------------------------------------------------------------------
-
-def save_checkpoint_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then os.replace it over
-    `path`. os.replace is atomic: a kill at any moment leaves either the old file
-    or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "config", "args", "best_acc1")
 
@@ -648,7 +628,7 @@ def train(cli):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms (not bit-reproducible)
     elif args.low_memory:
-        return_freed_memory_to_os()  # else each step's activations stay in the process's memory
+        apply_memory_policy(return_freed_memory=True)  # else each step's activations stay in the process's memory
     if args.sync_bn and device.type != "cuda":
         raise TrainError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation. "
                          "Without it each process normalises with its own batch statistics.")
@@ -805,9 +785,9 @@ def train(cli):
                 "epoch": epoch + 1, "rng": rngs, "config": dataclasses.asdict(raw_model.config),
                 "args": vars(args), "best_acc1": best_acc1,
             }
-            save_checkpoint_atomic(checkpoint, os.path.join(out_dir, "last.pt"))
+            save_checkpoint(checkpoint, os.path.join(out_dir, "last.pt"))
             if record.get("best"):
-                save_checkpoint_atomic(checkpoint, os.path.join(out_dir, "best.pt"))
+                save_checkpoint(checkpoint, os.path.join(out_dir, "best.pt"))
             plot_curves(read_log(log_path), os.path.join(out_dir, "curves.png"))
         if world > 1:
             dist.barrier()  # nobody starts the next epoch before the checkpoint is written
@@ -833,7 +813,9 @@ def main(argv=None):
     """Command-line entry: problems the user can fix are printed as one message
     (exit code 2), not as a traceback."""
     try:
-        return train(parse_args(argv))
+        cli = parse_args(argv)
+        apply_memory_policy(return_freed_memory=False)  # huge pages: before the first tensor exists
+        return train(cli)
     except (DataError, TrainError) as e:
         message = str(e)
         # An error raised in a DataLoader worker arrives wrapped in the worker's

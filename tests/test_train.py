@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import qkformer
 import train
 from _fakedata import write_cifar
 
@@ -178,7 +179,7 @@ def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
 
 def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train.save_checkpoint_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+    qkformer.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
 
     def killed_midway(obj, f, *a, **k):
         f.write(b"half a checkpoint")
@@ -186,7 +187,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint_atomic({"epoch": 2, "w": torch.zeros(3)}, path)
+        qkformer.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
