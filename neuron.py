@@ -125,10 +125,12 @@ class SpikingNeuron(nn.Module):
     that can (LIFNode, IFNode) run batch norm and itself as one fused step in training
     (`batch_norm_lif`, part 2: the same numbers, less memory), while the neuron's forward
     hooks fire on every path. What a forward hook on a neuron sees:
-        output      the spikes (T, B, ...), always;
+        output      the spikes, shaped as x_seq: (T, B, ...) in qkformer.py (the one
+                    exception: with official_quirks, the SSA's last neuron runs over T*B
+                    steps, (T*B, C, H, W));
         input[0]    the x_seq passed in: the membrane input itself, or, when `norm` is
-                    given, the input of the norm (the convolution's output; norm is a
-                    keyword argument, so it is not in the hook's input tuple).
+                    given, the input of the norm (the convolution's output). norm is a
+                    keyword argument: a hook registered with with_kwargs=True sees it.
     The norm's own hooks fire only when it runs as a layer: a norm with hooks is never fused.
     """
 
