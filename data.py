@@ -410,24 +410,95 @@ def _enhance_factor(level):
     return max(0.1, 1.0 + _signed(level / 10 * 0.9))
 
 
+def _posterize(pil, bits):
+    # Keep the `bits` highest bits of each channel. Written out as a lookup table because
+    # Pillow 13's ImageOps.posterize refuses 0 bits, which PosterizeIncreasing asks for at
+    # level 10; older Pillow (and so timm's runs) gave a black image then, as this does.
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return pil.point([i & mask for i in range(256)] * len(pil.getbands()))
+
+
+# The operations are module-level functions, not lambdas, so that a transform holding
+# them can be pickled: DataLoader workers started with 'spawn' (macOS, Windows) or
+# 'forkserver' (Linux from Python 3.14) receive the dataset as a pickle.
+
+def _auto_contrast(pil, level, fill):
+    return ImageOps.autocontrast(pil)
+
+
+def _equalize(pil, level, fill):
+    return ImageOps.equalize(pil)
+
+
+def _invert(pil, level, fill):
+    return ImageOps.invert(pil)
+
+
+def _rotate(pil, level, fill):
+    return pil.rotate(_signed(level / 10 * 30), resample=Image.BICUBIC, fillcolor=fill)  # up to 30 degrees
+
+
+def _posterize_increasing(pil, level, fill):
+    return _posterize(pil, 4 - int(level / 10 * 4))  # 4 bits at level 0 .. 0 bits at level 10
+
+
+def _solarize_increasing(pil, level, fill):
+    return ImageOps.solarize(pil, 256 - int(level / 10 * 256))  # invert pixels above the threshold
+
+
+def _solarize_add_level(pil, level, fill):
+    return _solarize_add(pil, int(level / 10 * 110))
+
+
+def _color(pil, level, fill):
+    return ImageEnhance.Color(pil).enhance(_enhance_factor(level))
+
+
+def _contrast(pil, level, fill):
+    return ImageEnhance.Contrast(pil).enhance(_enhance_factor(level))
+
+
+def _brightness(pil, level, fill):
+    return ImageEnhance.Brightness(pil).enhance(_enhance_factor(level))
+
+
+def _sharpness(pil, level, fill):
+    return ImageEnhance.Sharpness(pil).enhance(_enhance_factor(level))
+
+
+def _shear_x(pil, level, fill):
+    return _affine(pil, (1, _signed(level / 10 * 0.3), 0, 0, 1, 0), fill)
+
+
+def _shear_y(pil, level, fill):
+    return _affine(pil, (1, 0, 0, _signed(level / 10 * 0.3), 1, 0), fill)
+
+
+def _translate_x_rel(pil, level, fill):
+    return _affine(pil, (1, 0, _signed(level / 10 * 0.45) * pil.size[0], 0, 1, 0), fill)  # up to 45 % of the width
+
+
+def _translate_y_rel(pil, level, fill):
+    return _affine(pil, (1, 0, 0, 0, 1, _signed(level / 10 * 0.45) * pil.size[1]), fill)
+
+
 RANDAUGMENT_OPS = {
-    # name: function(pil, level 0..10, fill colour) -> pil
-    "AutoContrast": lambda p, lv, fill: ImageOps.autocontrast(p),
-    "Equalize": lambda p, lv, fill: ImageOps.equalize(p),
-    "Invert": lambda p, lv, fill: ImageOps.invert(p),
-    "Rotate": lambda p, lv, fill: p.rotate(_signed(lv / 10 * 30), resample=Image.BICUBIC, fillcolor=fill),
-    "PosterizeIncreasing": lambda p, lv, fill: ImageOps.posterize(p, 4 - int(lv / 10 * 4)),
-    "SolarizeIncreasing": lambda p, lv, fill: ImageOps.solarize(p, 256 - int(lv / 10 * 256)),
-    "SolarizeAdd": lambda p, lv, fill: _solarize_add(p, int(lv / 10 * 110)),
-    "ColorIncreasing": lambda p, lv, fill: ImageEnhance.Color(p).enhance(_enhance_factor(lv)),
-    "ContrastIncreasing": lambda p, lv, fill: ImageEnhance.Contrast(p).enhance(_enhance_factor(lv)),
-    "BrightnessIncreasing": lambda p, lv, fill: ImageEnhance.Brightness(p).enhance(_enhance_factor(lv)),
-    "SharpnessIncreasing": lambda p, lv, fill: ImageEnhance.Sharpness(p).enhance(_enhance_factor(lv)),
-    "ShearX": lambda p, lv, fill: _affine(p, (1, _signed(lv / 10 * 0.3), 0, 0, 1, 0), fill),
-    "ShearY": lambda p, lv, fill: _affine(p, (1, 0, 0, _signed(lv / 10 * 0.3), 1, 0), fill),
-    # shift by up to 45 % of the image size
-    "TranslateXRel": lambda p, lv, fill: _affine(p, (1, 0, _signed(lv / 10 * 0.45) * p.size[0], 0, 1, 0), fill),
-    "TranslateYRel": lambda p, lv, fill: _affine(p, (1, 0, 0, 0, 1, _signed(lv / 10 * 0.45) * p.size[1]), fill),
+    # timm's name: function(pil, level 0..10, fill colour) -> pil
+    "AutoContrast": _auto_contrast,
+    "Equalize": _equalize,
+    "Invert": _invert,
+    "Rotate": _rotate,
+    "PosterizeIncreasing": _posterize_increasing,
+    "SolarizeIncreasing": _solarize_increasing,
+    "SolarizeAdd": _solarize_add_level,
+    "ColorIncreasing": _color,
+    "ContrastIncreasing": _contrast,
+    "BrightnessIncreasing": _brightness,
+    "SharpnessIncreasing": _sharpness,
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateXRel": _translate_x_rel,
+    "TranslateYRel": _translate_y_rel,
 }
 
 
