@@ -30,6 +30,7 @@ numpy's), so that one seed and one saved generator state pin down a run.
 Errors a user can cause (missing folder, corrupt file, bad option) raise
 ``DataError`` with a message that says what to do.
 """
+import concurrent.futures
 import hashlib
 import math
 import os
@@ -281,20 +282,66 @@ def imagenet_root(data_dir):
         f"downloaded automatically: get it from https://image-net.org.")
 
 
+def _visible(name):
+    # Hidden entries are tools' litter, not data: Jupyter's .ipynb_checkpoints/, macOS's
+    # .DS_Store and ._name resource files, thumbnail caches. Counted as a class, a hidden
+    # folder would shift every label by one without any error.
+    return not name.startswith(".")
+
+
 def find_images(split_dir):
-    """(class names, [(path, class index)]) for a folder of class sub-folders, sorted for reproducibility."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    """(class names, [(path, class index)]) for a folder of class sub-folders, sorted for reproducibility.
+
+    Hidden folders and files (names starting with '.') are ignored; a class
+    folder without images is a DataError naming it, never a silent extra class.
+    """
+    split_dir = os.fspath(split_dir)
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+    if not classes:
+        raise DataError(f"{split_dir} holds no class sub-folders: put each class's images in a folder of "
+                        f"its own (e.g. {os.path.join(split_dir, 'n01440764', '*.JPEG')})")
     samples = []
     # listing ImageNet's 1.3 million files takes a while on a network disk: show it
     for idx, cls in enumerate(tqdm(classes, desc=f"listing {split_dir}", leave=False,
                                    disable=len(classes) < 50)):
-        for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls))):
+        found, folders = 0, []
+        for dirpath, dirnames, files in os.walk(os.path.join(split_dir, cls)):
+            dirnames[:] = [d for d in dirnames if _visible(d)]  # pruned here, os.walk does not enter them
+            folders.append((dirpath, files))
+        for dirpath, files in sorted(folders):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), idx))
-    if not samples:
-        raise DataError(f"no images (*.jpg, *.jpeg, *.png) in class sub-folders of {split_dir}")
+                    found += 1
+        if not found:
+            raise DataError(f"class folder {os.path.join(split_dir, cls)} holds no images (*.jpg, *.jpeg, "
+                            f"*.png): put its images there or remove the folder (every folder is a class)")
     return classes, samples
+
+
+def _some(names, limit=10):
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_same_classes(train_classes, val_classes, root):
+    """DataError naming the differing folders unless train/ and val/ hold the same class folders.
+
+    The label of an image is the index of its folder in sorted order, so one
+    folder more or less on either side would shift the labels of the rest.
+    """
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = set(train_classes) - set(val_classes)
+    only_val = set(val_classes) - set(train_classes)
+    parts = [f"only in {side}: {_some(names)}" for side, names in (("train", only_train), ("val", only_val)) if names]
+    raise DataError(f"{os.path.join(root, 'train')} and {os.path.join(root, 'val')} hold different class "
+                    f"folders ({len(train_classes)} and {len(val_classes)}; {'; '.join(parts)}): the "
+                    f"validation images must be sorted into the same class folders as the training images")
+
+
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_image(path):
@@ -302,8 +349,41 @@ def load_image(path):
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # also forces the lazy decoder to read the whole file
-    except (OSError, SyntaxError, ValueError) as e:
+    except _IMAGE_ERRORS as e:
         raise DataError(f"cannot read image {path} ({e}); the file is corrupt: replace or delete it") from None
+
+
+def _verify_one(path):
+    try:
+        with Image.open(path) as img:  # reads and checks the header: format, size, mode
+            img.verify()  # PNG: every chunk's checksum; JPEG: the markers read so far
+        return None
+    except _IMAGE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def verify_images(samples, desc="checking images", workers=8):
+    """Check that every file of [(path, label)] opens as an image, cheaply, before training starts.
+
+    Pillow's Image.open plus verify() reads each file's header (and a PNG's
+    checksums) without decoding the pixels, so a broken validation image is
+    found now rather than when the first evaluation reaches it, an epoch
+    later. Not a full decode: a JPEG cut short after its header still passes
+    here and is reported by load_image when read. Files are opened by
+    `workers` threads (the time goes in waiting for the disk); the DataError
+    names the first bad file in the order of `samples`.
+    """
+    paths = [path for path, _ in samples]
+    chunk = 1024  # submitted a chunk at a time: a million pending futures would hold much memory
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(paths), desc=desc, leave=False, disable=len(paths) < chunk) as bar:
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            for path, error in zip(part, pool.map(_verify_one, part)):
+                if error is not None:
+                    raise DataError(f"cannot read image {path} ({error}); the file is corrupt or not an "
+                                    f"image: replace or delete it")
+            bar.update(len(part))
 
 
 # ----------------------------------------------------------------------------
