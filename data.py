@@ -31,6 +31,7 @@ Errors a user can cause (missing folder, corrupt file, bad option) raise
 ``DataError`` with a message that says what to do.
 """
 import concurrent.futures
+import functools
 import hashlib
 import math
 import os
@@ -795,47 +796,65 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_siz
 # Per-batch steps on the device: normalisation, random erasing, mixup/cutmix
 # ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)
+def _mean_std_255(mean, std, device):
+    """mean * 255 and std * 255 as (1, C, 1, 1) float tensors on `device`, made once per device.
+
+    Built from Python lists on every call, they would cost a copy from
+    pageable host memory each step, which waits for the device to catch up:
+    the CPU could never run ahead of the GPU.
+    """
+    with torch.inference_mode(False):  # ordinary tensors, even if first asked for under inference_mode
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255  # (C,) -> (1, C, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        return mean.to(device), std.to(device)
+
+
 def normalize(images, mean, std):
     """uint8 (B, 3, H, W) in 0..255 -> float (B, 3, H, W) with zero mean and unit std per channel."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255  # (3,) -> (1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+    mean, std = _mean_std_255(tuple(mean), tuple(std), images.device)
+    return (images - mean).div_(std)  # uint8 - float32 -> a new float32 tensor, divided in place
 
 
-def random_erasing(x, prob=0.25, mode="const", scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+def random_erasing(x, prob=0.25, mode="const", scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), tries=10):
     """Random erasing (Zhong et al. 2020) as timm applies it, to a normalised float batch, in place.
 
     Each image, with probability `prob`, gets one rectangle covering 2-33 % of
     its area (aspect ratio 0.3-3.3) overwritten: with zeros ('const', i.e. the
     mean colour after normalisation; the CIFAR recipe), with one random colour
     ('rand'), or with per-pixel normal noise ('pixel'; the ImageNet recipe).
+    As in timm, up to `tries` rectangles are drawn and the first that fits
+    inside the image is used; an image where none fits is left alone.
+
+    The whole batch is done at once, with every random number drawn on x's
+    device by its generator (saved in checkpoints beside the CPU one): a few
+    tensor operations per batch and no copy between host and device.
     """
     if mode not in ("const", "rand", "pixel"):
         raise DataError(f"random erasing mode must be const, rand or pixel, not {mode!r}")
     if prob <= 0:
         return x
     b, c, h, w = x.shape
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for i in range(b):
-        if not _coin(prob):
-            continue
-        for _ in range(10):  # a few tries to find a rectangle that fits
-            area = h * w * _uniform(*scale)
-            aspect = math.exp(_uniform(*log_ratio))
-            eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if eh < h and ew < w:
-                top = int(torch.randint(0, h - eh + 1, ()))
-                left = int(torch.randint(0, w - ew + 1, ()))
-                if mode == "const":
-                    patch = torch.zeros(c, 1, 1)
-                elif mode == "rand":
-                    patch = torch.randn(c, 1, 1)
-                else:
-                    patch = torch.randn(c, eh, ew)
-                # random numbers come from the CPU generator, so a run depends on one generator only
-                x[i, :, top:top + eh, left:left + ew] = patch.to(x.device, x.dtype)
-                break
-    return x
+    dev = x.device
+    erase = torch.rand(b, device=dev) < prob                                         # (B,)
+    area = h * w * torch.empty(b, tries, device=dev).uniform_(*scale)                # (B, tries)
+    aspect = torch.empty(b, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp_()
+    eh, ew = (area * aspect).sqrt_().round_(), (area / aspect).sqrt_().round_()      # (B, tries) each
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(1, keepdim=True)  # (B, 1): index of the first try that fits (0 if none)
+    eh, ew = eh.gather(1, first).squeeze(1), ew.gather(1, first).squeeze(1)          # (B,) each
+    erase &= fits.any(1)
+    # top-left corner uniform over the positions that keep the rectangle inside
+    top = (torch.rand(b, device=dev) * (h - eh + 1)).floor_()                        # (B,)
+    left = (torch.rand(b, device=dev) * (w - ew + 1)).floor_()
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])                  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])                # (B, W)
+    mask = (erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B, 1, H, W)
+    if mode == "const":
+        return x.masked_fill_(mask, 0.0)
+    noise = torch.randn((b, c, 1, 1) if mode == "rand" else (b, c, h, w), device=dev, dtype=x.dtype)
+    return torch.where(mask, noise, x, out=x)
 
 
 class Mixup:

@@ -116,14 +116,119 @@ def test_one_epoch_of_the_imagenet_recipe():
     sizes = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     train, val = [], []
-    for i in range(300):
+    for i in range(200):
         w, h = (int(v) for v in torch.randint(20, 500, (2,), generator=sizes))
         img = random_pil(w, h, seed=i)
         train.append(train_tf(img))
         if i % 10 == 0:
             val.append(eval_tf(img))
     assert all(t.dtype == torch.uint8 and t.shape == (3, 224, 224) for t in train + val)
-    _batch_steps(torch.stack(train), info["mean"], info["std"], "pixel", 1000)
+    for start in range(0, len(train), 100):  # in batches, as a loader gives them
+        _batch_steps(torch.stack(train[start:start + 100]), info["mean"], info["std"], "pixel", 1000)
+
+
+# ---------------------------------------------------------------- random erasing, batched
+
+def _erasing_reference(n, h, w, prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), seed=0):
+    """timm's RandomErasing loop, one image at a time: (height, width, top, left) of each
+    rectangle, or None for an image left alone."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        box = None
+        if rng.random() < prob:
+            for _ in range(10):
+                area = h * w * rng.uniform(*scale)
+                aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+                eh, ew = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+                if eh < h and ew < w:
+                    box = (eh, ew, rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1))
+                    break
+        out.append(box)
+    return out
+
+
+def _ks(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (12, 40)])
+def test_random_erasing_draws_timms_rectangles(h, w):
+    n, prob = 3000, 0.6
+    torch.manual_seed(0)
+    out = data.random_erasing(torch.ones(n, 1, h, w), prob=prob, mode="const")
+    got = []
+    for img in out[:, 0]:
+        rows, cols = torch.where(img == 0)
+        if len(rows):
+            top, left = rows.min().item(), cols.min().item()
+            eh, ew = rows.max().item() - top + 1, cols.max().item() - left + 1
+            assert eh * ew == len(rows)  # one filled rectangle
+            got.append((eh, ew, top, left))
+    ref = [box for box in _erasing_reference(n, h, w, prob) if box is not None]
+    # the same share of images erased, and the same distribution of height, width and corner
+    assert abs(len(got) - len(ref)) < 4 * np.sqrt(n * prob * (1 - prob))
+    got, ref = np.array(got), np.array(ref)
+    for k, what in enumerate(("height", "width", "top", "left")):
+        assert _ks(got[:, k], ref[:, k]) < 0.06, what
+    assert _ks(got[:, 0] * got[:, 1], ref[:, 0] * ref[:, 1]) < 0.06  # area
+
+
+def test_random_erasing_fills():
+    torch.manual_seed(0)
+    x = torch.full((2000, 3, 16, 16), 5.0)
+    rand = data.random_erasing(x.clone(), prob=1.0, mode="rand")
+    erased = rand != 5.0
+    colours = []
+    for img, where in zip(rand, erased):
+        if where.any():
+            assert torch.equal(where[0], where[1]) and torch.equal(where[0], where[2])  # all channels alike
+            c = img[:, where[0]]  # (3, pixels): one colour per image
+            assert torch.equal(c, c[:, :1].expand_as(c))
+            colours.append(c[:, 0])
+    colours = torch.stack(colours)  # (images, 3): standard normal across images
+    assert len(colours) > 1900 and colours.mean().abs() < 0.05 and abs(colours.std() - 1) < 0.05
+    pixel = data.random_erasing(x.clone(), prob=1.0, mode="pixel")
+    noise = pixel[pixel != 5.0]
+    assert noise.mean().abs() < 0.02 and abs(noise.std() - 1) < 0.02
+    half = data.random_erasing(x.clone().to(torch.bfloat16), prob=1.0, mode="pixel")
+    assert half.dtype == torch.bfloat16 and (half != 5.0).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_steps_never_wait_for_the_device():
+    dev = torch.device("cuda")
+    info = data.dataset_info("imagenet")
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device=dev)
+    y = torch.randint(1000, (16,), device=dev)
+    mixup = data.Mixup(0.8, 1.0, num_classes=1000)
+    data.normalize(images, info["mean"], info["std"])  # the first call puts mean and std on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any copy to the host or wait for the device raises
+    try:
+        for mode in ("const", "rand", "pixel"):
+            x = data.random_erasing(data.normalize(images, info["mean"], info["std"]), 0.25, mode)
+            x, target = mixup(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.device.type == "cuda" and torch.allclose(target.sum(1), torch.ones(16, device=dev))
+
+
+def test_normalize_keeps_its_constants():
+    mean, std = (0.5, 0.25, 0.75), (0.1, 0.2, 0.3)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    ref = (images.float() - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
+    with torch.inference_mode():  # the first call may come from evaluation
+        first = data.normalize(images, mean, std)
+    again = data.normalize(images, list(mean), list(std))  # lists (from a config) hit the same cache entry
+    assert torch.allclose(first, ref) and torch.equal(first, again)
+    x = images.float()
+    data.normalize(x, mean, std)
+    assert torch.equal(x, images.float())  # a float input is left as it was
+    assert data._mean_std_255.cache_info().currsize >= 1
 
 
 # ---------------------------------------------------------------- crops on extreme shapes
