@@ -30,6 +30,8 @@ numpy's), so that one seed and one saved generator state pin down a run.
 Errors a user can cause (missing folder, corrupt file, bad option) raise
 ``DataError`` with a message that says what to do.
 """
+import concurrent.futures
+import functools
 import hashlib
 import math
 import os
@@ -281,20 +283,66 @@ def imagenet_root(data_dir):
         f"downloaded automatically: get it from https://image-net.org.")
 
 
+def _visible(name):
+    # Hidden entries are tools' litter, not data: Jupyter's .ipynb_checkpoints/, macOS's
+    # .DS_Store and ._name resource files, thumbnail caches. Counted as a class, a hidden
+    # folder would shift every label by one without any error.
+    return not name.startswith(".")
+
+
 def find_images(split_dir):
-    """(class names, [(path, class index)]) for a folder of class sub-folders, sorted for reproducibility."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    """(class names, [(path, class index)]) for a folder of class sub-folders, sorted for reproducibility.
+
+    Hidden folders and files (names starting with '.') are ignored; a class
+    folder without images is a DataError naming it, never a silent extra class.
+    """
+    split_dir = os.fspath(split_dir)
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+    if not classes:
+        raise DataError(f"{split_dir} holds no class sub-folders: put each class's images in a folder of "
+                        f"its own (e.g. {os.path.join(split_dir, 'n01440764', '*.JPEG')})")
     samples = []
     # listing ImageNet's 1.3 million files takes a while on a network disk: show it
     for idx, cls in enumerate(tqdm(classes, desc=f"listing {split_dir}", leave=False,
                                    disable=len(classes) < 50)):
-        for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls))):
+        found, folders = 0, []
+        for dirpath, dirnames, files in os.walk(os.path.join(split_dir, cls)):
+            dirnames[:] = [d for d in dirnames if _visible(d)]  # pruned here, os.walk does not enter them
+            folders.append((dirpath, files))
+        for dirpath, files in sorted(folders):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), idx))
-    if not samples:
-        raise DataError(f"no images (*.jpg, *.jpeg, *.png) in class sub-folders of {split_dir}")
+                    found += 1
+        if not found:
+            raise DataError(f"class folder {os.path.join(split_dir, cls)} holds no images (*.jpg, *.jpeg, "
+                            f"*.png): put its images there or remove the folder (every folder is a class)")
     return classes, samples
+
+
+def _some(names, limit=10):
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_same_classes(train_classes, val_classes, root):
+    """DataError naming the differing folders unless train/ and val/ hold the same class folders.
+
+    The label of an image is the index of its folder in sorted order, so one
+    folder more or less on either side would shift the labels of the rest.
+    """
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = set(train_classes) - set(val_classes)
+    only_val = set(val_classes) - set(train_classes)
+    parts = [f"only in {side}: {_some(names)}" for side, names in (("train", only_train), ("val", only_val)) if names]
+    raise DataError(f"{os.path.join(root, 'train')} and {os.path.join(root, 'val')} hold different class "
+                    f"folders ({len(train_classes)} and {len(val_classes)}; {'; '.join(parts)}): the "
+                    f"validation images must be sorted into the same class folders as the training images")
+
+
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_image(path):
@@ -302,8 +350,41 @@ def load_image(path):
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # also forces the lazy decoder to read the whole file
-    except (OSError, SyntaxError, ValueError) as e:
+    except _IMAGE_ERRORS as e:
         raise DataError(f"cannot read image {path} ({e}); the file is corrupt: replace or delete it") from None
+
+
+def _verify_one(path):
+    try:
+        with Image.open(path) as img:  # reads and checks the header: format, size, mode
+            img.verify()  # PNG: every chunk's checksum; JPEG: the markers read so far
+        return None
+    except _IMAGE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def verify_images(samples, desc="checking images", workers=8):
+    """Check that every file of [(path, label)] opens as an image, cheaply, before training starts.
+
+    Pillow's Image.open plus verify() reads each file's header (and a PNG's
+    checksums) without decoding the pixels, so a broken validation image is
+    found now rather than when the first evaluation reaches it, an epoch
+    later. Not a full decode: a JPEG cut short after its header still passes
+    here and is reported by load_image when read. Files are opened by
+    `workers` threads (the time goes in waiting for the disk); the DataError
+    names the first bad file in the order of `samples`.
+    """
+    paths = [path for path, _ in samples]
+    chunk = 1024  # submitted a chunk at a time: a million pending futures would hold much memory
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(paths), desc=desc, leave=False, disable=len(paths) < chunk) as bar:
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            for path, error in zip(part, pool.map(_verify_one, part)):
+                if error is not None:
+                    raise DataError(f"cannot read image {path} ({error}); the file is corrupt or not an "
+                                    f"image: replace or delete it")
+            bar.update(len(part))
 
 
 # ----------------------------------------------------------------------------
@@ -410,24 +491,95 @@ def _enhance_factor(level):
     return max(0.1, 1.0 + _signed(level / 10 * 0.9))
 
 
+def _posterize(pil, bits):
+    # Keep the `bits` highest bits of each channel. Written out as a lookup table because
+    # Pillow 13's ImageOps.posterize refuses 0 bits, which PosterizeIncreasing asks for at
+    # level 10; older Pillow (and so timm's runs) gave a black image then, as this does.
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return pil.point([i & mask for i in range(256)] * len(pil.getbands()))
+
+
+# The operations are module-level functions, not lambdas, so that a transform holding
+# them can be pickled: DataLoader workers started with 'spawn' (macOS, Windows) or
+# 'forkserver' (Linux from Python 3.14) receive the dataset as a pickle.
+
+def _auto_contrast(pil, level, fill):
+    return ImageOps.autocontrast(pil)
+
+
+def _equalize(pil, level, fill):
+    return ImageOps.equalize(pil)
+
+
+def _invert(pil, level, fill):
+    return ImageOps.invert(pil)
+
+
+def _rotate(pil, level, fill):
+    return pil.rotate(_signed(level / 10 * 30), resample=Image.BICUBIC, fillcolor=fill)  # up to 30 degrees
+
+
+def _posterize_increasing(pil, level, fill):
+    return _posterize(pil, 4 - int(level / 10 * 4))  # 4 bits at level 0 .. 0 bits at level 10
+
+
+def _solarize_increasing(pil, level, fill):
+    return ImageOps.solarize(pil, 256 - int(level / 10 * 256))  # invert pixels above the threshold
+
+
+def _solarize_add_level(pil, level, fill):
+    return _solarize_add(pil, int(level / 10 * 110))
+
+
+def _color(pil, level, fill):
+    return ImageEnhance.Color(pil).enhance(_enhance_factor(level))
+
+
+def _contrast(pil, level, fill):
+    return ImageEnhance.Contrast(pil).enhance(_enhance_factor(level))
+
+
+def _brightness(pil, level, fill):
+    return ImageEnhance.Brightness(pil).enhance(_enhance_factor(level))
+
+
+def _sharpness(pil, level, fill):
+    return ImageEnhance.Sharpness(pil).enhance(_enhance_factor(level))
+
+
+def _shear_x(pil, level, fill):
+    return _affine(pil, (1, _signed(level / 10 * 0.3), 0, 0, 1, 0), fill)
+
+
+def _shear_y(pil, level, fill):
+    return _affine(pil, (1, 0, 0, _signed(level / 10 * 0.3), 1, 0), fill)
+
+
+def _translate_x_rel(pil, level, fill):
+    return _affine(pil, (1, 0, _signed(level / 10 * 0.45) * pil.size[0], 0, 1, 0), fill)  # up to 45 % of the width
+
+
+def _translate_y_rel(pil, level, fill):
+    return _affine(pil, (1, 0, 0, 0, 1, _signed(level / 10 * 0.45) * pil.size[1]), fill)
+
+
 RANDAUGMENT_OPS = {
-    # name: function(pil, level 0..10, fill colour) -> pil
-    "AutoContrast": lambda p, lv, fill: ImageOps.autocontrast(p),
-    "Equalize": lambda p, lv, fill: ImageOps.equalize(p),
-    "Invert": lambda p, lv, fill: ImageOps.invert(p),
-    "Rotate": lambda p, lv, fill: p.rotate(_signed(lv / 10 * 30), resample=Image.BICUBIC, fillcolor=fill),
-    "PosterizeIncreasing": lambda p, lv, fill: ImageOps.posterize(p, 4 - int(lv / 10 * 4)),
-    "SolarizeIncreasing": lambda p, lv, fill: ImageOps.solarize(p, 256 - int(lv / 10 * 256)),
-    "SolarizeAdd": lambda p, lv, fill: _solarize_add(p, int(lv / 10 * 110)),
-    "ColorIncreasing": lambda p, lv, fill: ImageEnhance.Color(p).enhance(_enhance_factor(lv)),
-    "ContrastIncreasing": lambda p, lv, fill: ImageEnhance.Contrast(p).enhance(_enhance_factor(lv)),
-    "BrightnessIncreasing": lambda p, lv, fill: ImageEnhance.Brightness(p).enhance(_enhance_factor(lv)),
-    "SharpnessIncreasing": lambda p, lv, fill: ImageEnhance.Sharpness(p).enhance(_enhance_factor(lv)),
-    "ShearX": lambda p, lv, fill: _affine(p, (1, _signed(lv / 10 * 0.3), 0, 0, 1, 0), fill),
-    "ShearY": lambda p, lv, fill: _affine(p, (1, 0, 0, _signed(lv / 10 * 0.3), 1, 0), fill),
-    # shift by up to 45 % of the image size
-    "TranslateXRel": lambda p, lv, fill: _affine(p, (1, 0, _signed(lv / 10 * 0.45) * p.size[0], 0, 1, 0), fill),
-    "TranslateYRel": lambda p, lv, fill: _affine(p, (1, 0, 0, 0, 1, _signed(lv / 10 * 0.45) * p.size[1]), fill),
+    # timm's name: function(pil, level 0..10, fill colour) -> pil
+    "AutoContrast": _auto_contrast,
+    "Equalize": _equalize,
+    "Invert": _invert,
+    "Rotate": _rotate,
+    "PosterizeIncreasing": _posterize_increasing,
+    "SolarizeIncreasing": _solarize_increasing,
+    "SolarizeAdd": _solarize_add_level,
+    "ColorIncreasing": _color,
+    "ContrastIncreasing": _contrast,
+    "BrightnessIncreasing": _brightness,
+    "SharpnessIncreasing": _sharpness,
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateXRel": _translate_x_rel,
+    "TranslateYRel": _translate_y_rel,
 }
 
 
@@ -644,47 +796,65 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_siz
 # Per-batch steps on the device: normalisation, random erasing, mixup/cutmix
 # ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)
+def _mean_std_255(mean, std, device):
+    """mean * 255 and std * 255 as (1, C, 1, 1) float tensors on `device`, made once per device.
+
+    Built from Python lists on every call, they would cost a copy from
+    pageable host memory each step, which waits for the device to catch up:
+    the CPU could never run ahead of the GPU.
+    """
+    with torch.inference_mode(False):  # ordinary tensors, even if first asked for under inference_mode
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255  # (C,) -> (1, C, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        return mean.to(device), std.to(device)
+
+
 def normalize(images, mean, std):
     """uint8 (B, 3, H, W) in 0..255 -> float (B, 3, H, W) with zero mean and unit std per channel."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255  # (3,) -> (1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+    mean, std = _mean_std_255(tuple(mean), tuple(std), images.device)
+    return (images - mean).div_(std)  # uint8 - float32 -> a new float32 tensor, divided in place
 
 
-def random_erasing(x, prob=0.25, mode="const", scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+def random_erasing(x, prob=0.25, mode="const", scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), tries=10):
     """Random erasing (Zhong et al. 2020) as timm applies it, to a normalised float batch, in place.
 
     Each image, with probability `prob`, gets one rectangle covering 2-33 % of
     its area (aspect ratio 0.3-3.3) overwritten: with zeros ('const', i.e. the
     mean colour after normalisation; the CIFAR recipe), with one random colour
     ('rand'), or with per-pixel normal noise ('pixel'; the ImageNet recipe).
+    As in timm, up to `tries` rectangles are drawn and the first that fits
+    inside the image is used; an image where none fits is left alone.
+
+    The whole batch is done at once, with every random number drawn on x's
+    device by its generator (saved in checkpoints beside the CPU one): a few
+    tensor operations per batch and no copy between host and device.
     """
     if mode not in ("const", "rand", "pixel"):
         raise DataError(f"random erasing mode must be const, rand or pixel, not {mode!r}")
     if prob <= 0:
         return x
     b, c, h, w = x.shape
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for i in range(b):
-        if not _coin(prob):
-            continue
-        for _ in range(10):  # a few tries to find a rectangle that fits
-            area = h * w * _uniform(*scale)
-            aspect = math.exp(_uniform(*log_ratio))
-            eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if eh < h and ew < w:
-                top = int(torch.randint(0, h - eh + 1, ()))
-                left = int(torch.randint(0, w - ew + 1, ()))
-                if mode == "const":
-                    patch = torch.zeros(c, 1, 1)
-                elif mode == "rand":
-                    patch = torch.randn(c, 1, 1)
-                else:
-                    patch = torch.randn(c, eh, ew)
-                # random numbers come from the CPU generator, so a run depends on one generator only
-                x[i, :, top:top + eh, left:left + ew] = patch.to(x.device, x.dtype)
-                break
-    return x
+    dev = x.device
+    erase = torch.rand(b, device=dev) < prob                                         # (B,)
+    area = h * w * torch.empty(b, tries, device=dev).uniform_(*scale)                # (B, tries)
+    aspect = torch.empty(b, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp_()
+    eh, ew = (area * aspect).sqrt_().round_(), (area / aspect).sqrt_().round_()      # (B, tries) each
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(1, keepdim=True)  # (B, 1): index of the first try that fits (0 if none)
+    eh, ew = eh.gather(1, first).squeeze(1), ew.gather(1, first).squeeze(1)          # (B,) each
+    erase &= fits.any(1)
+    # top-left corner uniform over the positions that keep the rectangle inside
+    top = (torch.rand(b, device=dev) * (h - eh + 1)).floor_()                        # (B,)
+    left = (torch.rand(b, device=dev) * (w - ew + 1)).floor_()
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])                  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])                # (B, W)
+    mask = (erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B, 1, H, W)
+    if mode == "const":
+        return x.masked_fill_(mask, 0.0)
+    noise = torch.randn((b, c, 1, 1) if mode == "rand" else (b, c, h, w), device=dev, dtype=x.dtype)
+    return torch.where(mask, noise, x, out=x)
 
 
 class Mixup:
