@@ -67,6 +67,14 @@ class ExplicitSSA(SpikingSelfAttention):
         x = self.attn_lif(x.transpose(-2, -1).reshape(T, B, C, H, W))
         return self.proj(x)
 
+    def synaptic_ops(self, firing):
+        """Q K^T: each spike of K adds a row of Q^T (N*N*d MACs per head, image and step);
+        (Q K^T) V: each spike of V adds a column of the N x N map (N*N*d MACs per head)."""
+        rate_k, neurons_k = firing(self.k.lif)                      # N*C
+        rate_v, neurons_v = firing(self.v.lif)                      # N*C
+        n = neurons_k / self.q.conv.out_channels                    # N
+        return [("Q K^T", neurons_k * n, rate_k), ("(Q K^T) V", neurons_v * n, rate_v)]
+
 
 class PeakMemory:
     """Peak bytes of the CPU tensors allocated while the block runs, and those still alive at

@@ -82,3 +82,21 @@ def test_bad_options_are_a_one_line_error():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_explicit_ssa_reports_its_products_for_the_energy():
+    """ExplicitSSA's two N x N products pass evaluate.energy_report's check that every
+    product on spikes is reported, and are counted as N*N*C MACs each."""
+    import evaluate
+    torch.manual_seed(0)
+    model = qkformer.create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=2,
+                                  img_size=8).eval()
+    model.stages[2].blocks[0].attn.__class__ = cx.ExplicitSSA       # same weights, (Q K^T) V
+    x = torch.randn(2, 3, 8, 8)
+    results, rec = evaluate.evaluate(model, [(x, torch.zeros(2, dtype=torch.long))], 10)
+    macs = evaluate.layer_macs(model)
+    assert macs["own"] == {"stages.2.blocks.0.attn": 2 * 4 * 4 * 16}   # N = 4 tokens, C = 16
+    e = evaluate.energy_report(model, rec, results["images"], 2, macs)
+    rows = {r["name"]: r for r in e["layers"]}
+    assert rows["stages.2.blocks.0.attn (Q K^T)"]["macs"] == 4 * 4 * 16
+    assert rows["stages.2.blocks.0.attn ((Q K^T) V)"]["macs"] == 4 * 4 * 16
