@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from qkformer import QKAttention, SpikingSelfAttention
+from qkformer import ATTENTIONS, QKFormerConfig, SpikingSelfAttention
 
 
 def _pyplot():
@@ -201,9 +201,10 @@ def complexity_experiment(sides=range(10, 101, 10), dim=256, heads=1, T=1, B=1, 
     if not sides or min(sides) < 1:
         raise ValueError(f"sides must be positive integers, got {sides}")
     torch.manual_seed(seed)
-    builders = {"QKTA": lambda: QKAttention(dim, heads, "token"),
-                "SSA (Q K^T) V": lambda: ExplicitSSA(dim, heads),
-                "SSA Q (K^T V)": lambda: SpikingSelfAttention(dim, heads)}
+    config = QKFormerConfig()                       # the paper's neurons and thresholds
+    builders = {"QKTA": lambda: ATTENTIONS["token"](dim, heads, config),
+                "SSA (Q K^T) V": lambda: ExplicitSSA(dim, heads, config=config),
+                "SSA Q (K^T V)": lambda: ATTENTIONS["ssa"](dim, heads, config)}
     result = dict(settings=dict(C=dim, heads=heads, T=T, B=B, sides=sides, mode="eval, no_grad",
                                 cpu_threads=cpu_threads or torch.get_num_threads(),
                                 memory="peak bytes of tensors created by one forward (CPU: "

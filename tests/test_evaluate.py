@@ -79,6 +79,23 @@ def test_one_forced_layer_and_its_successors_input():
     assert inputs["stages.0.blocks.0.mlp.fc1.conv"] == 0.0
 
 
+def test_counts_stay_on_the_device_until_read(monkeypatch):
+    """No value is read back per batch: the hooks and the accuracy only add on the device,
+    and the results are read with one transfer each (results, then the recorder's sums)."""
+    model = tiny()
+    reads = []
+    for method in ("item", "tolist", "cpu"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _f=original, _m=method, **k: (reads.append(_m), _f(self, *a, **k))[1])
+    results, rec = run(model)
+    assert reads.count("item") == 0 and reads.count("tolist") == 1     # results: one read
+    rates = rec.firing_rates()
+    rec.input_rates(), ev.stage_firing_rates(rec), ev.table4(model, rec)
+    assert reads.count("item") == 0 and reads.count("tolist") == 2     # the recorder: one more
+    assert len(rates) == sum(isinstance(m, neuron.SpikingNeuron) for m in model.modules())
+
+
 def test_accuracy_and_confusion_with_known_predictions():
     class Fixed(nn.Module):                                  # ranks the classes 3, 1, 0, 2, 4, ...
         def __init__(self):
