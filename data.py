@@ -7,6 +7,11 @@ fine-tuning script). This file writes that pipeline out in plain PyTorch,
 numpy and Pillow so that every step can be read, and it knows nothing about
 the model:
 
+* The dataset descriptions (DatasetSpec, the table DATASETS, get_dataset):
+  classes and their names, image size and channels, normalisation, the
+  official training recipe, and the two functions that fetch and read the
+  data. train.py and evaluate.py read them and never test a dataset's name:
+  a new dataset is a new DATASETS entry and its reader.
 * Reading the data.
   - CIFAR-10 / CIFAR-100 from the official "python version" pickle files
     (``cifar-10-batches-py/``, ``cifar-100-python/``), downloaded, md5-checked
@@ -39,6 +44,8 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,12 +60,106 @@ class DataError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Dataset facts
+# Dataset descriptions: what train.py and evaluate.py know about a dataset
 # ----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the scripts know about one dataset, written once (the table is DATASETS).
+
+    train.py and evaluate.py read these fields and never test a dataset's name,
+    so adding a dataset is one new DATASETS entry and its two functions:
+
+        fetch(spec, data_dir, download_missing)  make sure the data is on disk
+            (download it if allowed) or raise DataError saying where to put it;
+            run once, by one process, before any process reads the data.
+        reader(spec, data_dir, train, img_size, subset, augment, download_missing)
+            -> Dataset of (uint8 image (in_channels, H, W), label) pairs: the
+            training split with augment's per-image augmentations (an
+            Augmentation) or the test split without; subset: keep about N
+            images (None: all).
+
+    Use them through the methods prepare(), build() and class_names_from().
+    """
+    name: str                 # the --dataset name, e.g. "cifar10"
+    title: str                # for people, e.g. "CIFAR-10"
+    num_classes: int
+    # Names in label order. An empty tuple when they are only known from the
+    # data on disk (ImageNet: its class folders); class_names_from(data_dir)
+    # then reads them with list_classes.
+    class_names: tuple
+    image_size: int           # the side of the (square) images the model sees by default
+    in_channels: int
+    mean: tuple               # per channel, on the 0..1 scale: normalisation on the device
+    std: tuple
+    # The official recipe this dataset trains with by default (train.py's
+    # settings: model preset, schedule, augmentation), overridable per option.
+    recipe: dict = field(compare=False, repr=False)
+    fetch: Callable = field(compare=False, repr=False)
+    reader: Callable = field(compare=False, repr=False)
+    list_classes: Callable = field(default=None, compare=False, repr=False)  # (spec, data_dir) -> tuple
+    small: bool = False       # small enough to train on a CPU (train.py's --recipe cpu)
+    data_hint: str = ""       # what --data-dir must hold, for --help
+
+    def prepare(self, data_dir, download_missing=True):
+        """Make sure the data is on disk (downloading it if allowed and possible)."""
+        self.fetch(self, data_dir, download_missing)
+
+    def build(self, data_dir, train, img_size=None, subset=None, augment=None, download_missing=True):
+        """The training split (with augment's augmentations) or the test split, as a Dataset."""
+        if img_size is not None and img_size < 1:
+            raise DataError(f"--img-size must be positive, got {img_size}")
+        return self.reader(self, data_dir, train, img_size, subset, augment or Augmentation(),
+                           download_missing)
+
+    def class_names_from(self, data_dir=None):
+        """The class names in label order: class_names, or read from the data on disk when
+        they are only known there (ImageNet: the sorted class folder names of val/)."""
+        if self.class_names or self.list_classes is None:
+            return self.class_names
+        if data_dir is None:
+            raise DataError(f"the class names of {self.title} are read from its files: give the data folder")
+        return tuple(self.list_classes(self, data_dir))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The per-image augmentations of a training split (the test split gets none).
+
+    crop_padding: pad by this many pixels and crop back at a random place (CIFAR);
+    hflip: horizontal flip probability; randaugment: a timm policy string or 'none'.
+    """
+    crop_padding: int = 0
+    hflip: float = 0.5
+    randaugment: str = "none"
+
+    def randaugment_for(self, spec):
+        """The RandAugment of the policy (filling with the dataset's mean colour), or None."""
+        if self.randaugment in (None, "", "none"):
+            return None
+        return RandAugment(self.randaugment, spec.mean)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+# CIFAR-100's 100 "fine" labels in label order, as in the official meta file's
+# fine_label_names (alphabetical).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+
+# Where the official CIFAR files come from and what they hold (read by ensure_cifar and load_cifar).
 CIFAR = {
     "cifar10": dict(
-        title="CIFAR-10",
         folder="cifar-10-batches-py",
         archive="cifar-10-python.tar.gz",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -66,13 +167,8 @@ CIFAR = {
         train_files=["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
         test_files=["test_batch"],
         label_key="labels",
-        num_classes=10,
-        # Per-channel mean and std of the training images (as in cifar10.yml).
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
     ),
     "cifar100": dict(
-        title="CIFAR-100",
         folder="cifar-100-python",
         archive="cifar-100-python.tar.gz",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -80,35 +176,24 @@ CIFAR = {
         train_files=["train"],
         test_files=["test"],
         label_key="fine_labels",  # the 100 classes; "coarse_labels" holds the 20 super-classes
-        num_classes=100,
-        # CIFAR-100's own statistics. (The official cifar100.yml reused CIFAR-10's
-        # values; the difference is under 0.02 per channel.)
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
     ),
 }
 
-IMAGENET = dict(
-    title="ImageNet-1K",
-    num_classes=1000,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
-
-DATASETS = ("cifar10", "cifar100", "imagenet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DOWNLOAD_TIMEOUT_S = 15
 
 
-def dataset_info(name):
-    """Number of classes, mean and std of a dataset name ('cifar10', 'cifar100', 'imagenet')."""
-    if name in CIFAR:
-        info = CIFAR[name]
-    elif name == "imagenet":
-        info = IMAGENET
-    else:
+def get_dataset(name):
+    """The DatasetSpec of a --dataset name, or a DataError listing the choices."""
+    if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return dict(num_classes=info["num_classes"], mean=info["mean"], std=info["std"])
+    return DATASETS[name]
+
+
+def dataset_info(name):
+    """Number of classes, mean and std of a dataset name (the older interface; see get_dataset)."""
+    spec = get_dataset(name)
+    return dict(num_classes=spec.num_classes, mean=spec.mean, std=spec.std)
 
 
 # ----------------------------------------------------------------------------
@@ -178,7 +263,7 @@ def ensure_cifar(name, root, download_missing=True):
     copied there by hand on an offline machine); a download. When none works
     the DataError says where to put the files.
     """
-    spec = CIFAR[name]
+    spec, title = CIFAR[name], DATASETS[name].title
     folder = os.path.join(root, spec["folder"])
     needed = spec["train_files"] + spec["test_files"]
     if all(os.path.isfile(os.path.join(folder, f)) for f in needed):
@@ -186,13 +271,13 @@ def ensure_cifar(name, root, download_missing=True):
     archive = os.path.join(root, spec["archive"])
     if not os.path.isfile(archive):
         if not download_missing:
-            raise DataError(f"{spec['title']} not found in {os.path.abspath(folder)}. " + _where_to_put(spec, root))
+            raise DataError(f"{title} not found in {os.path.abspath(folder)}. " + _where_to_put(spec, root))
         os.makedirs(root, exist_ok=True)
-        print(f"{spec['title']} not found in {folder}; downloading {spec['url']}")
+        print(f"{title} not found in {folder}; downloading {spec['url']}")
         try:
             download(spec["url"], archive, spec["md5"])
         except DataError as e:
-            raise DataError(f"{spec['title']} not found in {os.path.abspath(folder)}, and {e}. "
+            raise DataError(f"{title} not found in {os.path.abspath(folder)}, and {e}. "
                             + _where_to_put(spec, root)) from None
     elif md5sum(archive) != spec["md5"]:
         raise DataError(f"{archive} is not the official {spec['archive']} (its md5 is not {spec['md5']}): "
@@ -262,7 +347,8 @@ def load_cifar(name, root, train, download_missing=True):
     spec = CIFAR[name]
     folder = ensure_cifar(name, root, download_missing)
     files = spec["train_files"] if train else spec["test_files"]
-    parts = [_read_cifar_file(os.path.join(folder, f), spec["label_key"], spec["num_classes"]) for f in files]
+    parts = [_read_cifar_file(os.path.join(folder, f), spec["label_key"], DATASETS[name].num_classes)
+             for f in files]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -270,14 +356,16 @@ def load_cifar(name, root, train, download_missing=True):
 # ImageNet: folders of JPEG files
 # ----------------------------------------------------------------------------
 
-def imagenet_root(data_dir):
-    """The folder holding ImageNet's train/ and val/: data_dir itself or data_dir/imagenet."""
+def imagenet_root(data_dir, splits=("train", "val")):
+    """The folder holding ImageNet's split folders (train/ and val/, or only those in
+    `splits`): data_dir itself or data_dir/imagenet."""
     for root in (data_dir, os.path.join(data_dir, "imagenet")):
-        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        if all(os.path.isdir(os.path.join(root, s)) for s in splits):
             return root
+    folders = " and ".join(f"{s}/" for s in splits)
     raise DataError(
         f"ImageNet not found: neither {os.path.abspath(data_dir)} nor {os.path.abspath(data_dir)}/imagenet "
-        f"holds train/ and val/ folders. Put the ImageNet-1K training and validation images there with one "
+        f"holds {folders}. Put the ImageNet-1K training and validation images there with one "
         f"sub-folder per class (train/n01440764/*.JPEG, ..., val/n01440764/*.JPEG; the validation images "
         f"must be sorted into class folders too), or point --data-dir at them. ImageNet cannot be "
         f"downloaded automatically: get it from https://image-net.org.")
@@ -681,7 +769,7 @@ class ImageNetEvalTransform:
 
 
 # ----------------------------------------------------------------------------
-# Datasets
+# Datasets: the readers and the table of dataset descriptions
 # ----------------------------------------------------------------------------
 
 class TensorImages(Dataset):
@@ -714,60 +802,157 @@ class ImageFiles(Dataset):
         return self.transform(load_image(path)), label
 
 
+def evenly_spaced(items, n):
+    """About n items taken at even steps: a split sorted by class keeps all its classes."""
+    if not n:
+        return items
+    step = max(1, len(items) // n)
+    return items[::step][:n]
+
+
+def _fetch_cifar(spec, data_dir, download_missing):
+    ensure_cifar(spec.name, data_dir, download_missing)
+
+
+def _read_cifar(spec, data_dir, train, img_size, subset, augment, download_missing):
+    if img_size not in (None, spec.image_size):
+        raise DataError(f"{spec.title} images are {spec.image_size}x{spec.image_size}; got --img-size {img_size}")
+    images, labels = load_cifar(spec.name, data_dir, train=train, download_missing=download_missing)
+    if not train:
+        # evenly spaced: a test file sorted by class would otherwise give one class only
+        return TensorImages(evenly_spaced(images, subset), evenly_spaced(labels, subset))
+    if subset:
+        images, labels = images[:subset], labels[:subset]
+    transform = CifarTrainTransform(augment.crop_padding, augment.hflip, augment.randaugment_for(spec))
+    return TensorImages(images, labels, transform)
+
+
+def _fetch_imagenet(spec, data_dir, download_missing):
+    imagenet_root(data_dir)  # ImageNet cannot be downloaded: only check that it is there
+
+
+def _list_imagenet_classes(spec, data_dir):
+    """Rule for ImageNet's class names: label i is the i-th class folder of val/ in sorted order
+    (the folder names are WordNet ids such as n01440764)."""
+    split_dir = os.path.join(imagenet_root(data_dir, ("val",)), "val")
+    return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+
+
+def _read_imagenet(spec, data_dir, train, img_size, subset, augment, download_missing):
+    split = "train" if train else "val"
+    root = imagenet_root(data_dir, (split,))
+    classes, samples = find_images(os.path.join(root, split))
+    if train and os.path.isdir(os.path.join(root, "val")):
+        val_classes = spec.class_names_from(root)
+        if tuple(val_classes) != tuple(classes):
+            raise DataError(f"{root}/train and {root}/val hold different class folders "
+                            f"({len(classes)} and {len(val_classes)}); the validation images must be "
+                            f"sorted into the same class folders as the training images")
+    # the first N files in sorted order would all belong to a few classes: take
+    # an evenly spaced selection instead
+    samples = evenly_spaced(samples, subset)
+    size = img_size or spec.image_size
+    if train:
+        transform = ImageNetTrainTransform(size, augment.hflip, augment.randaugment_for(spec))
+    else:
+        transform = ImageNetEvalTransform(size)
+    return ImageFiles(samples, classes, transform)
+
+
+# The official training recipes, as train.py's settings. CIFAR: timm's train.py
+# with the official cifar10.yml / cifar100.yml; ImageNet: the official MAE-style
+# fine-tuning script. Where a setting departs from them, the comment says so.
+CIFAR_RECIPE = dict(
+    model="cifar10", T=4, img_size=32,
+    epochs=400,                  # length of the cosine schedule ...
+    cooldown_epochs=10,          # ... then 10 epochs at min_lr, as timm adds them: 410 epochs in all
+                                 # (--epochs N drops them and scales the warm-up: see train.resolve_args)
+    batch_size=64, lr=1e-3, blr=None, min_lr=1e-5, weight_decay=0.06,
+    warmup_epochs=20, warmup_lr=1e-5,
+    warmup_prefix=False,         # timm: the cosine runs over epochs 0..400, not 20..400 (see train.lr_at)
+    accum_iter=1, clip_grad=None,
+    smoothing=0.1,
+    mixup=0.5, cutmix=0.0, mixup_off_epoch=200,
+    aa="rand-m9-n1-mstd0.4-inc1",  # RandAugment: 1 op per image, magnitude 9 +- 0.4
+    reprob=0.25, remode="const",   # random erasing with the mean colour
+    # The official cifar10.yml crops with timm's RandomResizedCrop at scale (1, 1)
+    # and ratio (1, 1): the whole 32x32 image, i.e. no crop; shifts come from
+    # RandAugment's translate operations. --crop-padding 4 adds the classic
+    # pad-and-crop (used by the CPU recipe).
+    crop_padding=0, hflip=0.5,
+    eval_every=1,
+)
+
+IMAGENET_RECIPE = dict(
+    model="imagenet_10_384", T=4, img_size=224,
+    epochs=200, cooldown_epochs=0,
+    batch_size=64,           # per GPU
+    lr=None, blr=6e-4,       # lr = blr * effective batch / 256
+    min_lr=1e-6, weight_decay=0.05,
+    warmup_epochs=5, warmup_lr=0.0,
+    warmup_prefix=True,      # MAE: the cosine starts where the warm-up ends
+    accum_iter=3,            # the official runs: 8 GPUs x 64 x 3 = effective batch 1536
+    clip_grad=None,
+    smoothing=0.1,
+    mixup=0.0, cutmix=0.0, mixup_off_epoch=0,
+    aa="rand-m9-mstd0.5-inc1",  # RandAugment: 2 ops per image, magnitude 9 +- 0.5
+    reprob=0.25, remode="pixel",  # random erasing with per-pixel noise
+    crop_padding=0, hflip=0.5,
+    eval_every=1,
+)
+
+DATASETS = {spec.name: spec for spec in (
+    DatasetSpec(
+        name="cifar10", title="CIFAR-10", num_classes=10, class_names=CIFAR10_CLASSES,
+        image_size=32, in_channels=3,
+        # per-channel mean and std of the training images (as in cifar10.yml)
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        recipe=CIFAR_RECIPE, fetch=_fetch_cifar, reader=_read_cifar, small=True,
+        data_hint="cifar-10-batches-py/ (downloaded when missing)"),
+    DatasetSpec(
+        name="cifar100", title="CIFAR-100", num_classes=100, class_names=CIFAR100_CLASSES,
+        image_size=32, in_channels=3,
+        # CIFAR-100's own statistics. (The official cifar100.yml reused CIFAR-10's
+        # values; the difference is under 0.02 per channel.)
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        recipe={**CIFAR_RECIPE, "model": "cifar100"}, fetch=_fetch_cifar, reader=_read_cifar, small=True,
+        data_hint="cifar-100-python/ (downloaded when missing)"),
+    DatasetSpec(
+        name="imagenet", title="ImageNet-1K", num_classes=1000,
+        class_names=(),  # the sorted class folder names: see _list_imagenet_classes
+        image_size=224, in_channels=3,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        recipe=IMAGENET_RECIPE, fetch=_fetch_imagenet, reader=_read_imagenet,
+        list_classes=_list_imagenet_classes,
+        data_hint="ImageNet's train/ and val/ folders of class folders (or imagenet/ holding them)"),
+)}
+
+
 def prepare(name, data_dir, download_missing=True):
     """Make sure a dataset is on disk (downloading CIFAR if allowed) before any process reads it."""
-    if name in CIFAR:
-        ensure_cifar(name, data_dir, download_missing)
-    elif name == "imagenet":
-        imagenet_root(data_dir)
-    else:
-        dataset_info(name)  # raises the DataError for an unknown name
+    get_dataset(name).prepare(data_dir, download_missing)
 
 
 def build_datasets(name, data_dir, img_size=None, crop_padding=0, hflip=0.5, randaugment="none",
                    subset=None, test_subset=None, download_missing=True):
-    """(train set, test set) yielding (uint8 image (3, H, W), label), with the per-image augmentations.
+    """(train set, test set) yielding (uint8 image (C, H, W), label), with the per-image augmentations.
 
     randaugment: a timm policy string or 'none'. subset: keep the first N
     CIFAR training images (an evenly spaced selection of ImageNet's, whose
     files are sorted by class); test_subset: an evenly spaced selection of N
     test images. Both for quick runs.
     """
-    info = dataset_info(name)
-    ra = None if randaugment in (None, "", "none") else RandAugment(randaugment, info["mean"])
-    if name in CIFAR:
-        if img_size not in (None, 32):
-            raise DataError(f"{CIFAR[name]['title']} images are 32x32; got --img-size {img_size}")
-        train_x, train_y = load_cifar(name, data_dir, train=True, download_missing=download_missing)
-        test_x, test_y = load_cifar(name, data_dir, train=False, download_missing=False)
-        if subset:
-            train_x, train_y = train_x[:subset], train_y[:subset]
-        if test_subset:
-            # evenly spaced: a test file sorted by class would otherwise give one class only
-            step = max(1, len(test_y) // test_subset)
-            test_x, test_y = test_x[::step][:test_subset], test_y[::step][:test_subset]
-        train = TensorImages(train_x, train_y, CifarTrainTransform(crop_padding, hflip, ra))
-        test = TensorImages(test_x, test_y)
-    else:
-        root = imagenet_root(data_dir)
-        classes, train_samples = find_images(os.path.join(root, "train"))
-        val_classes, val_samples = find_images(os.path.join(root, "val"))
-        if val_classes != classes:
-            raise DataError(f"{root}/train and {root}/val hold different class folders "
-                            f"({len(classes)} and {len(val_classes)}); the validation images must be "
-                            f"sorted into the same class folders as the training images")
-        if subset:
-            # the first N files in sorted order would all belong to a few classes,
-            # so take an evenly spaced selection instead (as for the test subset)
-            step = max(1, len(train_samples) // subset)
-            train_samples = train_samples[::step][:subset]
-        if test_subset:
-            step = max(1, len(val_samples) // test_subset)
-            val_samples = val_samples[::step][:test_subset]
-        size = img_size or 224
-        train = ImageFiles(train_samples, classes, ImageNetTrainTransform(size, hflip, ra))
-        test = ImageFiles(val_samples, classes, ImageNetEvalTransform(size))
+    spec = get_dataset(name)
+    augment = Augmentation(crop_padding, hflip, randaugment)
+    augment.randaugment_for(spec)  # a bad policy is reported before any data is read
+    train = spec.build(data_dir, True, img_size, subset, augment, download_missing)
+    test = spec.build(data_dir, False, img_size, test_subset, None, download_missing=False)
     return train, test
+
+
+def build_test_set(name, data_dir, img_size=None, test_subset=None, download_missing=False):
+    """The test split alone (ImageNet: val/ only, train/ need not exist), for evaluation."""
+    return get_dataset(name).build(data_dir, False, img_size, test_subset, None, download_missing)
 
 
 def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_size=1, pin_memory=False):

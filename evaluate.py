@@ -1,5 +1,5 @@
-"""Evaluate a QKFormer: accuracy, spike firing rates, theoretical energy, pictures of what the
-network does inside, and the memory / time experiment that shows why Q-K attention is linear.
+"""Evaluate a QKFormer: accuracy, spike firing rates, theoretical energy, and pictures of what
+the network does inside.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
 NeurIPS 2024 (arXiv:2403.16552). What this file reproduces:
@@ -9,53 +9,48 @@ NeurIPS 2024 (arXiv:2403.16552). What this file reproduces:
       E_ANN      = 4.6 pJ x FLOPs,
     with E_AC = 0.9 pJ and E_MAC = 4.6 pJ of a 45 nm chip (Horowitz, ISSCC 2014).
   * Section 3.2 / Figure 3(a): the token masks A_t of Q-K token attention over the image.
-  * Section 4.3 "Memory Consumption", Figure 3(b) / Table 9: memory (and here also time) of one
-    QKTA layer against one SSA layer as the number of tokens N grows.
 The official code has none of this (its authors computed energy by hand: official issue 7).
+The memory / time experiment of Section 4.3 (Figure 3(b), Table 9) lives in complexity.py;
+`--complexity` here runs it with the same options.
 
 Usage:
     python evaluate.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data-dir data
     python evaluate.py --checkpoint official.pth --dataset imagenet --data-dir /imagenet --limit 500
-    python evaluate.py --complexity --max-side 100
 
 Outputs go to eval/<checkpoint name>/ (or --output): metrics.json, firing_rates.png,
-spike_raster.png, token_masks.png, confusion_matrix.png; for --complexity, complexity.json
-and complexity.png.
+spike_raster.png, token_masks.png, confusion_matrix.png.
 
 Layout of this file:
   SpikeRecorder, evaluate         accuracy and firing rates over a test set (forward hooks)
   layer_macs, energy_report       FLOPs per layer (FlopCounterMode) -> SOPs -> energy
   plot_*                          the pictures
-  ExplicitSSA, PeakMemory, complexity_experiment   the linear-versus-quadratic experiment
   main                            the command line
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
-import time
-import weakref
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import complexity
+import data
 import qkformer
-from neuron import LIFNode
-from qkformer import QKAttention, SpikingSelfAttention
+from neuron import SpikingNeuron, apply_memory_policy
+from qkformer import QKAttention, SpikeAttention
 
 # Energy per operation on a 45 nm chip (Horowitz 2014), as the paper uses them (Appendix 6.6).
 E_MAC_PJ = 4.6   # a multiply-accumulate on real numbers (what an ANN, and the first layer, does)
 E_AC_PJ = 0.9    # an accumulate, triggered by a spike (what every later layer of an SNN does)
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+LAYERS = (nn.Conv2d, nn.Linear)  # the layers with weights whose MACs Eq. (19) turns into SOPs
 
 
 # ----------------------------------------------------------------------------------------
@@ -64,8 +59,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 class SpikeRecorder:
     """Forward hooks that count, over every batch the model sees while the recorder is open:
 
-      * for every LIFNode: the number of spikes it emitted and the number of outputs
-        (neurons x time steps x images), whose ratio is its firing rate;
+      * for every spiking neuron (any neuron.SpikingNeuron, whatever its type): the number
+        of spikes it emitted and the number of outputs (neurons x time steps x images),
+        whose ratio is its firing rate;
       * for every Conv2d and Linear: the sum and the number of elements of its INPUT. The
         mean input is the "firing rate" that Eq. (19) multiplies the layer's FLOPs by. Most
         layers are fed binary spikes; those after a residual sum receive spike counts
@@ -73,26 +69,33 @@ class SpikeRecorder:
         of spikes per input element, which is exactly how many accumulates they trigger.
       * optionally, the outputs of the modules named in `keep` (for the pictures).
 
+    The sums stay on the model's device (float64: a test set has billions of outputs, beyond
+    float32's exact integers) and are read once, when a result is first asked for: a hook
+    that read each sum (.item()) would wait for the device about 70 times per batch.
+
     Usage:  with SpikeRecorder(model) as rec: model(x); rec.firing_rates()
     """
 
     def __init__(self, model: nn.Module, keep=()):
         self.model = model
         self.keep = set(keep)
-        self.spikes, self.outputs = {}, {}       # LIF name -> total spikes, total outputs
-        self.in_sum, self.in_count = {}, {}      # conv/linear name -> sum, count of input elements
+        self.names = {}                          # module -> its name in the model
+        self._sums, self.counts = {}, {}         # name -> sum on the device, number of elements
+        self.neurons, self.layers = [], []       # names of the neurons, of the conv/linear layers
         self.kept = {}                           # module name -> list of outputs (on the CPU)
+        self._read = None                        # {name: sum as a float}, once read
         self._handles = []
 
     def __enter__(self):
         for name, m in self.model.named_modules():
-            if isinstance(m, LIFNode):
-                self.spikes[name], self.outputs[name] = 0.0, 0
-                self._handles.append(m.register_forward_hook(self._lif_hook(name)))
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                self.in_sum[name], self.in_count[name] = 0.0, 0
-                self._handles.append(m.register_forward_hook(self._input_hook(name)))
-            if name in self.keep and not isinstance(m, (nn.Conv2d, nn.Linear, LIFNode)):
+            self.names[m] = name
+            if isinstance(m, SpikingNeuron):
+                self.neurons.append(name)
+                self._handles.append(m.register_forward_hook(self._hook(name, output=True)))
+            elif isinstance(m, LAYERS):
+                self.layers.append(name)
+                self._handles.append(m.register_forward_hook(self._hook(name, output=False)))
+            elif name in self.keep:
                 self._handles.append(m.register_forward_hook(self._keep_hook(name)))
         return self
 
@@ -101,20 +104,13 @@ class SpikeRecorder:
             h.remove()
         self._handles = []
 
-    def _lif_hook(self, name):
+    def _hook(self, name, output: bool):
         def hook(module, inputs, out):
-            # float64 sums: a test set has billions of outputs, beyond float32's exact integers
-            self.spikes[name] += out.sum(dtype=torch.float64).item()
-            self.outputs[name] += out.numel()
-            if name in self.keep:
-                self.kept.setdefault(name, []).append(out.detach().cpu())
-        return hook
-
-    def _input_hook(self, name):
-        def hook(module, inputs, out):
-            x = inputs[0]
-            self.in_sum[name] += x.sum(dtype=torch.float64).item()
-            self.in_count[name] += x.numel()
+            x = out if output else inputs[0]     # a neuron's spikes, a layer's input
+            total = x.detach().sum(dtype=torch.float64)
+            self._sums[name] = self._sums[name] + total if name in self._sums else total
+            self.counts[name] = self.counts.get(name, 0) + x.numel()
+            self._read = None
             if name in self.keep:
                 self.kept.setdefault(name, []).append(out.detach().cpu())
         return hook
@@ -124,13 +120,52 @@ class SpikeRecorder:
             self.kept.setdefault(name, []).append(out.detach().cpu())
         return hook
 
+    def sums(self) -> dict:
+        """{name: sum of a neuron's spikes or of a layer's input}, read from the device once."""
+        if self._read is None:
+            names = list(self._sums)
+            values = torch.stack([self._sums[n] for n in names]).tolist() if names else []
+            self._read = dict(zip(names, values))
+        return self._read
+
+    @property
+    def spikes(self) -> dict:
+        """{neuron name: total spikes}."""
+        return {n: self.sums()[n] for n in self.neurons if n in self._sums}
+
+    @property
+    def outputs(self) -> dict:
+        """{neuron name: total outputs (neurons x steps x images)}."""
+        return {n: self.counts[n] for n in self.neurons if n in self.counts}
+
     def firing_rates(self) -> dict:
-        """{LIF layer name: spikes / outputs}, in the order of model.named_modules()."""
-        return {n: self.spikes[n] / self.outputs[n] for n in self.spikes if self.outputs[n]}
+        """{neuron name: spikes / outputs}, in the order of model.named_modules()."""
+        sums = self.sums()
+        return {n: sums[n] / self.counts[n] for n in self.neurons if self.counts.get(n)}
 
     def input_rates(self) -> dict:
         """{conv/linear name: mean of its input} (the fr of Eq. 19 for that layer)."""
-        return {n: self.in_sum[n] / self.in_count[n] for n in self.in_sum if self.in_count[n]}
+        sums = self.sums()
+        return {n: sums[n] / self.counts[n] for n in self.layers if self.counts.get(n)}
+
+    def total(self, module: nn.Module):
+        """(sum, count) recorded for a module object: a neuron's spikes and outputs, a
+        conv/linear layer's input sum and input elements."""
+        name = self.names.get(module)
+        if name is None or name not in self.counts:
+            raise KeyError(f"no spikes or inputs were recorded for {type(module).__name__} "
+                           f"{name or '(not in the model)'}: is it a SpikingNeuron or a "
+                           f"Conv2d / Linear that the model called?")
+        return self.sums()[name], self.counts[name]
+
+    def firing_function(self, images: int, T: int):
+        """The `firing(neuron)` that SpikeAttention.synaptic_ops takes: for a neuron module,
+        (its firing rate, its neurons per image and time step), over `images` images at T
+        time steps."""
+        def firing(neuron: nn.Module):
+            spikes, outputs = self.total(neuron)
+            return spikes / outputs, outputs / (images * T)
+        return firing
 
 
 def stage_of(name: str) -> str:
@@ -144,46 +179,61 @@ def stage_of(name: str) -> str:
 def stage_firing_rates(recorder: SpikeRecorder) -> dict:
     """Firing rate of all neurons of each stage together (total spikes / total outputs)."""
     spikes, outputs = {}, {}
-    for name in recorder.spikes:
+    for name, s_n in recorder.spikes.items():
         s = stage_of(name)
-        spikes[s] = spikes.get(s, 0.0) + recorder.spikes[name]
-        outputs[s] = outputs.get(s, 0) + recorder.outputs[name]
+        spikes[s] = spikes.get(s, 0.0) + s_n
+        outputs[s] = outputs.get(s, 0) + recorder.counts[name]
     return {s: spikes[s] / outputs[s] for s in spikes if outputs[s]}
+
+
+def neuron_of(module: nn.Module) -> nn.Module:
+    """The spiking neuron of a conv-BN-neuron unit (qkformer.ConvBNLIF), found by its class."""
+    found = [m for m in module.modules() if isinstance(m, SpikingNeuron)]
+    if len(found) != 1:
+        raise ValueError(f"{type(module).__name__} holds {len(found)} spiking neurons, not one")
+    return found[0]
+
+
+def layer_of(module: nn.Module) -> nn.Module:
+    """The convolution (or linear layer) of a conv-BN-neuron unit."""
+    return next(m for m in module.modules() if isinstance(m, LAYERS))
+
+
+def attention_neuron(attn: nn.Module) -> nn.Module:
+    """The neuron an attention applies itself (A_t of QKTA), not one of its Q/K/V/proj units."""
+    found = [m for m in attn.children() if isinstance(m, SpikingNeuron)]
+    if len(found) != 1:
+        raise ValueError(f"{type(attn).__name__} has {len(found)} neurons of its own, not one")
+    return found[0]
+
+
+def is_token_attention(attn: nn.Module) -> bool:
+    return isinstance(attn, QKAttention) and attn.mode == "token"
 
 
 # Table 4 of the paper names the spiking tensors of a QKFormer block. X' = A_t (*) K is not
 # the output of a neuron but the input of the attention's output projection.
-TABLE4_ROWS = (("QKTA", "Q", "attn.q.lif"), ("QKTA", "K", "attn.k.lif"),
-               ("QKTA", "A_t", "attn.attn_lif"), ("QKTA", "X'", "attn.proj.conv:input"),
-               ("QKTA", "X''", "attn.proj.lif"), ("SMLP", "Layer1", "mlp.fc1.lif"),
-               ("SMLP", "Layer2", "mlp.fc2.lif"))
+TABLE4_ROWS = {
+    "QKTA Q": lambda b: neuron_of(b.attn.q), "QKTA K": lambda b: neuron_of(b.attn.k),
+    "QKTA A_t": lambda b: attention_neuron(b.attn), "QKTA X'": lambda b: layer_of(b.attn.proj),
+    "QKTA X''": lambda b: neuron_of(b.attn.proj), "SMLP Layer1": lambda b: neuron_of(b.mlp.fc1),
+    "SMLP Layer2": lambda b: neuron_of(b.mlp.fc2)}
 
 
 def table4(model: nn.Module, recorder: SpikeRecorder) -> dict:
     """The paper's Table 4 for this model: per stage with Q-K token attention, the firing rate of
-    Q, K, A_t, X', X'' and the two MLP layers, pooled over the stage's blocks."""
-    def is_qkta(block):
-        return isinstance(block.attn, QKAttention) and block.attn.mode == "token"
-
+    Q, K, A_t, X', X'' and the two MLP layers, pooled over the stage's blocks. The tensors are
+    found by module objects (the neuron of each unit), not by attribute names."""
     table = {}
     for i, stage in enumerate(getattr(model, "stages", [])):
-        if not any(is_qkta(b) for b in stage.blocks):
+        blocks = [b for b in stage.blocks if is_token_attention(b.attn)]
+        if not blocks:
             continue
         rows = {}
-        for block_kind, row, suffix in TABLE4_ROWS:
-            total = count = 0.0
-            for j, block in enumerate(stage.blocks):
-                if not is_qkta(block):
-                    continue
-                prefix = f"stages.{i}.blocks.{j}."
-                if suffix.endswith(":input"):
-                    name = prefix + suffix[:-len(":input")]
-                    total += recorder.in_sum[name]
-                    count += recorder.in_count[name]
-                else:
-                    total += recorder.spikes[prefix + suffix]
-                    count += recorder.outputs[prefix + suffix]
-            rows[f"{block_kind} {row}"] = total / count if count else float("nan")
+        for row, find in TABLE4_ROWS.items():
+            totals = [recorder.total(find(b)) for b in blocks]     # (sum, count) per block
+            count = sum(c for _, c in totals)
+            rows[row] = sum(s for s, _ in totals) / count if count else float("nan")
         table[f"stage {i + 1}"] = rows
     return table
 
@@ -196,17 +246,19 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
     prepare: optional function applied to each image batch on the device (e.g. turning
              uint8 pixels into normalised floats).
     limit:   stop after this many images (the last batch is cut).
-    Returns (results, recorder): results holds images, top1, top5 (percent) and the
-    confusion matrix (rows: true class, columns: predicted class); the recorder holds the
-    spike and input counts.
+    Returns (results, recorder): results holds images, top1, top5 (percent), loss (mean
+    cross-entropy) and the confusion matrix (rows: true class, columns: predicted class); the
+    recorder holds the spike and input counts. Counts stay on the device until the end.
     """
     model.eval().to(device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    seen = correct1 = correct5 = 0
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    correct1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
     k = min(5, num_classes)
     with SpikeRecorder(model) as recorder:
-        bar = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
-        for images, labels in bar:
+        for images, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
             if limit is not None:
                 if seen >= limit:
                     break
@@ -219,16 +271,17 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
                 raise ValueError(f"the model predicts {logits.shape[-1]} classes but the data has "
                                  f"{num_classes}")
             top = logits.topk(k, dim=1).indices                   # (B, k), best first
-            correct1 += (top[:, 0] == labels).sum().item()
-            correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-            confusion += torch.bincount((labels * num_classes + top[:, 0]).cpu(),
-                                        minlength=num_classes ** 2).reshape(num_classes, num_classes)
+            correct1 += (top[:, 0] == labels).sum()
+            correct5 += (top == labels[:, None]).any(dim=1).sum()
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2)
             seen += len(labels)
-            bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}")
     if seen == 0:
         raise ValueError("no test images to evaluate")
+    correct1, correct5, loss = torch.stack([correct1.double(), correct5.double(), loss_sum]).tolist()
     results = dict(images=seen, top1=100.0 * correct1 / seen, top5=100.0 * correct5 / seen,
-                   top5_k=k, confusion=confusion)
+                   top5_k=k, loss=loss / seen,
+                   confusion=confusion.cpu().reshape(num_classes, num_classes))
     return results, recorder
 
 
@@ -245,32 +298,42 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
 #    pixels. As in Eq. (20) it is counted once per image, not T times: the image is the
 #    same at every step, so a chip computes it once (our model simply repeats it).
 #  * AC layers: every other conv / linear layer, SOP = fr x T x FLOPs (Eq. 19), fr being the
-#    mean of the layer's input. The head reads features averaged over time; being linear,
-#    head(mean_t x_t) = mean_t head(x_t), so it too counts as T steps of fr x FLOPs.
-#  * Spiking self-attention (stage 3, SOP_SSA of Eq. 20): its two matrix products on spikes.
-#    K^T V: each spike of K adds a row of V, so SOP = fr_K x T x MACs; (K^T V) Q: each spike
-#    of Q adds a column of K^T V, so SOP = fr_Q x T x MACs. Both products have the same MACs
-#    (N d^2 per head), so they share the attention's matmul count equally. The scale s is
-#    a constant that can be folded into the neuron's threshold: not counted.
-#  * Q-K attention (SOP_QKTA of Eq. 20): the token (or channel) sum of Q is an addition per
-#    spike of Q, so SOP = fr_Q x T x (N x C) = the number of Q spikes. The mask A (*) K is a
-#    logical AND of two spikes (no accumulate): counted as 0.
-#  * E_ANN = 4.6 pJ x all MACs of the same network at T = 1 (convs, linears and the SSA
-#    products) -- the energy of the network with its spiking neurons replaced by ReLUs.
+#    mean of the layer's input (our reading of Eq. 19). The head reads features averaged
+#    over time; being linear, head(mean_t x_t) = mean_t head(x_t), so it too counts as T
+#    steps of fr x FLOPs.
+#  * The attentions' own operations on spikes (SOP_QKTA, SOP_SSA of Eq. 20): every
+#    qkformer.SpikeAttention lists them itself (synaptic_ops), each with its MACs per image
+#    and step and the firing rate of the spikes that drive it; SOP = fr x T x MACs.
+#    SSA: K^T V (each spike of K adds a row of V, fr_K) and Q (K^T V) (each spike of Q adds
+#    a row of K^T V, fr_Q); its scale is a constant that can be folded into the neuron's
+#    threshold. QKTA/QKCA: the sum of Q is one addition per spike of Q; the mask A (*) K is a
+#    logical AND of two spikes, no accumulate: 0.
+#  * Nothing slips through: any module other than a conv / linear layer that does FLOPs of
+#    its own (a matrix product on spikes) must report at least as many MACs in
+#    synaptic_ops, or energy_report raises an error naming it.
+#  * E_ANN = 4.6 pJ x all MACs of the same network at T = 1 (convs, linears and the
+#    attention products FlopCounterMode counts) -- the energy of the network with its
+#    spiking neurons replaced by ReLUs.
 
 ENERGY_NOTES = [
     "FLOPs are multiply-accumulates (MACs) of one image at one time step, from "
     "torch.utils.flop_counter.FlopCounterMode (its FLOP counts halved).",
     "Batch norm (folded into the convolutions), max-pooling, residual additions and neuron "
     "updates are not counted, as in the paper's Eq. 20.",
-    "MAC layers (real-valued input, 4.6 pJ per MAC): counted once per image.",
+    "MAC layers (real-valued input, 4.6 pJ per MAC): the first conv, counted once per image "
+    "(the image is the same at every step: our reading of Eq. 20).",
     "AC layers (fed by spikes or spike counts, 0.9 pJ per SOP): SOP = fr x T x FLOPs (Eq. 19), "
-    "fr = mean of the layer's input over the test set.",
-    "SSA: K^T V counts fr_K x T x MACs and (K^T V) Q counts fr_Q x T x MACs; the scale is folded "
-    "into the threshold.",
+    "fr = mean of the layer's input over the test set (our reading of Eq. 19: after a residual "
+    "sum the input is a spike count, and each spike costs one accumulate).",
+    "Attention: each qkformer.SpikeAttention reports its own operations on spikes "
+    "(synaptic_ops: MACs per image and step, and the firing rate of the driving spikes); "
+    "SOP = fr x T x MACs (ours).",
+    "SSA: K^T V counts fr_K x T x MACs and Q (K^T V) counts fr_Q x T x MACs; the scale is folded "
+    "into the threshold (ours).",
     "QKTA/QKCA: the sum of Q counts one SOP per Q spike (fr_Q x T x N x C); the mask A (*) K is a "
-    "logical AND, counted as 0.",
-    "E_ANN: 4.6 pJ x all MACs at T = 1 (convs, linears, SSA matrix products).",
+    "logical AND, counted as 0 (ours).",
+    "Any other module doing FLOPs of its own that its synaptic_ops do not report is an error.",
+    "E_ANN: 4.6 pJ x all MACs at T = 1 (convs, linears, attention matrix products).",
 ]
 
 
@@ -280,18 +343,39 @@ def _example_input(model: nn.Module):
     return torch.zeros(1, 1, cfg.in_channels, cfg.img_size, cfg.img_size)
 
 
+@contextlib.contextmanager
+def reference_neurons(model: nn.Module):
+    """Run every neuron that has a plain autograd loop (`reference`) on it for the block.
+
+    FlopCounterMode intercepts every operation (a dispatch mode). A torch.compile'd kernel
+    called for the first time under it is marked by the compiler as one to skip, for good:
+    later calls would run eagerly. The reference loops give the same spikes from plain tensor
+    operations, and leave the compiled kernels as they are; neuron.set_backend("eager")
+    would throw them away for the whole process instead."""
+    switched = [m for m in model.modules()
+                if isinstance(m, SpikingNeuron) and getattr(m, "reference", True) is False]
+    for m in switched:
+        m.reference = True
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.reference = False
+
+
 @torch.no_grad()
 def layer_macs(model: nn.Module, example=None) -> dict:
-    """MACs of each conv / linear layer, and of each SSA's matrix products, for `example`
-    (default: one image at one time step). Returns {"layers": {name: MACs},
-    "attention": {SSA module name: MACs of its two products}, "total": all MACs}."""
+    """MACs of one forward on `example` (default: one image at one time step), counted by
+    FlopCounterMode with the neurons on their reference loops (see reference_neurons).
+    Returns {"layers": {conv/linear name: MACs}, "own": {name of any other module doing FLOPs
+    of its own, i.e. not in its children: those MACs}, "total": all MACs}."""
     if example is None:
         example = _example_input(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with counter:
+    with reference_neurons(model), counter:
         model(example.to(device))
     model.train(was_training)
     # get_flop_counts() maps "<RootClass>.<module name>" to {op: FLOPs}, the module's own ops
@@ -302,15 +386,20 @@ def layer_macs(model: nn.Module, example=None) -> dict:
     def flops(name):
         return sum(counts.get(f"{root}.{name}" if name else root, {}).values())
 
-    layers = {name: flops(name) // 2 for name, m in model.named_modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear))}
-    attention = {}
-    for name, m in model.named_modules():
-        if isinstance(m, SpikingSelfAttention):
-            children = sum(flops(f"{name}.{c}") for c, sub in m.named_modules()
-                           if c and isinstance(sub, (nn.Conv2d, nn.Linear)))
-            attention[name] = (flops(name) - children) // 2    # its own ops: the two products
-    return dict(layers=layers, attention=attention, total=counter.get_total_flops() // 2)
+    # A module's own FLOPs: its count less those of the called modules nearest below it
+    # (containers such as nn.ModuleList are never called and have no count).
+    modules = dict(model.named_modules())
+    called = [n for n in modules if f"{root}.{n}" in counts or (not n and root in counts)]
+    own = {n: flops(n) for n in called}
+    for name in called:
+        if name:
+            parts = name.split(".")
+            parent = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+                           if p in own), "")
+            own[parent] -= flops(name)
+    layers = {n: flops(n) // 2 for n, m in modules.items() if isinstance(m, LAYERS)}
+    own = {n: f // 2 for n, f in own.items() if f > 0 and not isinstance(modules[n], LAYERS)}
+    return dict(layers=layers, own=own, total=counter.get_total_flops() // 2)
 
 
 def energy_report(model: nn.Module, recorder: SpikeRecorder, images: int, T: int, macs: dict,
@@ -322,33 +411,40 @@ def energy_report(model: nn.Module, recorder: SpikeRecorder, images: int, T: int
     mac_layers: names of the layers with real-valued input, counted as MACs; default: the
               first conv / linear layer of the model (for QKFormer, the stem convolution).
     Returns a dict with one row per counted operation and the totals (E in mJ per image).
+    Raises ValueError naming a module that does FLOPs of its own which its synaptic_ops do
+    not report (or that is no SpikeAttention and cannot report them).
     """
     rates = recorder.input_rates()
-    fr = recorder.firing_rates()
     if mac_layers is None:
         mac_layers = [next(iter(macs["layers"]))]
-    rows = []
-
-    def attention_row(name, m):
-        if isinstance(m, SpikingSelfAttention):
-            n = macs["attention"][name]
-            rate = (fr[f"{name}.k.lif"] + fr[f"{name}.q.lif"]) / 2           # each product: half the MACs
-            sop = rate * T * n
-            return dict(name=f"{name} (K^T V, (K^T V) Q)", kind="AC", macs=n, input_rate=rate,
-                        ops=sop, energy_pJ=E_AC_PJ * sop)
-        q = f"{name}.q.lif"
-        n = recorder.outputs[q] // (images * T)                              # N x C per image and step
-        sop = recorder.spikes[q] / images                                    # one addition per Q spike
-        return dict(name=f"{name} (sum of Q)", kind="AC", macs=n, input_rate=fr[q],
-                    ops=sop, energy_pJ=E_AC_PJ * sop)
-
+    firing = recorder.firing_function(images, T)
     modules = dict(model.named_modules())
+
+    # The attentions' own operations, each listed before the attention's last conv/linear
+    # layer (its output projection), where they happen.
+    attention_rows, before = {}, {}
+    for name, m in modules.items():
+        if not isinstance(m, SpikeAttention):
+            continue
+        rows = [dict(name=f"{name} ({label})", kind="AC", macs=n, input_rate=rate,
+                     ops=rate * T * n, energy_pJ=E_AC_PJ * rate * T * n)
+                for label, n, rate in m.synaptic_ops(firing)]
+        attention_rows[name] = rows
+        inner = [f"{name}.{c}" for c, sub in m.named_modules() if c and isinstance(sub, LAYERS)]
+        before.setdefault(inner[-1] if inner else None, []).extend(rows)
+    for name, n in macs["own"].items():
+        reported = sum(r["macs"] for r in attention_rows.get(name, []))
+        if reported < n * (1 - 1e-9):                 # (float MACs from spike counts)
+            kind = type(modules[name]).__name__
+            raise ValueError(
+                f"{name or 'the model'} ({kind}) does {n:,} MACs per image and step of its own "
+                f"(not in a conv/linear layer) but reports {reported:,.0f} in synaptic_ops: an "
+                f"operation on spikes would be left out of the energy. Make it a "
+                f"qkformer.SpikeAttention whose synaptic_ops lists every product it computes.")
+
+    rows = []
     for name, n in macs["layers"].items():
-        # the attention's own operations are listed where they happen: before its output projection
-        owner = name[:-len(".proj.conv")]
-        if name.endswith(".proj.conv") and isinstance(modules.get(owner), (SpikingSelfAttention,
-                                                                             QKAttention)):
-            rows.append(attention_row(owner, modules[owner]))
+        rows += before.pop(name, [])
         if name in mac_layers:
             rows.append(dict(name=name, kind="MAC", macs=n, input_rate=rates.get(name),
                              ops=n, energy_pJ=E_MAC_PJ * n))
@@ -356,6 +452,7 @@ def energy_report(model: nn.Module, recorder: SpikeRecorder, images: int, T: int
             sop = rates.get(name, 0.0) * T * n                               # Eq. (19)
             rows.append(dict(name=name, kind="AC", macs=n, input_rate=rates.get(name),
                              ops=sop, energy_pJ=E_AC_PJ * sop))
+    rows += [r for rest in before.values() for r in rest]                    # attentions without layers
     mac_ops = sum(r["ops"] for r in rows if r["kind"] == "MAC")
     sops = sum(r["ops"] for r in rows if r["kind"] == "AC")
     e_snn = E_AC_PJ * sops + E_MAC_PJ * mac_ops                              # Eq. (20), pJ
@@ -509,16 +606,26 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
 
 
 def raster_layer(model: nn.Module) -> str:
-    """The layer shown in the spike raster: the first MLP neuron of stage 1 when there is one."""
-    names = [n for n, m in model.named_modules() if isinstance(m, LIFNode)]
-    preferred = "stages.0.blocks.0.mlp.fc1.lif"
-    return preferred if preferred in names else names[0]
+    """The layer shown in the spike raster: the neuron of stage 1's first MLP layer when there
+    is one, else the first neuron of the model."""
+    names = {m: n for n, m in model.named_modules()}
+    try:
+        return names[neuron_of(model.stages[0].blocks[0].mlp.fc1)]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return next(n for n, m in model.named_modules() if isinstance(m, SpikingNeuron))
+
+
+def token_mask_neurons(model: nn.Module) -> dict:
+    """{name of the A_t neuron: name of its attention} for every Q-K token attention in
+    stages 1 and 2, found by module objects."""
+    names = {m: n for n, m in model.named_modules()}
+    return {names[attention_neuron(m)]: n for n, m in model.named_modules()
+            if is_token_attention(m) and stage_of(n) in ("stage 1", "stage 2")}
 
 
 def mask_layers(model: nn.Module) -> list:
     """The attention neurons A_t of every token-mode Q-K attention in stages 1 and 2."""
-    return [f"{n}.attn_lif" for n, m in model.named_modules()
-            if isinstance(m, QKAttention) and m.mode == "token" and stage_of(n) in ("stage 1", "stage 2")]
+    return list(token_mask_neurons(model))
 
 
 @torch.no_grad()
@@ -528,7 +635,7 @@ def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: 
     model.eval()
     device = next(model.parameters()).device
     raster = raster or raster_layer(model)
-    masks = mask_layers(model)
+    masks = token_mask_neurons(model)
     with SpikeRecorder(model, keep=[raster, *masks]) as rec:
         model(images.to(device))
     paths = []
@@ -540,8 +647,8 @@ def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: 
     paths.append(path)
     if masks:
         path = os.path.join(out_dir, "token_masks.png")
-        plot_token_masks(images.cpu(), {n.replace(".attn.attn_lif", ""): token_masks(rec.kept[n][0])
-                                        for n in masks}, path, mean, std)
+        plot_token_masks(images.cpu(), {attn.replace(".attn", ""): token_masks(rec.kept[n][0])
+                                        for n, attn in masks.items()}, path, mean, std)
         paths.append(path)
     path = os.path.join(out_dir, "confusion_matrix.png")
     plot_confusion(results["confusion"], path, class_names)
@@ -550,257 +657,12 @@ def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: 
 
 
 # ----------------------------------------------------------------------------------------
-# The complexity experiment (Section 4.3, Figure 3(b), Table 9)
-#
-# SSA as qkformer.py computes it, Q (K^T V), is right to left: a d x d product per head, so
-# its cost is O(N d^2), LINEAR in N. (Nothing in SSA needs the N x N map: without softmax
-# the product is associative.) The paper's complexity analysis (Table 1, Appendix 6.3) and
-# its memory plot count SSA as Spikformer's code computes it, left to right, (Q K^T) V,
-# whose N x N attention map makes it quadratic. We measure both, and say which is which.
-
-class ExplicitSSA(SpikingSelfAttention):
-    """SSA computed as Spikformer's official code does: attn = Q K^T (an N x N map per
-    head), then attn V. Same weights, same result as SpikingSelfAttention (the products of
-    spikes are exact integers in float32 while N d < 2^24), but O(N^2) memory and time."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, B, C, H, W = x.shape
-        heads = (T, B, self.num_heads, C // self.num_heads, H * W)
-        q = self.q(x).reshape(heads)                                # (T, B, h, d, N)
-        k = self.k(x).reshape(heads)
-        v = self.v(x).reshape(heads)
-        attn = q.transpose(-2, -1) @ k                              # (T, B, h, N, N)  Q K^T
-        x = (attn @ v.transpose(-2, -1)) * self.scale               # (T, B, h, N, d)  (Q K^T) V s
-        x = self.attn_lif(x.transpose(-2, -1).reshape(T, B, C, H, W))
-        return self.proj(x)
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of the tensors created while it is active, on any device.
-
-    Every operation passes through __torch_dispatch__; each output whose storage is new
-    (not a view of an input, not written in place) is added to the live total, and a
-    weakref finalizer subtracts it when its storage is freed. So `peak` is the largest
-    total of live tensors created inside the block: what torch.cuda.max_memory_allocated
-    measures on a GPU, without the allocator's rounding, and without scratch memory that
-    kernels allocate internally (e.g. convolution workspaces). Tensors that existed before
-    (the input, the weights) are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def _free(self, key):
-        self.current -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in inputs or key in self.live or storage.nbytes() == 0:
-                continue                                            # a view, in place, or seen
-            self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            weakref.finalize(storage, self._free, key)
-            self.peak = max(self.peak, self.current)
-        return out
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_layer(layer: nn.Module, x: torch.Tensor, repeats=3):
-    """(peak memory in bytes, best time in seconds) of one forward of `layer` on `x`.
-
-    Inference (eval mode, no autograd): the memory the attention algorithm itself needs.
-    Training would also keep the activations for the backward pass, a constant factor more
-    with the same growth in N. Memory: PeakMemory on the CPU, the allocator's peak on a GPU.
-    Time: the fastest of `repeats` runs after a warm-up run (fewer when one run is slow)."""
-    device = x.device
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        layer(x)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with PeakMemory() as pm:
-            layer(x)
-        peak = pm.peak
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        layer(x)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        if sum(times) > 5.0 and len(times) >= 2:                   # slow sizes: enough already
-            break
-    return peak, min(times[1:]) if len(times) > 1 else times[0]
-
-
-def loglog_slope(n, y) -> float:
-    """Least-squares slope of log y against log n: 1 for linear growth, 2 for quadratic."""
-    return float(np.polyfit(np.log(n), np.log(y), 1)[0])
-
-
-# Table 9 of the paper (GPU memory, MiB, C = 256, T = B = 1), from a copy of the paper's
-# LaTeX source that could not be checked against the PDF. The values equal one N x C float32
-# tensor (QKTA) and that plus one N x N map (SSA): the paper seems to count the attention's
-# tensors, where we measure the whole layer's peak, so compare growth, not absolute values.
-PAPER_TABLE9 = {10: (0.10, 0.14), 20: (0.40, 1.00), 30: (0.89, 3.97), 40: (1.58, 12.19),
-                50: (2.47, 26.44), 60: (3.56, 53.52), 70: (4.84, 97.64), 80: (6.32, 162.50),
-                90: (8.18, 258.19), 100: (10.35, 391.77), 110: (12.14, 570.69),
-                120: (14.23, 806.06), 130: (16.70, 1107.50), 140: (20.22, 1485.14),
-                150: (22.26, 1954.03), 160: (26.29, 2525.00), 170: (28.55, 3214.30),
-                180: (32.37, 4036.88), 190: (36.41, 5007.25), 200: (40.46, 6143.06)}
-
-COMPLEXITY_LAYERS = ("QKTA", "SSA (Q K^T) V", "SSA Q (K^T V)")
-
-
-def complexity_experiment(sides=range(10, 101, 10), dim=256, heads=1, T=1, B=1, devices=None,
-                          repeats=3, cpu_threads=1, seed=0) -> dict:
-    """Memory and time of one QKTA layer, one SSA layer computed left to right (the paper's
-    quadratic form) and one computed right to left (this project's), for N = side^2 tokens.
-
-    heads=1 by default: the paper's SSA numbers (Table 9) are those of a single N x N map.
-    cpu_threads=1 by default: on a CPU shared with other programs, several threads wait for
-    each other and the times jump by 100x; one thread gives reproducible times (None: leave
-    torch's setting).
-    Returns {"settings", "devices": {device: {layer: [{side, N, memory_MiB, time_ms}]}},
-    "slopes": {device: {layer: {"memory_MiB", "time_ms"}}}, "attention_map_memory": {device:
-    {"rows", "slope"}}, "paper_table9_MiB"}; log-log slopes fitted on the larger half of the
-    sizes (where the N or N^2 term dominates the constant ones)."""
-    if devices is None:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    sides = [int(s) for s in sides]
-    if not sides or min(sides) < 1:
-        raise ValueError(f"sides must be positive integers, got {sides}")
-    torch.manual_seed(seed)
-    builders = {"QKTA": lambda: QKAttention(dim, heads, "token"),
-                "SSA (Q K^T) V": lambda: ExplicitSSA(dim, heads),
-                "SSA Q (K^T V)": lambda: SpikingSelfAttention(dim, heads)}
-    result = dict(settings=dict(C=dim, heads=heads, T=T, B=B, sides=sides, mode="eval, no_grad",
-                                cpu_threads=cpu_threads or torch.get_num_threads(),
-                                memory="peak bytes of tensors created by one forward (CPU: "
-                                       "PeakMemory dispatch mode; GPU: max_memory_allocated)"),
-                  devices={}, slopes={})
-    bar = tqdm(total=len(devices) * len(sides) * len(builders), desc="complexity", unit="layer",
-               leave=False)
-    threads = torch.get_num_threads()
-    for dev in devices:
-        device = torch.device(dev)
-        table = {name: [] for name in builders}
-        try:
-            if dev == "cpu" and cpu_threads:
-                torch.set_num_threads(cpu_threads)
-            for name, build in builders.items():
-                layer = build().to(device).eval()
-                for side in sides:
-                    bar.set_postfix(device=dev, layer=name, side=side)
-                    x = (torch.rand(T, B, dim, side, side, device=device) < 0.5).float()
-                    peak, seconds = measure_layer(layer, x, repeats)
-                    table[name].append(dict(side=side, N=side * side, memory_MiB=peak / 2 ** 20,
-                                            time_ms=seconds * 1e3))
-                    bar.update()
-        finally:
-            torch.set_num_threads(threads)
-        result["devices"][dev] = table
-        upper = len(sides) // 2
-        result["slopes"][dev] = {
-            name: {key: loglog_slope([r["N"] for r in rows[upper:]], [r[key] for r in rows[upper:]])
-                   if len(rows) - upper >= 2 else float("nan") for key in ("memory_MiB", "time_ms")}
-            for name, rows in table.items()}
-        # The two SSA forms differ only in the order of the products, so the difference of
-        # their memory is what the left-to-right form stores in addition: its N x N map,
-        # T * B * heads * N^2 float32 values, less the d x d map of the right-to-left form
-        # (larger while N < d: the difference is then negative).
-        extra = [dict(side=a["side"], N=a["N"], MiB=a["memory_MiB"] - b["memory_MiB"],
-                      N_by_N_map_MiB=T * B * heads * a["N"] ** 2 * 4 / 2 ** 20)
-                 for a, b in zip(table["SSA (Q K^T) V"], table["SSA Q (K^T V)"])]
-        big = [r for r in extra[upper:] if r["MiB"] > 0]
-        result.setdefault("attention_map_memory", {})[dev] = dict(
-            rows=extra, slope=loglog_slope([r["N"] for r in big], [r["MiB"] for r in big])
-            if len(big) >= 2 else float("nan"))
-    bar.close()
-    result["paper_table9_MiB"] = {s: dict(QKTA=v[0], SSA=v[1]) for s, v in PAPER_TABLE9.items()
-                                  if s in sides}
-    return result
-
-
-def plot_complexity(result: dict, path: str):
-    """Memory and time against N on log-log axes (slope 1: linear, slope 2: quadratic)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"cpu": "-", "cuda": "--"}
-    colours = dict(zip(COMPLEXITY_LAYERS, ("tab:blue", "tab:red", "tab:green")))
-    for dev, table in result["devices"].items():
-        for name, rows in table.items():
-            n = [r["N"] for r in rows]
-            for ax, key in zip(axes, ("memory_MiB", "time_ms")):
-                slope = result["slopes"][dev][name][key]
-                ax.plot(n, [r[key] for r in rows], styles.get(dev, ":"), marker="o", ms=3,
-                        color=colours[name], label=f"{name}, {dev} (slope {slope:.2f})")
-    paper = result.get("paper_table9_MiB", {})
-    if paper:
-        n = [int(s) ** 2 for s in paper]
-        for key, colour in (("QKTA", "tab:blue"), ("SSA", "tab:red")):
-            axes[0].plot(n, [v[key] for v in paper.values()], ":", color=colour, alpha=0.6,
-                         label=f"paper Table 9, {key} (GPU)")
-    s = result["settings"]
-    for ax, label in zip(axes, ("peak memory of one forward (MiB)", "time of one forward (ms)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("number of tokens N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"One attention layer, C = {s['C']}, heads = {s['heads']}, T = {s['T']}, "
-                 f"B = {s['B']}; sqrt(N) = {s['sides'][0]}..{s['sides'][-1]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def print_complexity(result: dict):
-    for dev, table in result["devices"].items():
-        print(f"\nComplexity on {dev}: memory (MiB) and time (ms) of one forward")
-        head = "".join(f"{n:>26}" for n in table)
-        print(f"{'sqrt(N)':>8}{'N':>8}{head}")
-        names = list(table)
-        for i, row in enumerate(table[names[0]]):
-            cells = "".join(f"{table[n][i]['memory_MiB']:>12.2f} MiB{table[n][i]['time_ms']:>9.1f} ms"
-                            for n in names)
-            print(f"{row['side']:>8}{row['N']:>8}{cells}")
-        slopes = result["slopes"][dev]
-        print("log-log slope on the larger half of the sizes (1 = linear in N, 2 = quadratic):")
-        for n in names:
-            print(f"  {n:<16} memory {slopes[n]['memory_MiB']:.2f}   time {slopes[n]['time_ms']:.2f}")
-        extra = result["attention_map_memory"][dev]
-        print(f"memory of (Q K^T) V minus Q (K^T V): slope {extra['slope']:.2f}; at "
-              f"N = {extra['rows'][-1]['N']} it is {extra['rows'][-1]['MiB']:.2f} MiB, one N x N "
-              f"float32 map per head is {extra['rows'][-1]['N_by_N_map_MiB']:.2f} MiB")
-    if result.get("paper_table9_MiB"):
-        print("\nPaper, Table 9 (GPU, MiB; counts the attention's tensors only, see PAPER_TABLE9):")
-        for s, v in result["paper_table9_MiB"].items():
-            print(f"{s:>8}   QKTA {v['QKTA']:>8.2f}   SSA {v['SSA']:>9.2f}")
-
-
-# ----------------------------------------------------------------------------------------
 # The command line
 
 def print_report(metrics: dict):
     print(f"\n{metrics['dataset']}: {metrics['images']} test images, T = {metrics['T']}")
-    print(f"top-1 {metrics['top1']:.2f} %   top-{metrics['top5_k']} {metrics['top5']:.2f} %")
+    print(f"top-1 {metrics['top1']:.2f} %   top-{metrics['top5_k']} {metrics['top5']:.2f} %   "
+          f"loss {metrics['loss']:.4f}")
     if metrics["official_quirks"]:
         print("official_quirks on (an official checkpoint): the stage-3 SSA neuron runs over "
               "time x batch as in the official code, so results depend a little on --batch-size")
@@ -818,7 +680,7 @@ def print_report(metrics: dict):
     print(f"  {'layer':<52}{'kind':>5}{'MACs (T=1)':>14}{'input fr':>10}{'MACs or SOPs':>15}{'uJ':>9}")
     for r in e["layers"]:
         rate = "" if r["input_rate"] is None else f"{r['input_rate']:.4f}"
-        print(f"  {r['name']:<52}{r['kind']:>5}{r['macs']:>14,}{rate:>10}{r['ops']:>15,.0f}"
+        print(f"  {r['name']:<52}{r['kind']:>5}{r['macs']:>14,.0f}{rate:>10}{r['ops']:>15,.0f}"
               f"{r['energy_pJ'] * 1e-6:>9.3f}")
     print(f"  MAC layers (real-valued input): {', '.join(e['mac_layers'])}; every other row is AC.")
     print(f"  SNN: {e['SOPs']:,.0f} SOPs + {e['MACs_first_layer']:,} MACs -> E = {e['E_snn_mJ']:.4f} mJ")
@@ -829,88 +691,84 @@ def print_report(metrics: dict):
 def build_parser():
     p = argparse.ArgumentParser(
         description="Evaluate a QKFormer checkpoint (accuracy, firing rates, energy, pictures), "
-                    "or run the Q-K attention versus SSA complexity experiment (--complexity).")
+                    "or run the Q-K attention versus SSA complexity experiment (--complexity, "
+                    "the same as complexity.py).")
     p.add_argument("--checkpoint", help="a checkpoint written by train.py, or an official QKFormer one")
-    p.add_argument("--dataset", choices=("cifar10", "cifar100", "imagenet"), default="cifar10")
+    p.add_argument("--dataset", choices=tuple(data.DATASETS), default="cifar10")
     p.add_argument("--data-dir", default="data", help="folder holding the dataset (see data.py)")
     p.add_argument("--output", help="output folder (default: eval/<checkpoint name>, eval/complexity)")
-    p.add_argument("--limit", type=int, help="evaluate only N test images (ImageNet: N images "
-                                             "spread over the classes, as data.py picks them)")
+    p.add_argument("--limit", type=int, help="evaluate only N test images (spread evenly over the "
+                                             "test set, as data.py picks them)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
     p.add_argument("--T", type=int, help="evaluate with this many time steps instead of the "
                                          "checkpoint's (the paper's Table 7 / Table 2 T=1 rows)")
     p.add_argument("--pictures", type=int, default=4, help="test images shown in the token masks "
                                                             "and the spike raster (0: no pictures)")
     p.add_argument("--complexity", action="store_true",
-                   help="run the memory/time experiment of one QKTA vs one SSA layer instead")
-    p.add_argument("--max-side", type=int, default=100, help="--complexity: largest sqrt(N)")
-    p.add_argument("--min-side", type=int, default=10, help="--complexity: smallest sqrt(N)")
-    p.add_argument("--step", type=int, default=10, help="--complexity: step of sqrt(N)")
-    p.add_argument("--dim", type=int, default=256, help="--complexity: channels C")
-    p.add_argument("--heads", type=int, default=1, help="--complexity: attention heads")
+                   help="run the memory/time experiment of one QKTA vs one SSA layer instead "
+                        "(complexity.py; its options below)")
+    complexity.add_arguments(p.add_argument_group("--complexity options (see complexity.py)"))
     return p
 
 
-def run_complexity(args) -> dict:
-    if args.min_side < 1 or args.step < 1 or args.max_side < args.min_side:
-        raise ValueError("--complexity needs 1 <= --min-side <= --max-side and --step >= 1")
-    if args.dim < 1 or args.heads < 1 or args.dim % args.heads:
-        raise ValueError(f"--dim ({args.dim}) must be a positive multiple of --heads ({args.heads})")
-    out = args.output or os.path.join("eval", "complexity")
-    os.makedirs(out, exist_ok=True)
-    result = complexity_experiment(range(args.min_side, args.max_side + 1, args.step), args.dim,
-                                   args.heads)
-    print_complexity(result)
-    with open(os.path.join(out, "complexity.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot_complexity(result, os.path.join(out, "complexity.png"))
-    print(f"\nwrote {out}/complexity.json and {out}/complexity.png")
-    return result
+def check_device(name: str) -> torch.device:
+    """The --device as a torch.device, or ValueError saying why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but PyTorch sees no GPU here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPUs")
+    return device
 
 
 def run_evaluation(args) -> dict:
-    import data  # only needed here: --complexity runs without the data pipeline
-
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    device = check_device(args.device)
+    spec = data.get_dataset(args.dataset)
     checkpoint = qkformer.load_checkpoint(args.checkpoint)
     overrides = {} if args.T is None else dict(T=args.T)
     model = qkformer.model_from_checkpoint(checkpoint, **overrides)
     cfg = model.config
-    info = data.dataset_info(args.dataset)
     # Check before reading any data that the checkpoint belongs to this dataset.
-    if cfg.num_classes != info["num_classes"]:
-        raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {args.dataset} has "
-                         f"{info['num_classes']}: it was trained on another dataset")
-    if args.dataset != "imagenet" and cfg.img_size != 32:
-        raise ValueError(f"the checkpoint is for {cfg.img_size}x{cfg.img_size} images; "
-                         f"{args.dataset} images are 32x32")
+    if cfg.num_classes != spec.num_classes:
+        raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {spec.title} has "
+                         f"{spec.num_classes}: it was trained on another dataset")
+    if cfg.in_channels != spec.in_channels:
+        raise ValueError(f"the checkpoint takes images of {cfg.in_channels} channels but "
+                         f"{spec.title} images have {spec.in_channels}")
     out = args.output or os.path.join("eval", os.path.splitext(os.path.basename(args.checkpoint))[0])
     os.makedirs(out, exist_ok=True)
 
-    _, test_set = data.build_datasets(args.dataset, args.data_dir,
-                                      img_size=cfg.img_size if args.dataset == "imagenet" else None,
-                                      test_subset=args.limit, download_missing=False)
+    # The test split at the model's image size (a dataset of fixed-size images refuses
+    # another size with a DataError, before reading any file).
+    test_set = data.build_test_set(args.dataset, args.data_dir, img_size=cfg.img_size,
+                                   test_subset=args.limit, download_missing=False)
     loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers)
-    device = torch.device(args.device)
     model.to(device)
 
     def prepare(images):                      # uint8 pixels -> normalised floats, on the device
-        return data.normalize(images, info["mean"], info["std"])
+        return data.normalize(images, spec.mean, spec.std)
 
     results, recorder = evaluate(model, loader, cfg.num_classes, device, prepare,
                                  limit=args.limit, total=len(loader))
     rates = recorder.firing_rates()
+    # After the evaluation: the FLOP count runs the neurons' reference loops (layer_macs).
     energy = energy_report(model, recorder, results["images"], cfg.T, layer_macs(model))
-    class_names = getattr(test_set, "classes", None) or \
-        (CIFAR10_CLASSES if args.dataset == "cifar10" else None)
-    metrics = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
+    class_names = list(spec.class_names_from(args.data_dir))
+    metrics = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=spec.name,
+                   class_names=class_names,
                    images=results["images"], T=cfg.T, top1=results["top1"], top5=results["top5"],
-                   top5_k=results["top5_k"], config=dict(vars(cfg)),
+                   top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
                    official_quirks=cfg.official_quirks,
                    firing_rates=rates, stage_firing_rates=stage_firing_rates(recorder),
                    table4=table4(model, recorder), input_rates=recorder.input_rates(),
@@ -918,8 +776,8 @@ def run_evaluation(args) -> dict:
     if args.pictures > 0:
         first = [test_set[i][0] for i in range(min(args.pictures, len(test_set)))]
         images = prepare(torch.stack(first).to(device))
-        metrics["pictures"] = draw_pictures(model, images, results, rates, out, info["mean"],
-                                            info["std"], class_names)
+        metrics["pictures"] = draw_pictures(model, images, results, rates, out, spec.mean,
+                                            spec.std, class_names)
     print_report(metrics)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -933,16 +791,13 @@ def main(argv=None) -> int:
         print("error: give --checkpoint PATH (to evaluate a model) or --complexity", file=sys.stderr)
         return 2
     try:
-        import data
-        user_errors = (ValueError, data.DataError, OSError)
-    except ImportError:
-        user_errors = (ValueError, OSError)
-    try:
         if args.complexity:
-            run_complexity(args)
+            complexity.run(args)
         else:
+            check_device(args.device)          # before anything is loaded
+            apply_memory_policy(return_freed_memory=False)   # inference keeps little alive
             run_evaluation(args)
-    except user_errors as e:
+    except (ValueError, OSError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

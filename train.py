@@ -60,48 +60,8 @@ class TrainError(Exception):
 # Recipes: the defaults of every dataset
 # ----------------------------------------------------------------------------
 
-CIFAR_RECIPE = dict(
-    model="cifar10", T=4, img_size=32,
-    epochs=400,                  # length of the cosine schedule ...
-    cooldown_epochs=10,          # ... then 10 epochs at min_lr, as timm adds them: 410 epochs in all
-                                 # (--epochs N drops them and scales the warm-up: see resolve_args)
-    batch_size=64, lr=1e-3, blr=None, min_lr=1e-5, weight_decay=0.06,
-    warmup_epochs=20, warmup_lr=1e-5,
-    warmup_prefix=False,         # timm: the cosine runs over epochs 0..400, not 20..400 (see lr_at)
-    accum_iter=1, clip_grad=None,
-    smoothing=0.1,
-    mixup=0.5, cutmix=0.0, mixup_off_epoch=200,
-    aa="rand-m9-n1-mstd0.4-inc1",  # RandAugment: 1 op per image, magnitude 9 +- 0.4
-    reprob=0.25, remode="const",   # random erasing with the mean colour
-    # The official cifar10.yml crops with timm's RandomResizedCrop at scale (1, 1)
-    # and ratio (1, 1): the whole 32x32 image, i.e. no crop; shifts come from
-    # RandAugment's translate operations. --crop-padding 4 adds the classic
-    # pad-and-crop (used by the CPU recipe).
-    crop_padding=0, hflip=0.5,
-    eval_every=1,
-)
-
-RECIPES = {
-    "cifar10": CIFAR_RECIPE,
-    "cifar100": {**CIFAR_RECIPE, "model": "cifar100"},
-    "imagenet": dict(
-        model="imagenet_10_384", T=4, img_size=224,
-        epochs=200, cooldown_epochs=0,
-        batch_size=64,           # per GPU
-        lr=None, blr=6e-4,       # lr = blr * effective batch / 256
-        min_lr=1e-6, weight_decay=0.05,
-        warmup_epochs=5, warmup_lr=0.0,
-        warmup_prefix=True,      # MAE: the cosine starts where the warm-up ends
-        accum_iter=3,            # the official runs: 8 GPUs x 64 x 3 = effective batch 1536
-        clip_grad=None,
-        smoothing=0.1,
-        mixup=0.0, cutmix=0.0, mixup_off_epoch=0,
-        aa="rand-m9-mstd0.5-inc1",  # RandAugment: 2 ops per image, magnitude 9 +- 0.5
-        reprob=0.25, remode="pixel",  # random erasing with per-pixel noise
-        crop_padding=0, hflip=0.5,
-        eval_every=1,
-    ),
-}
+# The official recipe of each dataset lives in its description (data.DATASETS[name].recipe).
+RECIPES = {name: spec.recipe for name, spec in data.DATASETS.items()}
 
 # --recipe cpu: what changes from the dataset's recipe for a 30-minute run on a
 # 2-core CPU. It trades the paper's accuracy for time: a model 6x narrower
@@ -147,7 +107,7 @@ def parse_args(argv=None):
                     "the chosen dataset (listed below); any of them can be overridden.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=data.DATASETS, help="default cifar10")
+    g.add_argument("--dataset", choices=list(data.DATASETS), help="default cifar10")
     g.add_argument("--data-dir", help="folder with cifar-10-batches-py/, cifar-100-python/ or "
                    "ImageNet's train/ and val/ (default ./data)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction,
@@ -225,8 +185,10 @@ def resolve_args(cli, saved=None):
     recipe = typed.get("recipe", saved.get("recipe", DEFAULTS["recipe"]))
     layers = [DEFAULTS, RECIPES[dataset]]
     if recipe == "cpu":
-        if dataset not in data.CIFAR:
-            raise TrainError("--recipe cpu is meant for CIFAR-10/100; ImageNet does not train on a CPU")
+        if not data.get_dataset(dataset).small:
+            small = " and ".join(s.title for s in data.DATASETS.values() if s.small)
+            raise TrainError(f"--recipe cpu is meant for {small}, small enough for a CPU; "
+                             f"{data.get_dataset(dataset).title} is not")
         layers.append(CPU_RECIPE)
     layers += [saved, typed]
     merged = {}

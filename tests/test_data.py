@@ -26,6 +26,52 @@ def texture(h=32, w=32, seed=0):
     return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
 
 
+# ---------------------------------------------------------------- dataset descriptions
+
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_dataset_descriptions_are_complete(name):
+    spec = data.get_dataset(name)
+    assert spec.name == name and spec.title and spec.num_classes >= 2
+    assert len(spec.mean) == len(spec.std) == spec.in_channels
+    assert all(0 < s < 1 for s in spec.std) and all(0 < m < 1 for m in spec.mean)
+    assert spec.image_size == spec.recipe["img_size"] and spec.recipe["model"]
+    assert callable(spec.fetch) and callable(spec.reader)
+    # class names: written out, or readable from disk
+    assert len(spec.class_names) == spec.num_classes or (not spec.class_names and spec.list_classes)
+
+
+def test_cifar_class_names():
+    assert data.get_dataset("cifar10").class_names[:3] == ("airplane", "automobile", "bird")
+    names = data.get_dataset("cifar100").class_names
+    # the official meta file lists the fine labels alphabetically
+    assert len(set(names)) == 100 and list(names) == sorted(names)
+    assert (names[0], names[30], names[99]) == ("apple", "dolphin", "worm")
+
+
+def test_unknown_dataset_lists_the_choices():
+    with pytest.raises(DataError, match="unknown dataset 'mnist'; choose one of cifar10, cifar100, imagenet"):
+        data.get_dataset("mnist")
+    with pytest.raises(DataError, match="choose one of"):
+        data.build_datasets("mnist", "data")
+
+
+def test_test_set_alone(tmp_path):
+    write_cifar(tmp_path, n_test=16)
+    test = data.build_test_set("cifar10", tmp_path, test_subset=4)
+    assert len(test) == 4 and test[0][0].shape == (3, 32, 32)
+    # ImageNet: evaluation reads val/ and needs no train/
+    root = write_imagenet(tmp_path / "inet", per_class=2)
+    import shutil
+    shutil.rmtree(root / "train")
+    test = data.build_test_set("imagenet", root, img_size=32)
+    assert len(test) == 6 and test.classes == ["n01", "n02", "n03"]
+    assert data.get_dataset("imagenet").class_names_from(root) == ("n01", "n02", "n03")
+    with pytest.raises(DataError, match="holds train/ and val/"):
+        data.prepare("imagenet", root)
+    with pytest.raises(DataError, match="ImageNet not found.*holds val/"):
+        data.build_test_set("imagenet", tmp_path / "nowhere")
+
+
 # ---------------------------------------------------------------- CIFAR files
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])

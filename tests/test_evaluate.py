@@ -1,9 +1,10 @@
-"""evaluate.py: firing rates, SOP / energy arithmetic, the complexity experiment, pictures and
-the command line.
+"""evaluate.py: firing rates, SOP / energy arithmetic, pictures and the command line
+(the complexity experiment: tests/test_complexity.py).
 
 Everything runs on tiny models (embed_dim 16-32, T = 2, 8x8 or 32x32 images) and a fake
 CIFAR-10 folder of a few random images written in the official pickle format.
 """
+import dataclasses
 import json
 import os
 import pickle
@@ -17,6 +18,8 @@ import torch.nn as nn
 
 import evaluate as ev
 import qkformer
+import data
+import neuron
 from neuron import LIFNode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +56,7 @@ def test_firing_rates_of_layers_forced_to_always_or_never_spike(bias, rate):
     force_bn_bias(model, bias)
     results, rec = run(model)
     rates = rec.firing_rates()
-    lifs = [n for n, m in model.named_modules() if isinstance(m, LIFNode)]
+    lifs = [n for n, m in model.named_modules() if isinstance(m, neuron.SpikingNeuron)]
     assert list(rates) == lifs                               # every spiking layer, in order
     assert all(r == rate for r in rates.values())
     assert all(r == rate for r in ev.stage_firing_rates(rec).values())
@@ -74,6 +77,23 @@ def test_one_forced_layer_and_its_successors_input():
     inputs = rec.input_rates()
     assert inputs["stages.0.blocks.0.mlp.fc2.conv"] == 1.0   # fc2 is fed by fc1's spikes
     assert inputs["stages.0.blocks.0.mlp.fc1.conv"] == 0.0
+
+
+def test_counts_stay_on_the_device_until_read(monkeypatch):
+    """No value is read back per batch: the hooks and the accuracy only add on the device,
+    and the results are read with one transfer each (results, then the recorder's sums)."""
+    model = tiny()
+    reads = []
+    for method in ("item", "tolist", "cpu"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _f=original, _m=method, **k: (reads.append(_m), _f(self, *a, **k))[1])
+    results, rec = run(model)
+    assert reads.count("item") == 0 and reads.count("tolist") == 1     # results: one read
+    rates = rec.firing_rates()
+    rec.input_rates(), ev.stage_firing_rates(rec), ev.table4(model, rec)
+    assert reads.count("item") == 0 and reads.count("tolist") == 2     # the recorder: one more
+    assert len(rates) == sum(isinstance(m, neuron.SpikingNeuron) for m in model.modules())
 
 
 def test_accuracy_and_confusion_with_known_predictions():
@@ -160,7 +180,7 @@ def test_qkformer_energy_terms_when_every_neuron_fires():
     # stem: 3x3 conv, 3 -> 2 channels (embed_dim / 8), on 8x8 pixels (CIFAR stage 1: stride 1)
     assert macs["layers"]["stages.0.embed.stem.conv"] == 3 * 3 * 3 * 2 * 8 * 8
     # stage-3 SSA, C = 16, 2 heads of d = 8, N = 2x2 tokens: K^T V and (K^T V) Q, h N d^2 each
-    assert macs["attention"] == {"stages.2.blocks.0.attn": 2 * 2 * 4 * 8 * 8}
+    assert macs["own"] == {"stages.2.blocks.0.attn": 2 * 2 * 4 * 8 * 8}
     e = ev.energy_report(model, rec, results["images"], model.config.T, macs)
     rows = {r["name"]: r for r in e["layers"]}
     assert e["mac_layers"] == ["stages.0.embed.stem.conv"]
@@ -168,7 +188,8 @@ def test_qkformer_energy_terms_when_every_neuron_fires():
     # every Q neuron fires: QKTA's sum costs one addition per Q spike = T x C x N
     assert rows["stages.0.blocks.0.attn (sum of Q)"]["ops"] == 2 * 4 * 64
     assert rows["stages.1.blocks.0.attn (sum of Q)"]["ops"] == 2 * 8 * 16
-    assert rows["stages.2.blocks.0.attn (K^T V, (K^T V) Q)"]["ops"] == 2 * 1024
+    assert (rows["stages.2.blocks.0.attn (K^T V)"]["ops"]
+            + rows["stages.2.blocks.0.attn (Q (K^T V))"]["ops"]) == 2 * 1024
     # the layers right after a neuron see rate 1; after a residual sum, spike counts > 1
     assert rows["stages.0.blocks.0.mlp.fc2.conv"]["input_rate"] == 1.0
     assert rows["stages.0.blocks.0.attn.q.conv"]["input_rate"] == 2.0   # SPEDS: main + shortcut
@@ -179,61 +200,92 @@ def test_qkformer_energy_terms_when_every_neuron_fires():
         (0.9 * e["SOPs"] + 4.6 * macs["layers"]["stages.0.embed.stem.conv"]) * 1e-9)
 
 
-# ---------------------------------------------------------------- complexity experiment
+# ---------------------------------------------------------------- new neurons and attentions
 
-def test_peak_memory_counts_live_tensors_only():
-    x = torch.randn(1000, 1000)                              # 4 MB, allocated before: not counted
-    with ev.PeakMemory() as pm:
-        a = x * 2                                            # 4 MB
-        b = a @ a                                            # 8 MB live
-        del a                                                # 4 MB
-        c = b + 1                                            # 8 MB
-        view = c.view(-1)[:10]                               # a view allocates nothing ...
-        del c                                                # ... and keeps c's memory alive
-        d = x.t()                                            # a view of the input: nothing
-        e = b + 1                                            # 12 MB: the peak
-        del b, e
-    assert pm.peak == 3 * 4_000_000
-    assert pm.current == 4_000_000                           # only c, held by `view`
-    del view, d
+class SignNeuron(neuron.SpikingNeuron):
+    """A neuron type evaluate.py has never heard of: a spike wherever the input is positive."""
+
+    def spikes(self, x_seq):
+        return (x_seq > 0).float()
 
 
-def test_explicit_ssa_equals_right_to_left_ssa():
-    torch.manual_seed(0)
-    explicit = ev.ExplicitSSA(32, 2).eval()
-    ssa = qkformer.SpikingSelfAttention(32, 2).eval()
-    ssa.load_state_dict(explicit.state_dict())
-    x = (torch.rand(2, 3, 32, 6, 6) < 0.5).float()
-    with torch.no_grad():
-        assert torch.equal(explicit(x), ssa(x))
+@pytest.mark.parametrize("bias, rate", [(100.0, 1.0), (-100.0, 0.0)])
+def test_recorder_counts_a_new_neuron_type(bias, rate):
+    model = tiny()
+    unit = model.stages[0].blocks[0].mlp.fc1
+    unit.lif = SignNeuron()
+    force_bn_bias(unit, bias)
+    _, rec = run(model)
+    rates = rec.firing_rates()
+    assert rates["stages.0.blocks.0.mlp.fc1.lif"] == rate
+    lifs = [n for n, m in model.named_modules() if isinstance(m, neuron.SpikingNeuron)]
+    assert list(rates) == lifs
+    # and the spikes it sends on are the next layer's input, and Table 4's "SMLP Layer1"
+    assert rec.input_rates()["stages.0.blocks.0.mlp.fc2.conv"] == rate
+    assert ev.table4(model, rec)["stage 1"]["SMLP Layer1"] == rate
 
 
-def test_complexity_qkta_linear_explicit_ssa_quadratic(tmp_path):
-    out = tmp_path / "complexity"
-    assert ev.main(["--complexity", "--min-side", "8", "--max-side", "48", "--step", "8",
-                    "--dim", "16", "--output", str(out)]) == 0
-    result = json.loads((out / "complexity.json").read_text())
-    assert (out / "complexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cpu = result["devices"]["cpu"]
-    assert [r["side"] for r in cpu["QKTA"]] == [8, 16, 24, 32, 40, 48]
-    slopes = result["slopes"]["cpu"]
-    # memory is measured exactly (bytes of tensors), so these are tight
-    assert 0.9 < slopes["QKTA"]["memory_MiB"] < 1.1
-    assert 0.9 < slopes["SSA Q (K^T V)"]["memory_MiB"] < 1.1
-    assert slopes["SSA (Q K^T) V"]["memory_MiB"] > 1.7
-    # doubling N from side 24 to 48 (x4 tokens): QKTA memory x4, explicit SSA about x16
-    qkta = {r["side"]: r["memory_MiB"] for r in cpu["QKTA"]}
-    ssa = {r["side"]: r["memory_MiB"] for r in cpu["SSA (Q K^T) V"]}
-    assert qkta[48] / qkta[24] == pytest.approx(4.0, rel=0.05)
-    assert ssa[48] / ssa[24] > 10
-    # what the left-to-right form stores in addition is its N x N map (less the d x d map of
-    # the right-to-left form, which matters only for the smallest N)
-    extra = result["attention_map_memory"]["cpu"]
-    assert 1.95 < extra["slope"] < 2.1
-    for row in extra["rows"][2:]:
-        assert row["MiB"] == pytest.approx(row["N_by_N_map_MiB"], rel=0.02)
-    # times are noisy on a shared CPU: only ask that the quadratic form grows clearly faster
-    assert slopes["SSA (Q K^T) V"]["time_ms"] > slopes["QKTA"]["time_ms"] + 0.3
+def test_layer_macs_leaves_the_neurons_as_they_were():
+    model = tiny()
+    flags = [m.reference for m in model.modules() if hasattr(m, "reference")]
+    assert flags and not any(flags)
+    ev.layer_macs(model)
+    assert [m.reference for m in model.modules() if hasattr(m, "reference")] == flags
+
+
+class GramAttention(qkformer.QKAttention):
+    """Q-K token attention followed by a product of spikes it does not report: Y (Y^T Y)."""
+
+    def forward(self, x):
+        y = super().forward(x)                                   # (T, B, C, H, W) spikes
+        T, B, C, H, W = y.shape
+        t = y.flatten(3)                                         # (T, B, C, N)
+        gram = t.transpose(-2, -1) @ t                           # (T, B, N, N)
+        return (t @ gram).reshape(T, B, C, H, W)                 # (T, B, C, H, W)
+
+
+class ReportedGramAttention(GramAttention):
+    def synaptic_ops(self, firing):
+        rate, neurons = firing(self.proj.lif)                    # N*C
+        n = neurons / self.proj.conv.out_channels                # N
+        return super().synaptic_ops(firing) + [("Y^T Y", neurons * n, rate),
+                                               ("Y (Y^T Y)", neurons * n, rate)]
+
+
+def energy_of(model):
+    results, rec = run(model)
+    return ev.energy_report(model, rec, results["images"], model.config.T, ev.layer_macs(model))
+
+
+def test_an_unreported_product_on_spikes_is_an_error():
+    model = tiny()
+    model.stages[0].blocks[0].attn.__class__ = GramAttention    # same weights, one more product
+    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn \(GramAttention\)"):
+        energy_of(model)
+
+
+def test_a_reported_product_on_spikes_is_counted():
+    model = tiny()
+    force_bn_bias(model, 100.0)                                  # every neuron fires
+    model.stages[0].blocks[0].attn.__class__ = ReportedGramAttention
+    rows = {r["name"]: r for r in energy_of(model)["layers"]}
+    # C = 4, N = 64 tokens: each product N*N*C MACs, every input a spike, T = 2
+    for label in ("Y^T Y", "Y (Y^T Y)"):
+        assert rows[f"stages.0.blocks.0.attn ({label})"]["ops"] == 2 * 64 * 64 * 4
+    assert rows["stages.0.blocks.0.attn (sum of Q)"]["ops"] == 2 * 4 * 64
+
+
+def test_a_product_outside_any_attention_is_an_error():
+    class GramMLP(qkformer.SpikingMLP):
+        def forward(self, x):
+            y = super().forward(x)
+            t = y.flatten(3)                                     # (T, B, C, N)
+            return (t @ (t.transpose(-2, -1) @ t)).reshape(y.shape)
+
+    model = tiny()
+    model.stages[1].blocks[0].mlp.__class__ = GramMLP
+    with pytest.raises(ValueError, match=r"stages\.1\.blocks\.0\.mlp \(GramMLP\)"):
+        energy_of(model)
 
 
 # ---------------------------------------------------------------- command line
@@ -391,3 +443,39 @@ def test_cli_as_a_program_prints_no_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_cli_on_a_new_dataset_described_once(tmp_path, monkeypatch):
+    """A dataset evaluate.py has never heard of, described by a data.DatasetSpec only: 8x8
+    images, 4 classes with names; the model is built for it."""
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (10, 3, 8, 8), dtype=np.uint8))
+    labels = [int(v) for v in rng.integers(0, 4, 10)]
+
+    def reader(spec, data_dir, train, img_size, subset, augment, download_missing):
+        assert img_size == spec.image_size
+        return data.TensorImages(images, labels)
+
+    spec = dataclasses.replace(data.get_dataset("cifar10"), name="dots", title="Dots",
+                               num_classes=4, class_names=("red", "green", "blue", "grey"),
+                               image_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                               fetch=lambda spec, data_dir, download_missing: None, reader=reader)
+    monkeypatch.setitem(data.DATASETS, "dots", spec)
+    ckpt = own_checkpoint(tmp_path / "dots.pt", img_size=8, num_classes=4)
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", ckpt, "--dataset", "dots", "--data-dir", str(tmp_path),
+                    "--batch-size", "4", "--pictures", "2", "--output", str(out)]) == 0
+    metrics = check_outputs(out, images=10)
+    assert metrics["dataset"] == "dots" and metrics["class_names"] == ["red", "green", "blue", "grey"]
+    assert np.array(metrics["confusion"]).shape == (4, 4)
+    assert metrics["loss"] > 0 and {"top1", "top5", "loss"} <= set(metrics)
+
+
+def test_cli_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "nope.pt"),
+                           "--data-dir", str(tmp_path / "none"), "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--device cuda" in lines[0]
