@@ -1271,3 +1271,89 @@ def build_dvs_datasets(name, data_dir, T=16, split="official", seed=0, transform
         test_idx = [i for i, g in enumerate(groups) if g == "test"]
     pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     return EventFrames(*pick(train_idx), transform=transform), EventFrames(*pick(test_idx))
+
+
+class EventAugment:
+    """The official DVS training augmentation of one sample's frames (T, 2, H, W), the same for every frame.
+
+    From the official cifar10-dvs/ and dvs128-gesture/ train.py: a horizontal
+    flip with probability 0.5, then SNNAugmentWide (their autoaugment.py, a
+    TrivialAugment-Wide variant for event frames): one operation drawn
+    uniformly from identity, shear x, translate x, translate y, rotate and
+    cutout, its magnitude one of 31 evenly spaced values with a random sign:
+    shear +-0.3 (radians of shear angle), translation +-5 px (truncated to
+    whole pixels), rotation +-30 degrees, all with nearest-neighbour sampling
+    and zeros outside; cutout zeroes one square covering 0.1-11 % of the
+    frame (torchvision's RandomErasing(p=1, scale=(0.001, 0.11), ratio=(1, 1)),
+    whose magnitude is ignored). Random numbers come from torch's generator.
+    """
+
+    OPS = ("identity", "shear_x", "translate_x", "translate_y", "rotate", "cutout")
+    MAX_MAGNITUDE = dict(identity=0.0, shear_x=0.3, translate_x=5.0, translate_y=5.0, rotate=30.0, cutout=0.0)
+
+    def __init__(self, flip=0.5, bins=31):
+        self.flip, self.bins = flip, bins
+
+    def __call__(self, frames):
+        if _coin(self.flip):
+            frames = frames.flip(-1)
+        op = self.OPS[int(torch.randint(len(self.OPS), ()))]
+        top = self.MAX_MAGNITUDE[op]
+        magnitude = float(torch.linspace(-top, top, self.bins)[int(torch.randint(self.bins, ()))])
+        if _coin(0.5):
+            magnitude = -magnitude
+        return self.apply(frames, op, magnitude)
+
+    @staticmethod
+    def apply(frames, op, magnitude):
+        """One operation with a given magnitude (see the class docstring for the units)."""
+        if op == "identity":
+            return frames
+        if op == "cutout":
+            return _cutout(frames)
+        if op == "shear_x":
+            # inverse map: output pixel (x, y) reads input (x + tan(s) y, y), about the centre
+            matrix = [[1.0, math.tan(magnitude), 0.0], [0.0, 1.0, 0.0]]
+        elif op == "translate_x":
+            matrix = [[1.0, 0.0, -float(int(magnitude))], [0.0, 1.0, 0.0]]
+        elif op == "translate_y":
+            matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, -float(int(magnitude))]]
+        elif op == "rotate":
+            a = math.radians(magnitude)
+            matrix = [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]
+        else:
+            raise DataError(f"unknown event augmentation {op!r}; choose one of {', '.join(EventAugment.OPS)}")
+        return _warp_nearest(frames, matrix)
+
+
+def _warp_nearest(frames, matrix):
+    """frames (T, C, H, W) resampled through an inverse affine map given in pixels about the image centre.
+
+    Built as torchvision's tensor affine() builds it (pixel centres at
+    -(W-1)/2 .. (W-1)/2, grid_sample with align_corners=False), so that
+    nearest-neighbour sampling picks the same pixels.
+    """
+    T, C, H, W = frames.shape
+    m = torch.tensor(matrix, dtype=torch.float64)  # (2, 3)
+    xs = torch.arange(W, dtype=torch.float64) - (W - 1) / 2
+    ys = torch.arange(H, dtype=torch.float64) - (H - 1) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+    points = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # (H, W, 3)
+    source = points @ m.T  # (H, W, 2): input position (x, y) in centred pixels
+    grid = (source / torch.tensor([W / 2, H / 2], dtype=torch.float64)).to(frames.dtype)
+    grid = grid.unsqueeze(0).expand(T, H, W, 2)  # (T, H, W, 2): the same map for every frame
+    return F.grid_sample(frames, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _cutout(frames, scale=(0.001, 0.11)):
+    """Zero one square of area scale * H * W (uniform) at a uniform position, in every frame and channel."""
+    H, W = frames.shape[-2:]
+    for _ in range(10):  # as torchvision's RandomErasing: a few tries to find a square that fits
+        side = int(round(math.sqrt(H * W * _uniform(*scale))))
+        if side < H and side < W:
+            top = int(torch.randint(0, H - side + 1, ()))
+            left = int(torch.randint(0, W - side + 1, ()))
+            frames = frames.clone()
+            frames[..., top:top + side, left:left + side] = 0
+            return frames
+    return frames

@@ -358,3 +358,55 @@ def test_bad_labels_row_and_unknown_dataset(tmp_path):
         data.read_labels_csv(csv)
     with pytest.raises(DataError, match="unknown event-camera dataset"):
         data.build_dvs_datasets("nmnist", tmp_path)
+
+
+# ---------------------------------------------------------------- the official event augmentation
+
+def _frames(T=3, H=12, W=10, seed=0):
+    return torch.randint(0, 4, (T, 2, H, W), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def test_event_augment_translate_moves_whole_pixels():
+    x = _frames()
+    out = data.EventAugment.apply(x, "translate_x", 3.7)  # truncated to 3 px, as int() does officially
+    assert torch.equal(out[..., 3:], x[..., :-3]) and not out[..., :3].any()
+    out = data.EventAugment.apply(x, "translate_y", -2.2)
+    assert torch.equal(out[..., :-2, :], x[..., 2:, :]) and not out[..., -2:, :].any()
+
+
+def test_event_augment_rotate_and_shear():
+    x = _frames(H=10, W=10)
+    assert torch.equal(data.EventAugment.apply(x, "rotate", 0.0), x)
+    quarter = data.EventAugment.apply(x, "rotate", 90.0)
+    assert torch.equal(quarter, torch.rot90(x, 1, (-2, -1))) or torch.equal(quarter, torch.rot90(x, -1, (-2, -1)))
+    rows = torch.arange(1, 11, dtype=torch.float32).view(1, 1, 10, 1).expand(2, 2, 10, 10)
+    sheared = data.EventAugment.apply(rows, "shear_x", 0.3)
+    # a shear along x keeps every pixel in its row, and moves rows away from the centre sideways
+    assert ((sheared == rows) | (sheared == 0)).all() and not torch.equal(sheared, rows)
+
+
+def test_event_augment_cutout_is_one_square_in_every_frame():
+    torch.manual_seed(0)
+    x = torch.ones(4, 2, 64, 64)
+    out = data.EventAugment.apply(x, "cutout", 0.0)
+    zero = out == 0
+    assert torch.equal(zero, zero[:1, :1].expand_as(zero))  # the same square everywhere
+    rows, cols = zero[0, 0].any(1).sum().item(), zero[0, 0].any(0).sum().item()
+    assert rows == cols and zero[0, 0].sum().item() == rows * cols
+    assert 0.001 * 64 * 64 - 2 * 64 <= rows * cols <= 0.11 * 64 * 64 + 2 * 64
+
+
+def test_event_augment_draws_from_torch_and_flips():
+    x = _frames()
+    aug = data.EventAugment()
+    torch.manual_seed(3)
+    a = [aug(x) for _ in range(20)]
+    torch.manual_seed(3)
+    b = [aug(x) for _ in range(20)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and all(u.shape == x.shape for u in a)
+    assert any(not torch.equal(u, x) for u in a)
+    flip_only = data.EventAugment(flip=1.0)
+    flip_only.OPS = ("identity",)
+    assert torch.equal(flip_only(x), x.flip(-1))
+    with pytest.raises(DataError, match="unknown event augmentation"):
+        data.EventAugment.apply(x, "solarize", 1.0)
