@@ -337,7 +337,7 @@ def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
         out_a, gx_a, gp_a, state_a = run(fused=True)
         out_b, gx_b, gp_b, state_b = run(fused=False)
         if backend == "compiled":
-            from qkformer import bn_lif_forward_kernel, bn_lif_backward_kernel
+            from neuron import bn_lif_forward_kernel, bn_lif_backward_kernel
             assert bn_lif_forward_kernel.used == bn_lif_backward_kernel.used == "compiled"
         assert torch.equal(out_a, out_b) and 0 < out_a.mean() < 1
         for k in state_a:                          # running statistics updated once, alike
