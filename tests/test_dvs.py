@@ -8,6 +8,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import threading
 import zipfile
@@ -15,9 +16,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 from data import DataError
+from qkformer import (PRESETS, QKFormer, QKFormerConfig, convert_official_state_dict, count_parameters,
+                      create_model, load_official_state_dict, official_config, official_family)
 from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
                          write_aedat2, write_aedat31, write_cifar10dvs_tree, write_gesture_tree, write_labels)
 
@@ -410,3 +414,96 @@ def test_event_augment_draws_from_torch_and_flips():
     assert torch.equal(flip_only(x), x.flip(-1))
     with pytest.raises(DataError, match="unknown event augmentation"):
         data.EventAugment.apply(x, "solarize", 1.0)
+
+
+# ---------------------------------------------------------------- the DVS models (qkformer.py, family "dvs")
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+DVS_PARAMS = {"cifar10dvs": 1_504_138, "dvs128gesture": 1_999_371}
+
+
+@pytest.mark.parametrize("name", sorted(DVS_PARAMS))
+def test_dvs_preset_parameter_counts_equal_official(name):
+    assert count_parameters(create_model(name)) == DVS_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(DVS_PARAMS))
+def test_dvs_official_keys_load_strictly(name):
+    """Every key and shape of both official DVS models maps onto this model."""
+    with open(os.path.join(GOLDEN, "official_state_dict_keys.json")) as f:
+        spec = json.load(f)[name]
+    official = {"module." + k: torch.zeros(shape, dtype=torch.int64 if k.endswith("num_batches_tracked")
+                                             else torch.float32)
+                for k, shape in spec["state_dict"].items()}
+    assert official_family(official) == "dvs"
+    config = official_config({"model": official})
+    preset = PRESETS[name]
+    assert (config.family, config.num_heads, config.mlp_ratio, config.img_size, config.in_channels,
+            config.depths) == ("dvs", 16, preset["mlp_ratio"], 128, 2, 2)
+    model = QKFormer(config)
+    assert count_parameters(model) == spec["num_params"]
+    load_official_state_dict(model, {"model": official})
+    assert model.config.official_quirks
+
+
+def test_dvs_layout():
+    """Stage 1: stem D/16, D/8 (pool) | F = D/4 (pool), D/2 (pool), shortcut stride 4 from the
+    stem's second layer; stage 2: F = conv, conv + pool, shortcut stride 2."""
+    model = create_model("cifar10dvs", embed_dim=64, num_heads=4).eval()
+    e1, e2 = model.stages[0].embed, model.stages[1].embed
+    assert [u.conv.out_channels for u in e1.stem] == [4, 8]
+    assert [not isinstance(u.pool, torch.nn.Identity) for u in e1.stem] == [False, True]
+    assert [(u.conv.out_channels, not isinstance(u.pool, torch.nn.Identity)) for u in e1.main] == [(16, True), (32, True)]
+    assert (e1.shortcut.conv.in_channels, e1.shortcut.conv.stride) == (8, (4, 4))
+    assert [not isinstance(u.pool, torch.nn.Identity) for u in e2.main] == [False, True]
+    assert (e2.shortcut.conv.in_channels, e2.shortcut.conv.stride) == (32, (2, 2))
+    assert model.config.attention == ("token", "ssa") and model.config.downsampling == 16
+    shapes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        assert model(torch.rand(3, 2, 2, 128, 128)).shape == (2, 10)   # (T, B, 2, H, W)
+    assert shapes == [(3, 2, 32, 16, 16), (3, 2, 64, 8, 8)]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(attention=("token", "token", "ssa")), "2 stages of the dvs family"),
+    (dict(depths=1), "depths >= 2"),
+    (dict(embed_dim=72, num_heads=2), "divisible by 16"),
+    (dict(img_size=100), "multiple of 16"),
+])
+def test_dvs_invalid_configuration(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("cifar10dvs", **overrides)
+
+
+@pytest.mark.parametrize("name", ["cifar10dvs", "dvs128gesture"])
+def test_dvs_parity_with_official_code(name):
+    """Eval logits, train logits, loss and every gradient match the official code to 1e-9 (float64)."""
+    golden = torch.load(os.path.join(GOLDEN, f"official_{name}_small.pt"), weights_only=True)
+    settings = {k: v for k, v in golden["config"].items() if k != "input_layout"}
+    model = QKFormer(QKFormerConfig(**settings, depths=2)).double()
+    load_official_state_dict(model, golden["official_state_dict"])
+    # the official input is (B, T, 2, H, W) event counts; this model takes (T, B, 2, H, W)
+    x, target = golden["input"].transpose(0, 1), golden["target"]
+
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), golden["logits_eval"], rtol=0, atol=1e-9)
+
+    model.train()
+    logits = model(x)
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    assert torch.allclose(logits, golden["logits_train"], rtol=0, atol=1e-9)
+    assert abs(loss.item() - golden["loss_train"].item()) < 1e-9
+    grads = convert_official_state_dict(golden["grads"])
+    params = dict(model.named_parameters())
+    assert grads.keys() == params.keys()
+    for key, grad in grads.items():
+        assert torch.allclose(params[key].grad, grad, rtol=0, atol=1e-9), key
+
+
+def test_official_family_rejects_unknown_embeddings():
+    with pytest.raises(ValueError, match="no official QKFormer family"):
+        official_family({"patch_embed1.proj7_conv.weight": torch.zeros(1), "head.weight": torch.zeros(1)})
