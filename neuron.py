@@ -125,10 +125,12 @@ class SpikingNeuron(nn.Module):
     that can (LIFNode, IFNode) run batch norm and itself as one fused step in training
     (`batch_norm_lif`, part 2: the same numbers, less memory), while the neuron's forward
     hooks fire on every path. What a forward hook on a neuron sees:
-        output      the spikes (T, B, ...), always;
+        output      the spikes, shaped as x_seq: (T, B, ...) in qkformer.py (the one
+                    exception: with official_quirks, the SSA's last neuron runs over T*B
+                    steps, (T*B, C, H, W));
         input[0]    the x_seq passed in: the membrane input itself, or, when `norm` is
-                    given, the input of the norm (the convolution's output; norm is a
-                    keyword argument, so it is not in the hook's input tuple).
+                    given, the input of the norm (the convolution's output). norm is a
+                    keyword argument: a hook registered with with_kwargs=True sees it.
     The norm's own hooks fire only when it runs as a layer: a norm with hooks is never fused.
     """
 
@@ -149,11 +151,12 @@ class SpikingNeuron(nn.Module):
         return False
 
 
-def _check(tau: Optional[float], v_threshold: float, alpha: float, least_tau: float = 1.0):
-    if tau is not None and not tau >= least_tau:
+def _check(tau: Optional[float], v_threshold: float, alpha: float):
+    """Clear errors for settings the equations do not allow."""
+    if tau is not None and not tau >= 1.0:
         # (N1) mixes V[t-1] and X[t] with weights 1 - 1/tau and 1/tau; below 1 the old
         # potential would count negatively (tau = 1: no memory, H[t] = X[t]).
-        raise ValueError(f"tau must be at least {least_tau}, got {tau}")
+        raise ValueError(f"tau must be at least 1 (or None for an IF neuron), got {tau}")
     if not v_threshold > 0:
         raise ValueError(f"v_threshold must be positive, got {v_threshold}")
     if not alpha > 0:
@@ -161,9 +164,15 @@ def _check(tau: Optional[float], v_threshold: float, alpha: float, least_tau: fl
 
 
 class LIFNode(SpikingNeuron):
-    """Multi-step LIF neuron, paper Appendix 6.1: (N1)-(N3) of this file's docstring, i.e.
-    `lif_reference`. The membrane potential lives only inside one call, so unlike
-    SpikingJelly no `reset_net` is needed between batches.
+    """Multi-step LIF neuron, paper Appendix 6.1. For every step t, with V[-1] = 0:
+
+        H[t] = V[t-1] + (X[t] - V[t-1]) / tau        (N1) charge
+        S[t] = Heaviside(H[t] - V_th)                (N2) fire (sigmoid surrogate gradient)
+        V[t] = H[t] * (1 - S[t])                     (N3) hard reset to 0, detached
+
+    `spikes` runs them: `lif_reference` is this loop, line by line. The membrane potential
+    lives only inside one call, so unlike SpikingJelly no `reset_net` is needed between
+    batches.
 
     Args:
         tau: membrane time constant (official code: 2.0); None for an IF neuron (no leak).
@@ -217,9 +226,9 @@ class ParametricLIFNode(SpikingNeuron):
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
                  reference: bool = False):
         super().__init__()
-        _check(tau, v_threshold, alpha, least_tau=1.0)
-        if tau == 1.0:
-            raise ValueError("a PLIF neuron needs tau > 1 at the start (1/tau = sigmoid(w) < 1)")
+        if not tau > 1.0:                                      # 1/tau = sigmoid(w) < 1
+            raise ValueError(f"a PLIF neuron's initial tau must be greater than 1, got {tau}")
+        _check(tau, v_threshold, alpha)
         self.w = nn.Parameter(torch.tensor(-math.log(tau - 1.0)))
         self.v_threshold, self.alpha = float(v_threshold), float(alpha)
         self.reference = reference

@@ -531,7 +531,8 @@ def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int
 # The hierarchical network (Section 3.4, Figure 2)
 
 class Stage(nn.Module):
-    """One stage of the hierarchy: a SPEDS patch embedding, then its transformer blocks."""
+    """One stage of the hierarchy (Section 3.4, Figure 2): a SPEDS patch embedding, then its
+    transformer blocks."""
 
     def __init__(self, embed: SPEDS, blocks: nn.ModuleList):
         super().__init__()
