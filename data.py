@@ -754,7 +754,8 @@ class Mixup:
 #   files (AEDAT 2.0 / 3.1) -> events (dict of arrays t, x, y, p)
 #     -> events_to_frames: (T, 2, H, W) counts, split by event number
 #     -> a cache of compressed .npz files per (dataset, T), built once
-#     -> EventFrames: a Dataset of (float frames (T, 2, H, W), label).
+#     -> EventFrames: a Dataset of (float frames (T, 2, H, W), label)
+#     -> EventAugment: the official training augmentation, per sample (flip + one op).
 #
 # Folder layout under the data folder (--data-dir):
 #   CIFAR10-DVS/airplane.zip ... truck.zip            downloaded (md5-checked)
