@@ -7,6 +7,7 @@ Spiking self-attention (SSA) comes from Zhou et al., "Spikformer: When Spiking N
 Network Meets Transformer", ICLR 2023. The spiking neurons are in neuron.py.
 
 Read it top to bottom, next to the paper (section and equation numbers of arXiv v2):
+  LAYOUTS              the official model families (CIFAR, ImageNet, DVS): stages and SPEDS layouts
   QKFormerConfig       the configuration: sizes, attention per stage, the neuron's settings
   ConvBNLIF            the building brick: conv -> batch norm -> (max-pool) -> spiking neuron
   SpikeAttention       what every attention is (and how it reports its operations on spikes)
@@ -15,7 +16,7 @@ Read it top to bottom, next to the paper (section and equation numbers of arXiv 
   ATTENTIONS           the table of attentions a stage can use
   SpikingMLP, QKFormerBlock   Section 3.4, Eq. (8): X = X + Attn(X); X = X + MLP(X)
   SPEDS                Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut
-  QKFormer             Section 3.4 / Figure 2: three stages of widths D/4, D/2, D
+  QKFormer             Section 3.4 / Figure 2: three stages of widths D/4, D/2, D (DVS: two)
   PRESETS, create_model, fold_batchnorm                the presets, inference folding
   convert_official_state_dict, load_checkpoint, ...    the released weights, checkpoints
 
@@ -40,26 +41,104 @@ import torch.nn.functional as F
 
 from neuron import NEURONS, SpikingNeuron, make_neuron
 
-FAMILIES = ("cifar", "imagenet")
-
 
 # ----------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the layouts of the official model families, then the config itself
+
+@dataclass(frozen=True)
+class EmbedLayout:
+    """One SPEDS patch embedding (Section 3.5) as an official model family builds it.
+
+    stem, main: the 3x3 conv-BN-SN layers before the shortcut branches off (the stem) and
+                those of F (see `SPEDS`), each as (output width as a divisor of the stage's
+                width, whether a max-pool sits between batch norm and neuron).
+    official:   the official code's names of these layers, in order (patch_embed<i>.<name>_conv);
+                the shortcut is proj_res in every family.
+    The shortcut's stride is that of F's max-pools, so that the two branches meet.
+    """
+    stem: Tuple[Tuple[int, bool], ...]
+    main: Tuple[Tuple[int, bool], ...]
+    official: Tuple[str, ...]
+
+    @property
+    def stride(self) -> int:
+        """How much the embedding shrinks the token grid."""
+        return 2 ** sum(pool for _, pool in self.stem + self.main)
+
+    @property
+    def shortcut_stride(self) -> int:
+        return 2 ** sum(pool for _, pool in self.main)
+
+    def module_names(self) -> Dict[str, str]:
+        """Official layer name -> this model's module path inside the SPEDS."""
+        stem = ["stem"] if len(self.stem) == 1 else [f"stem.{j}" for j in range(len(self.stem))]
+        ours = stem + [f"main.{j}" for j in range(len(self.main))]
+        return {**dict(zip(self.official, ours)), "proj_res": "shortcut"}
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """What QKFormerConfig.family decides: the stages of one official model family.
+
+    widths:       the width of each stage as a divisor of D (embed_dim): (4, 2, 1) is D/4, D/2, D.
+    early_depths: the blocks of every stage but the last; the last has the rest of `depths`.
+    embeds:       the SPEDS patch embedding of each stage.
+    official_heads, official_img_size: what the official code uses; heads leave no trace in
+                  the weights, so `official_config` needs them (official_heads maps D to heads).
+    """
+    widths: Tuple[int, ...]
+    early_depths: Tuple[int, ...]
+    embeds: Tuple[EmbedLayout, ...]
+    official_heads: Callable[[int], int]
+    official_img_size: int
+
+
+_LATER_CIFAR = EmbedLayout(stem=(), main=((1, False), (1, True)), official=("proj3", "proj4"))
+_LATER_IMAGENET = EmbedLayout(stem=(), main=((1, True), (1, False)), official=("proj3", "proj4"))
+LAYOUTS: Dict[str, FamilyLayout] = {
+    # cifar10/ and cifar100/ model.py: tokens at full resolution in stage 1 (32x32).
+    "cifar": FamilyLayout(
+        widths=(4, 2, 1), early_depths=(1, 1),
+        embeds=(EmbedLayout(stem=((2, False),), main=((1, False),), official=("proj", "proj1")),
+                _LATER_CIFAR, _LATER_CIFAR),
+        official_heads=lambda dim: 8, official_img_size=32),
+    # imagenet/qkformer.py: stage 1 downsamples 4x (224 -> 56), pools after the first conv.
+    "imagenet": FamilyLayout(
+        widths=(4, 2, 1), early_depths=(1, 2),
+        embeds=(EmbedLayout(stem=((2, True),), main=((1, True), (1, False)),
+                            official=("proj", "proj1", "proj2")),
+                _LATER_IMAGENET, _LATER_IMAGENET),
+        official_heads=lambda dim: dim // 64, official_img_size=224),
+    # cifar10-dvs/ and dvs128-gesture/ model.py: two stages, D/2 (QKTA) and D (SSA), on
+    # 128x128 event frames; stage 1 downsamples 8x with a two-layer stem (its shortcut starts
+    # after the stem's second layer, stride 4) and 16 heads.
+    "dvs": FamilyLayout(
+        widths=(2, 1), early_depths=(1,),
+        embeds=(EmbedLayout(stem=((8, False), (4, True)), main=((2, True), (1, True)),
+                            official=("proj", "proj1", "proj2", "proj3")),
+                EmbedLayout(stem=(), main=((1, False), (1, True)), official=("proj", "proj4"))),
+        official_heads=lambda dim: 16, official_img_size=128),
+}
+FAMILIES = tuple(LAYOUTS)
+
 
 @dataclass
 class QKFormerConfig:
     """Everything needed to rebuild a model (it is stored in every checkpoint).
 
-    family:      "cifar" or "imagenet": the two layouts of the official code. They differ in
-                 where SPEDS downsamples (see `SPEDS`) and in the blocks per stage.
-    embed_dim:   D, the width of stage 3; stages 1 and 2 have D/4 and D/2 channels.
+    family:      "cifar", "imagenet" or "dvs": the layouts of the official code (LAYOUTS).
+                 They differ in the stages, where SPEDS downsamples (see `SPEDS`) and the
+                 blocks per stage.
+    embed_dim:   D, the width of the last stage; CIFAR and ImageNet have three stages of
+                 D/4, D/2, D channels, DVS two of D/2, D.
     depths:      total number of blocks, as the official code counts them. CIFAR: 1, 1 and
                  depths-2 blocks per stage; ImageNet: 1, 2 and depths-3 (so "QKFormer-10-384"
-                 has 1 + 2 + 7 blocks).
+                 has 1 + 2 + 7 blocks); DVS: 1 and depths-1 (the official models: depths=2).
     num_heads:   heads of every attention layer (the official code uses one value for all stages).
     attention:   the attention of each stage, a key of ATTENTIONS: "token" (QKTA), "channel"
-                 (QKCA) or "ssa". The paper's model is ("token", "token", "ssa"); the others
-                 rerun its ablation.
+                 (QKCA) or "ssa". None: the paper's model, "token" in every stage but the
+                 last and "ssa" there, e.g. ("token", "token", "ssa"); the others rerun its
+                 ablation.
     official_quirks: reproduce the official code's batch-mixing SSA neuron (see
                  `SpikingSelfAttention`); needed to match the released checkpoints exactly.
     The spiking neurons (neuron.py; every neuron of the model is built by `make_neuron`):
@@ -79,7 +158,7 @@ class QKFormerConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     T: int = 4
-    attention: Tuple[str, str, str] = ("token", "token", "ssa")
+    attention: Optional[Tuple[str, ...]] = None
     official_quirks: bool = False
     neuron: str = "lif"
     tau: float = 2.0
@@ -88,9 +167,12 @@ class QKFormerConfig:
     surrogate_alpha: float = 4.0
 
     def __post_init__(self):
-        self.attention = tuple(self.attention)  # a list after a round trip through JSON
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        stages = len(self.layout.widths)
+        if self.attention is None:
+            self.attention = ("token",) * (stages - 1) + ("ssa",)
+        self.attention = tuple(self.attention)  # a list after a round trip through JSON
         for name in ("num_classes", "img_size", "in_channels", "embed_dim", "num_heads", "T"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -98,21 +180,24 @@ class QKFormerConfig:
         self._check_neuron()
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if len(self.attention) != 3 or any(a not in ATTENTIONS for a in self.attention):
-            raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the 3 "
-                             f"stages, got {self.attention!r}")
+        if len(self.attention) != stages or any(a not in ATTENTIONS for a in self.attention):
+            raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the "
+                             f"{stages} stages of the {self.family} family, got {self.attention!r}")
         if min(self.stage_depths) < 1:
-            least = 3 if self.family == "cifar" else 4
             raise ValueError(f"depths={self.depths} leaves a stage without blocks: the {self.family} "
-                             f"family needs depths >= {least}")
-        if self.embed_dim % 8:
-            raise ValueError(f"embed_dim must be divisible by 8 (stage 1 has D/4 channels and its "
-                             f"first convolution D/8), got {self.embed_dim}")
+                             f"family needs depths >= {sum(self.layout.early_depths) + 1}")
+        # the narrowest layer: stage 1's first convolution (CIFAR, ImageNet: D/8; DVS: D/16)
+        narrowest = max(w * d for w, e in zip(self.layout.widths, self.layout.embeds)
+                        for d, _ in e.stem + e.main)
+        if self.embed_dim % narrowest:
+            raise ValueError(f"embed_dim must be divisible by {narrowest} (the {self.family} family's "
+                             f"narrowest layer has D/{narrowest} channels), got {self.embed_dim}")
         for width in self.stage_widths:
             if width % self.num_heads:
+                first = self.layout.widths[0]
                 raise ValueError(f"the stage widths {self.stage_widths} must be divisible by "
                                  f"num_heads={self.num_heads}; choose embed_dim divisible by "
-                                 f"4 * num_heads = {4 * self.num_heads}")
+                                 f"{first} * num_heads = {first * self.num_heads}")
         if self.img_size % self.downsampling:
             raise ValueError(f"img_size={self.img_size} cannot be divided by the {self.family} "
                              f"patch embeddings: it must be a multiple of {self.downsampling}")
@@ -139,19 +224,25 @@ class QKFormerConfig:
         return make_neuron(self.neuron, threshold, tau=self.tau, alpha=self.surrogate_alpha)
 
     @property
-    def stage_widths(self) -> Tuple[int, int, int]:
-        return (self.embed_dim // 4, self.embed_dim // 2, self.embed_dim)
+    def layout(self) -> FamilyLayout:
+        return LAYOUTS[self.family]
 
     @property
-    def stage_depths(self) -> Tuple[int, int, int]:
-        if self.family == "cifar":
-            return (1, 1, self.depths - 2)
-        return (1, 2, self.depths - 3)
+    def stage_widths(self) -> Tuple[int, ...]:
+        return tuple(self.embed_dim // w for w in self.layout.widths)
+
+    @property
+    def stage_depths(self) -> Tuple[int, ...]:
+        early = self.layout.early_depths
+        return (*early, self.depths - sum(early))
 
     @property
     def downsampling(self) -> int:
-        """Total stride of the three patch embeddings (CIFAR 1*2*2, ImageNet 4*2*2)."""
-        return 4 if self.family == "cifar" else 16
+        """Total stride of the patch embeddings (CIFAR 1*2*2, ImageNet 4*2*2, DVS 8*2)."""
+        stride = 1
+        for embed in self.layout.embeds:
+            stride *= embed.stride
+        return stride
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,11 +485,16 @@ class SPEDS(nn.Module):
     embedding, the output of a stem layer on the image (Z = SN(BN(Conv3x3(image)))).
     The sum of two spike tensors is the block's output (values 0, 1 or 2).
 
-    Where the max-pools sit differs between the official families (`build_speds`):
+    Where the max-pools sit differs between the official families (LAYOUTS, `build_speds`):
       CIFAR    stage 1: stem, F = [conv]                  no downsampling (32x32 tokens)
                stage 2, 3: F = [conv, conv + pool]        stride 2
       ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4
                stage 2, 3: F = [conv + pool, conv]        stride 2
+      DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]
+                        (widths D/16, D/8 | D/4, D/2; the shortcut from the stem, stride 4)
+                                                          stride 8 (128x128 -> 16x16 tokens)
+               stage 2: F = [conv, conv + pool]           stride 2
+    A stem of one layer is that ConvBNLIF, of several an nn.Sequential of them.
     """
 
     def __init__(self, stem: Optional[nn.Module], main: nn.Sequential, shortcut: ConvBNLIF):
@@ -413,22 +509,22 @@ class SPEDS(nn.Module):
 
 
 def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int) -> SPEDS:
-    """The official SPEDS layouts of config.family (see `SPEDS`); `in_channels` is the
-    image's channels for stage 0, else the previous stage's width (width / 2)."""
-    def unit(cin, cout, kernel, stride=1, pool=False):              # a ConvBNLIF of this model
-        return ConvBNLIF(cin, cout, kernel, stride, pool=pool, config=config)
-    half, imagenet = width // 2, config.family == "imagenet"
-    if stage == 0:
-        stem = unit(in_channels, half, 3, pool=imagenet)
-        if not imagenet:
-            return SPEDS(stem, nn.Sequential(unit(half, width, 3)), unit(half, width, 1, stride=1))
-        main = nn.Sequential(unit(half, width, 3, pool=True), unit(width, width, 3))
-        return SPEDS(stem, main, unit(half, width, 1, stride=2))
-    if imagenet:
-        main = nn.Sequential(unit(half, width, 3, pool=True), unit(width, width, 3))
-    else:
-        main = nn.Sequential(unit(half, width, 3), unit(width, width, 3, pool=True))
-    return SPEDS(None, main, unit(half, width, 1, stride=2))
+    """The SPEDS of `stage` as config.family's layout describes it (LAYOUTS, `EmbedLayout`);
+    `in_channels` is the image's channels for stage 0, else the previous stage's width."""
+    spec = config.layout.embeds[stage]
+
+    def chain(layers, cin):                                    # 3x3 ConvBNLIFs, one after another
+        units = []
+        for divisor, pool in layers:
+            units.append(ConvBNLIF(cin, width // divisor, 3, pool=pool, config=config))
+            cin = width // divisor
+        return units, cin
+
+    stem, z_channels = chain(spec.stem, in_channels)
+    main, _ = chain(spec.main, z_channels)
+    shortcut = ConvBNLIF(z_channels, width, 1, stride=spec.shortcut_stride, config=config)
+    stem = None if not stem else stem[0] if len(stem) == 1 else nn.Sequential(*stem)
+    return SPEDS(stem, nn.Sequential(*main), shortcut)
 
 
 # ----------------------------------------------------------------------------------------
@@ -453,9 +549,10 @@ class Stage(nn.Module):
 class QKFormer(nn.Module):
     """The hierarchical spiking transformer, Section 3.4 and Figure 2.
 
-    Three stages of widths D/4, D/2, D. Each halves the token grid (the ImageNet stage 1
-    quarters it), so the early stages work on many narrow tokens with Q-K attention, whose
-    cost is linear in N, and the last stage on few wide tokens with SSA.
+    Three stages of widths D/4, D/2, D (the DVS family: two, D/2 and D). Each halves the
+    token grid (the ImageNet stage 1 quarters it, the DVS one shrinks it 8x), so the early
+    stages work on many narrow tokens with Q-K attention, whose cost is linear in N, and the
+    last stage on few wide tokens with SSA.
 
     Input: an image batch (B, C, H, W) is repeated over T time steps ("direct encoding":
     the first conv layer turns pixels into currents and its neurons into spikes), or a
@@ -542,6 +639,11 @@ PRESETS = {
                             depths=10, num_heads=8, mlp_ratio=4.0, T=4),     # 29,079,336
     "imagenet_10_768": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=768,
                             depths=10, num_heads=12, mlp_ratio=4.0, T=4),    # 64,962,760
+    # Event cameras: input (T, B, 2, 128, 128), frames of event counts per polarity (data.py).
+    "cifar10dvs": dict(family="dvs", num_classes=10, img_size=128, in_channels=2, embed_dim=256,
+                       depths=2, num_heads=16, mlp_ratio=1.0, T=16),         # 1,504,138
+    "dvs128gesture": dict(family="dvs", num_classes=11, img_size=128, in_channels=2, embed_dim=256,
+                          depths=2, num_heads=16, mlp_ratio=4.0, T=16),      # 1,999,371
 }
 
 
@@ -581,8 +683,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------
 # The released checkpoints
 
-_OFFICIAL_EMBED = {"proj": "stem", "proj1": "main.0", "proj2": "main.1",
-                   "proj3": "main.0", "proj4": "main.1", "proj_res": "shortcut"}
 _OFFICIAL_UNIT = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "proj": "attn.proj",
                   "mlp1": "mlp.fc1", "fc1": "mlp.fc1", "mlp2": "mlp.fc2", "fc2": "mlp.fc2"}
 _EMBED_KEY = re.compile(r"patch_embed([123])\.(proj\d?|proj_res)_(conv|bn)\.(\w+)$")
@@ -601,25 +701,41 @@ def unwrap_state_dict(obj) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
+def official_family(state_dict: dict) -> str:
+    """The family (a key of LAYOUTS) of an official state dict, told by the layers of its
+    first patch embedding: CIFAR proj, proj1; ImageNet proj..proj2; DVS proj..proj3."""
+    sd = unwrap_state_dict(state_dict)
+    names = {m.group(2) for k in sd if (m := _EMBED_KEY.match(k)) and m.group(1) == "1"} - {"proj_res"}
+    for family, layout in LAYOUTS.items():
+        if names == set(layout.embeds[0].official):
+            return family
+    raise ValueError(f"the first patch embedding of this state dict has the layers {sorted(names)}, "
+                     f"which no official QKFormer family has: is it an official QKFormer checkpoint?")
+
+
 def convert_official_state_dict(state_dict: dict) -> dict:
     """Rename the official QKFormer keys to this model's, e.g.
 
         patch_embed2.proj4_conv.weight  -> stages.1.embed.main.1.conv.weight
         stage3.0.ssa.q_bn.running_mean  -> stages.2.blocks.0.attn.q.bn.running_mean
         stage1.0.mlp.mlp1_conv.bias     -> stages.0.blocks.0.mlp.fc1.conv.bias
+        patch_embed1.proj1_conv.weight  -> stages.0.embed.stem.1.conv.weight   (DVS family)
 
-    The official attention layers are Conv1d (weight C x C x 1); here every token-wise
-    linear layer is a 1x1 Conv2d (C x C x 1 x 1), so those weights gain an axis.
-    Raises ValueError naming any key that belongs to no QKFormer layer.
+    The names of the patch-embedding layers depend on the family (`official_family`,
+    EmbedLayout.official). The official attention layers are Conv1d (weight C x C x 1);
+    here every token-wise linear layer is a 1x1 Conv2d (C x C x 1 x 1), so those weights
+    gain an axis. Raises ValueError naming any key that belongs to no QKFormer layer.
     """
     state_dict = unwrap_state_dict(state_dict)
+    embeds = [e.module_names() for e in LAYOUTS[official_family(state_dict)].embeds]
     converted, unexpected = {}, []
     for key, value in state_dict.items():
         if key.startswith("head."):
             converted[key] = value
-        elif m := _EMBED_KEY.match(key):
+        elif (m := _EMBED_KEY.match(key)) and int(m.group(1)) <= len(embeds) \
+                and m.group(2) in embeds[int(m.group(1)) - 1]:
             stage, layer, kind, param = m.groups()
-            converted[f"stages.{int(stage) - 1}.embed.{_OFFICIAL_EMBED[layer]}.{kind}.{param}"] = value
+            converted[f"stages.{int(stage) - 1}.embed.{embeds[int(stage) - 1][layer]}.{kind}.{param}"] = value
         elif (m := _BLOCK_KEY.match(key)) and m.group(3) in _OFFICIAL_UNIT:
             stage, block, layer, kind, param = m.groups()
             if kind == "conv" and value.dim() == 3:
@@ -637,18 +753,23 @@ def official_config(state_dict: dict, **overrides) -> QKFormerConfig:
     """Read the architecture of an official checkpoint from its tensor shapes.
 
     Heads leave no trace in the weights: the official CIFAR models use 8, the ImageNet
-    ones embed_dim / 64 (6, 8, 12); pass num_heads= to say otherwise."""
+    ones embed_dim / 64 (6, 8, 12), the DVS ones 16 (FamilyLayout.official_heads); pass
+    num_heads= to say otherwise. The MLP ratio is read from the first MLP's width."""
     sd = unwrap_state_dict(state_dict)
     if "head.weight" not in sd or "patch_embed1.proj_conv.weight" not in sd:
         raise ValueError("not an official QKFormer state dict: no head.weight or "
                          "patch_embed1.proj_conv.weight")
-    family = "imagenet" if "patch_embed1.proj2_conv.weight" in sd else "cifar"
+    family = official_family(sd)
+    layout = LAYOUTS[family]
     num_classes, embed_dim = sd["head.weight"].shape
     blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in sd if k.startswith("stage")}
+    mlp = sd.get("stage1.0.mlp.mlp1_conv.weight")                 # (ratio * C, C, 1, 1)
     settings = dict(family=family, num_classes=num_classes, embed_dim=embed_dim,
                     depths=len(blocks), in_channels=sd["patch_embed1.proj_conv.weight"].shape[1],
-                    num_heads=8 if family == "cifar" else embed_dim // 64,
-                    img_size=32 if family == "cifar" else 224, official_quirks=True)
+                    num_heads=layout.official_heads(embed_dim), img_size=layout.official_img_size,
+                    official_quirks=True)
+    if mlp is not None:
+        settings["mlp_ratio"] = mlp.shape[0] / mlp.shape[1]
     return QKFormerConfig(**{**settings, **overrides})
 
 

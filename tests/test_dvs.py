@@ -1,0 +1,509 @@
+"""Event-camera data (data.py's last section) and the DVS models (qkformer.py, family 'dvs').
+
+The recordings are written by the tests in the official file formats (tests/_fakeevents.py):
+AEDAT 2.0 for CIFAR10-DVS, AEDAT 3.1 plus labels files for DVS128 Gesture. Nothing is read
+from ../shared or the network (the "download" comes from a server on 127.0.0.1).
+"""
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from data import DataError
+from qkformer import (PRESETS, QKFormer, QKFormerConfig, convert_official_state_dict, count_parameters,
+                      create_model, load_official_state_dict, official_config, official_family)
+from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
+                         write_aedat2, write_aedat31, write_cifar10dvs_tree, write_gesture_tree, write_labels)
+
+
+# ---------------------------------------------------------------- reading the files
+
+def test_read_cifar10dvs_decodes_and_rotates_like_spikingjelly(tmp_path):
+    ev = random_events(3000, seed=1)
+    path = str(tmp_path / "cifar10_cat_0.aedat")
+    write_aedat2(path, ev)
+    got = data.read_cifar10dvs(path)
+    assert set(got) == {"t", "x", "y", "p"} and len(got["t"]) == 3000
+    np.testing.assert_array_equal(got["t"], ev["t"])
+    # SpikingJelly's orientation: x' = 127 - y, y' = 127 - x, p' = 1 - p
+    np.testing.assert_array_equal(got["x"], 127 - ev["y"])
+    np.testing.assert_array_equal(got["y"], 127 - ev["x"])
+    np.testing.assert_array_equal(got["p"], 1 - ev["p"])
+
+
+def test_read_cifar10dvs_one_known_event(tmp_path):
+    path = str(tmp_path / "one.aedat")
+    # address: y=5 (bits 8-14), x=3 (bits 1-7), p=1 (bit 0); big-endian words
+    with open(path, "wb") as f:
+        f.write(b"#!AER-DAT2.0\r\n" + ((5 << 8) | (3 << 1) | 1).to_bytes(4, "big") + (1234).to_bytes(4, "big"))
+    got = data.read_cifar10dvs(path)
+    assert (got["t"][0], got["x"][0], got["y"][0], got["p"][0]) == (1234, 127 - 5, 127 - 3, 0)
+
+
+def test_read_aedat31_skips_other_packets_and_adds_the_overflow(tmp_path):
+    ev = random_events(2000, seed=2)
+    late = random_events(500, seed=3, t0=(1 << 31) + 7)  # after a timestamp overflow
+    path = str(tmp_path / "rec.aedat")
+    write_aedat31(path, [polarity_packet({k: v[:1200] for k, v in ev.items()}), special_packet(),
+                         polarity_packet({k: v[1200:] for k, v in ev.items()}), polarity_packet(late, overflow=1)])
+    got = data.read_aedat31(path)
+    for k in ("t", "x", "y", "p"):
+        np.testing.assert_array_equal(got[k], np.concatenate([ev[k], late[k]]))
+    assert got["t"][-1] > 1 << 31
+
+
+def test_read_dvs128gesture_slices_by_labels_file(tmp_path):
+    ev = random_events(3000, seed=4)
+    ev["t"] = np.arange(3000) * 10 + 100  # distinct timestamps: slice boundaries are exact
+    path = str(tmp_path / "user01_lab.aedat")
+    write_aedat31(path, [polarity_packet(ev)])
+    csv = str(tmp_path / "user01_lab_labels.csv")
+    t = ev["t"]
+    write_labels(csv, [(4, t[100], t[700]), (1, t[700], t[1500]), (4, t[1400], t[2999])])  # rows overlap
+    samples = data.read_dvs128gesture(path, csv)
+    assert [label for label, _ in samples] == [3, 0, 3]  # class - 1, order of the file
+    # start <= t < end: an event exactly on a boundary belongs to the later sample only
+    for (label, got), (a, b) in zip(samples, [(100, 700), (700, 1500), (1400, 2999)]):
+        np.testing.assert_array_equal(got["t"], t[a:b])
+        np.testing.assert_array_equal(got["x"], ev["x"][a:b])
+
+
+# ---------------------------------------------------------------- frames
+
+def reference_frames(ev, T, H, W):
+    """One event at a time, written out as the official split-by-number rule says."""
+    n = len(ev["t"])
+    frames = np.zeros((T, 2, H, W), np.int64)
+    step = n // T
+    for j in range(T):
+        lo, hi = j * step, ((j + 1) * step if j < T - 1 else n)
+        for i in range(lo, hi):
+            frames[j, ev["p"][i], ev["y"][i], ev["x"][i]] += 1
+    return frames
+
+
+@pytest.mark.parametrize("n,T", [(1003, 4), (16, 16), (5, 8), (0, 3)])
+def test_events_to_frames_split_by_number(n, T):
+    ev = random_events(n, seed=5, size=16)
+    frames = data.events_to_frames(ev, T, 16, 16)
+    assert frames.shape == (T, 2, 16, 16)
+    np.testing.assert_array_equal(frames, reference_frames(ev, T, 16, 16))
+    per_frame = frames.reshape(T, -1).sum(1)
+    # n // T events per frame, the last also the remainder
+    assert per_frame[:-1].tolist() == [n // T] * (T - 1) and per_frame[-1] == n - (T - 1) * (n // T)
+
+
+def test_events_to_frames_channel_is_polarity_and_rows_are_y():
+    ev = dict(t=np.array([0, 1]), x=np.array([2, 0]), y=np.array([1, 3]), p=np.array([1, 0]))
+    frames = data.events_to_frames(ev, 1, 4, 5)
+    assert frames[0, 1, 1, 2] == 1 and frames[0, 0, 3, 0] == 1 and frames.sum() == 2
+
+
+def test_events_to_frames_rejects_events_off_the_sensor():
+    with pytest.raises(DataError, match="outside"):
+        data.events_to_frames(dict(t=np.array([0]), x=np.array([128]), y=np.array([0]), p=np.array([0])), 2, 128, 128)
+
+
+# ---------------------------------------------------------------- CIFAR10-DVS: cache, split, download
+
+def test_cifar10dvs_official_split_order_and_frames(tmp_path):
+    written = write_cifar10dvs_tree(tmp_path, per_class=11)
+    train, test = data.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
+    # per class ceil(0.9 * 11) = 10 for training, in sorted-string order _0, _1, _10, _2, ..., _8
+    assert len(train) == 100 and len(test) == 10
+    names = lambda ds: [os.path.basename(f)[:-4] for f in ds.files]  # noqa: E731
+    airplane = [n for n in names(train) if "airplane" in n]
+    assert airplane == [f"cifar10_airplane_{i}" for i in (0, 1, 10, 2, 3, 4, 5, 6, 7, 8)]
+    assert names(test) == [f"cifar10_{c}_9" for c in data.CIFAR10DVS_CLASSES]
+    assert test.labels == list(range(10))
+    frames, label = train[12]  # the third recording of class 1
+    assert frames.dtype == torch.float32 and frames.shape == (2, 2, 128, 128) and label == 1
+    path = os.path.join(tmp_path, "CIFAR10-DVS", "aedat", "automobile", "cifar10_automobile_10.aedat")
+    ev = written[path]
+    expected = data.events_to_frames(dict(t=ev["t"], x=127 - ev["y"], y=127 - ev["x"], p=1 - ev["p"]), 2, 128, 128)
+    np.testing.assert_array_equal(frames.numpy(), expected)
+
+
+def test_cifar10dvs_random_split_is_seeded_and_per_class(tmp_path):
+    labels = [c for c in range(3) for _ in range(20)]
+    a = data.cifar10dvs_split(labels, "random", seed=1)
+    assert a == data.cifar10dvs_split(labels, "random", seed=1)
+    assert a != data.cifar10dvs_split(labels, "random", seed=2)
+    assert a != data.cifar10dvs_split(labels, "official")
+    train, test = a
+    assert sorted(train + test) == list(range(60))
+    assert [sum(labels[i] == c for i in train) for c in range(3)] == [18, 18, 18]
+    with pytest.raises(DataError, match="unknown split"):
+        data.cifar10dvs_split(labels, "bogus")
+
+
+def test_cache_is_reused_rebuilt_for_a_new_T_and_never_half_written(tmp_path, monkeypatch):
+    write_cifar10dvs_tree(tmp_path, per_class=2, events=40)
+    calls = []
+    real_to_frames = data.events_to_frames
+
+    def interrupted(ev, T, H, W):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the build is stopped half-way
+        calls.append(T)
+        return real_to_frames(ev, T, H, W)
+
+    monkeypatch.setattr(data, "events_to_frames", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_dvs_cache("cifar10dvs", tmp_path, 3)
+    cache = data.dvs_cache_dir("cifar10dvs", tmp_path, 3)
+    assert not os.path.exists(os.path.join(cache, "index.json"))  # not complete, so not valid
+    complete = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".npz")]
+    assert len(complete) == 5
+    # the rerun keeps the 5 complete files and writes the other 15
+    monkeypatch.setattr(data, "events_to_frames", real_to_frames)
+    calls.clear()
+    counted = []
+    monkeypatch.setattr(data, "read_cifar10dvs", functools.partial(_count, counted, data.read_cifar10dvs))
+    index = data.build_dvs_cache("cifar10dvs", tmp_path, 3)
+    assert len(index["samples"]) == 20 and len(counted) == 15
+    leftovers = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".part")]
+    assert leftovers == []
+    # the frames equal those of a build in one go
+    fresh = tmp_path / "fresh"
+    write_cifar10dvs_tree(fresh, per_class=2, events=40)
+    data.build_dvs_cache("cifar10dvs", fresh, 3)
+    for s in index["samples"]:
+        a = np.load(os.path.join(cache, s["file"]))["frames"]
+        b = np.load(os.path.join(data.dvs_cache_dir("cifar10dvs", fresh, 3), s["file"]))["frames"]
+        np.testing.assert_array_equal(a, b)
+    # reused: a second build reads no recording
+    counted.clear()
+    assert data.build_dvs_cache("cifar10dvs", tmp_path, 3) == index and counted == []
+    # a new T builds a new cache beside the old one
+    train, _ = data.build_dvs_datasets("cifar10dvs", tmp_path, T=4)
+    assert len(counted) == 20 and train[0][0].shape == (4, 2, 128, 128)
+    assert os.path.isfile(os.path.join(cache, "index.json"))
+
+
+def _count(calls, fn, *args):
+    calls.append(args)
+    return fn(*args)
+
+
+def test_damaged_cache_file_gives_clear_error(tmp_path):
+    write_cifar10dvs_tree(tmp_path, per_class=1, events=10)
+    train, _ = data.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
+    with open(train.files[0], "wb") as f:
+        f.write(b"not a zip")
+    with pytest.raises(DataError, match="delete"):
+        train[0]
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve the folder tmp_path/www on 127.0.0.1; yields its base URL."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _class_zip(cls, n=2, top_folder=True):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(n):
+            name = f"cifar10_{cls}_{i}.aedat"
+            z.writestr(f"{cls}/{name}" if top_folder else name, aedat2_bytes(random_events(30, seed=i)))
+    return buf.getvalue()
+
+
+def test_cifar10dvs_download_checks_md5_and_unpacks(tmp_path, http_server, monkeypatch):
+    www, base = http_server
+    archives = {}
+    for k, cls in enumerate(data.CIFAR10DVS_CLASSES):
+        blob = _class_zip(cls, top_folder=k % 2 == 0)  # both layouts unpack to aedat/<class>/
+        (www / f"{cls}.zip").write_bytes(blob)
+        archives[cls] = (f"{base}/{cls}.zip", hashlib.md5(blob).hexdigest())
+    archives["truck"] = (archives["truck"][0], "0" * 32)  # a corrupt download
+    monkeypatch.setitem(data.DVS, "cifar10dvs", {**data.DVS["cifar10dvs"], "archives": archives})
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="corrupt") as e:
+        data.ensure_cifar10dvs(root)
+    assert "truck.zip" in str(e.value) and not os.path.exists(root / "CIFAR10-DVS" / "truck.zip")
+    archives["truck"] = (archives["truck"][0], hashlib.md5((www / "truck.zip").read_bytes()).hexdigest())
+    aedat = data.ensure_cifar10dvs(root)
+    recordings = data.cifar10dvs_recordings(aedat)
+    assert len(recordings) == 20 and recordings[-1][1] == 9
+    assert not [d for d in os.listdir(aedat) if d.startswith(".")]  # no temporary folders left
+
+
+def test_cifar10dvs_offline_says_where_to_put_what(tmp_path):
+    with pytest.raises(DataError) as e:
+        data.ensure_cifar10dvs(tmp_path, download_missing=False)
+    msg = str(e.value)
+    assert "airplane.zip" in msg and "truck.zip" in msg and "figshare" in msg
+    assert os.path.join(str(tmp_path), "CIFAR10-DVS") in msg and "0afd5c4bf9ae06af762a77b180354fdd" in msg
+
+
+def test_cifar10dvs_zip_with_wrong_md5_is_refused(tmp_path):
+    folder = tmp_path / "CIFAR10-DVS"
+    folder.mkdir()
+    (folder / "airplane.zip").write_bytes(_class_zip("airplane"))
+    with pytest.raises(DataError, match="not the official airplane.zip"):
+        data.ensure_cifar10dvs(tmp_path, download_missing=False)
+
+
+# ---------------------------------------------------------------- DVS128 Gesture
+
+def test_gesture_datasets_use_the_trials_split(tmp_path):
+    folder = write_gesture_tree(tmp_path)
+    train, test = data.build_dvs_datasets("dvs128gesture", tmp_path, T=4)
+    assert len(train) == 6 and len(test) == 3
+    assert train.labels == [0, 10, 2, 1, 10, 2] and test.labels == [2, 10, 2]
+    assert os.path.basename(train.files[1]) == "user01_fluorescent_1.npz"
+    frames, label = test[0]
+    samples = data.read_dvs128gesture(os.path.join(folder, "user24_led.aedat"),
+                                      os.path.join(folder, "user24_led_labels.csv"))
+    np.testing.assert_array_equal(frames.numpy(), data.events_to_frames(samples[0][1], 4, 128, 128))
+    with pytest.raises(DataError, match="own train/test split"):
+        data.build_dvs_datasets("dvs128gesture", tmp_path, T=4, split="random")
+
+
+def test_gesture_archive_missing_says_which_file_where(tmp_path):
+    with pytest.raises(DataError) as e:
+        data.build_dvs_datasets("dvs128gesture", tmp_path, T=4)
+    msg = str(e.value)
+    assert "DvsGesture.tar.gz" in msg and os.path.join(str(tmp_path), "DVS128Gesture", "DvsGesture.tar.gz") in msg
+
+
+def test_gesture_archive_is_md5_checked_and_unpacked(tmp_path, monkeypatch):
+    import tarfile
+    src = tmp_path / "src"
+    write_gesture_tree(src)
+    base = tmp_path / "data" / "DVS128Gesture"
+    base.mkdir(parents=True)
+    archive = base / "DvsGesture.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "DVS128Gesture" / "DvsGesture", arcname="DvsGesture")
+    with pytest.raises(DataError, match="not the official DvsGesture.tar.gz"):
+        data.ensure_dvs128gesture(tmp_path / "data")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(data.DVS, "dvs128gesture", {**data.DVS["dvs128gesture"], "md5": md5})
+    folder = data.ensure_dvs128gesture(tmp_path / "data")
+    assert data.dvs128gesture_trials(folder, "test") == ["user24_led.aedat"]
+    assert sorted(os.listdir(base)) == ["DvsGesture", "DvsGesture.tar.gz"]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_truncated_aedat2_names_the_file(tmp_path):
+    path = str(tmp_path / "cut.aedat")
+    with open(path, "wb") as f:
+        f.write(aedat2_bytes(random_events(10))[:-4])  # an odd number of words
+    with pytest.raises(DataError, match="truncated") as e:
+        data.read_cifar10dvs(path)
+    assert path in str(e.value)
+
+
+def test_packet_cut_short_names_the_file(tmp_path):
+    path = str(tmp_path / "cut.aedat")
+    whole = polarity_packet(random_events(100))
+    for cut in (whole[:-5], whole[:20]):  # the events cut short, the header cut short
+        write_aedat31(path, [polarity_packet(random_events(10)), cut])
+        with pytest.raises(DataError, match="truncated") as e:
+            data.read_aedat31(path)
+        assert path in str(e.value)
+
+
+def test_files_without_events_name_the_file(tmp_path):
+    a = str(tmp_path / "empty2.aedat")
+    write_aedat2(a, random_events(0))
+    b = str(tmp_path / "empty3.aedat")
+    write_aedat31(b, [special_packet()])
+    c = str(tmp_path / "noheader.aedat")
+    write_aedat31(c, [polarity_packet(random_events(5))], header=b"")
+    for path, read in ((a, data.read_cifar10dvs), (b, data.read_aedat31), (c, data.read_aedat31)):
+        with pytest.raises(DataError) as e:
+            read(path)
+        assert path in str(e.value)
+
+
+def test_unknown_class_folder_is_named(tmp_path):
+    write_cifar10dvs_tree(tmp_path, per_class=1, events=5)
+    write_aedat2(os.path.join(tmp_path, "CIFAR10-DVS", "aedat", "zebra", "x.aedat"), random_events(5))
+    with pytest.raises(DataError, match="zebra") as e:
+        data.build_dvs_datasets("cifar10dvs", tmp_path, T=2, download_missing=False)
+    assert "not a CIFAR10-DVS class folder" in str(e.value)
+
+
+def test_missing_labels_file_is_named(tmp_path):
+    folder = write_gesture_tree(tmp_path)
+    os.remove(os.path.join(folder, "user02_lab_labels.csv"))
+    with pytest.raises(DataError, match="user02_lab_labels.csv"):
+        data.build_dvs_datasets("dvs128gesture", tmp_path, T=2)
+
+
+def test_bad_labels_row_and_unknown_dataset(tmp_path):
+    csv = str(tmp_path / "x_labels.csv")
+    write_labels(csv, [(12, 0, 10)])
+    with pytest.raises(DataError, match="line 2"):
+        data.read_labels_csv(csv)
+    with pytest.raises(DataError, match="unknown event-camera dataset"):
+        data.build_dvs_datasets("nmnist", tmp_path)
+
+
+# ---------------------------------------------------------------- the official event augmentation
+
+def _frames(T=3, H=12, W=10, seed=0):
+    return torch.randint(0, 4, (T, 2, H, W), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def test_event_augment_translate_moves_whole_pixels():
+    x = _frames()
+    out = data.EventAugment.apply(x, "translate_x", 3.7)  # truncated to 3 px, as int() does officially
+    assert torch.equal(out[..., 3:], x[..., :-3]) and not out[..., :3].any()
+    out = data.EventAugment.apply(x, "translate_y", -2.2)
+    assert torch.equal(out[..., :-2, :], x[..., 2:, :]) and not out[..., -2:, :].any()
+
+
+def test_event_augment_rotate_and_shear():
+    x = _frames(H=10, W=10)
+    assert torch.equal(data.EventAugment.apply(x, "rotate", 0.0), x)
+    quarter = data.EventAugment.apply(x, "rotate", 90.0)
+    assert torch.equal(quarter, torch.rot90(x, 1, (-2, -1))) or torch.equal(quarter, torch.rot90(x, -1, (-2, -1)))
+    rows = torch.arange(1, 11, dtype=torch.float32).view(1, 1, 10, 1).expand(2, 2, 10, 10)
+    sheared = data.EventAugment.apply(rows, "shear_x", 0.3)
+    # a shear along x keeps every pixel in its row, and moves rows away from the centre sideways
+    assert ((sheared == rows) | (sheared == 0)).all() and not torch.equal(sheared, rows)
+
+
+def test_event_augment_cutout_is_one_square_in_every_frame():
+    torch.manual_seed(0)
+    x = torch.ones(4, 2, 64, 64)
+    out = data.EventAugment.apply(x, "cutout", 0.0)
+    zero = out == 0
+    assert torch.equal(zero, zero[:1, :1].expand_as(zero))  # the same square everywhere
+    rows, cols = zero[0, 0].any(1).sum().item(), zero[0, 0].any(0).sum().item()
+    assert rows == cols and zero[0, 0].sum().item() == rows * cols
+    assert 0.001 * 64 * 64 - 2 * 64 <= rows * cols <= 0.11 * 64 * 64 + 2 * 64
+
+
+def test_event_augment_draws_from_torch_and_flips():
+    x = _frames()
+    aug = data.EventAugment()
+    torch.manual_seed(3)
+    a = [aug(x) for _ in range(20)]
+    torch.manual_seed(3)
+    b = [aug(x) for _ in range(20)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and all(u.shape == x.shape for u in a)
+    assert any(not torch.equal(u, x) for u in a)
+    flip_only = data.EventAugment(flip=1.0)
+    flip_only.OPS = ("identity",)
+    assert torch.equal(flip_only(x), x.flip(-1))
+    with pytest.raises(DataError, match="unknown event augmentation"):
+        data.EventAugment.apply(x, "solarize", 1.0)
+
+
+# ---------------------------------------------------------------- the DVS models (qkformer.py, family "dvs")
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+DVS_PARAMS = {"cifar10dvs": 1_504_138, "dvs128gesture": 1_999_371}
+
+
+@pytest.mark.parametrize("name", sorted(DVS_PARAMS))
+def test_dvs_preset_parameter_counts_equal_official(name):
+    assert count_parameters(create_model(name)) == DVS_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(DVS_PARAMS))
+def test_dvs_official_keys_load_strictly(name):
+    """Every key and shape of both official DVS models maps onto this model."""
+    with open(os.path.join(GOLDEN, "official_state_dict_keys.json")) as f:
+        spec = json.load(f)[name]
+    official = {"module." + k: torch.zeros(shape, dtype=torch.int64 if k.endswith("num_batches_tracked")
+                                             else torch.float32)
+                for k, shape in spec["state_dict"].items()}
+    assert official_family(official) == "dvs"
+    config = official_config({"model": official})
+    preset = PRESETS[name]
+    assert (config.family, config.num_heads, config.mlp_ratio, config.img_size, config.in_channels,
+            config.depths) == ("dvs", 16, preset["mlp_ratio"], 128, 2, 2)
+    model = QKFormer(config)
+    assert count_parameters(model) == spec["num_params"]
+    load_official_state_dict(model, {"model": official})
+    assert model.config.official_quirks
+
+
+def test_dvs_layout():
+    """Stage 1: stem D/16, D/8 (pool) | F = D/4 (pool), D/2 (pool), shortcut stride 4 from the
+    stem's second layer; stage 2: F = conv, conv + pool, shortcut stride 2."""
+    model = create_model("cifar10dvs", embed_dim=64, num_heads=4).eval()
+    e1, e2 = model.stages[0].embed, model.stages[1].embed
+    assert [u.conv.out_channels for u in e1.stem] == [4, 8]
+    assert [not isinstance(u.pool, torch.nn.Identity) for u in e1.stem] == [False, True]
+    assert [(u.conv.out_channels, not isinstance(u.pool, torch.nn.Identity)) for u in e1.main] == [(16, True), (32, True)]
+    assert (e1.shortcut.conv.in_channels, e1.shortcut.conv.stride) == (8, (4, 4))
+    assert [not isinstance(u.pool, torch.nn.Identity) for u in e2.main] == [False, True]
+    assert (e2.shortcut.conv.in_channels, e2.shortcut.conv.stride) == (32, (2, 2))
+    assert model.config.attention == ("token", "ssa") and model.config.downsampling == 16
+    shapes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        assert model(torch.rand(3, 2, 2, 128, 128)).shape == (2, 10)   # (T, B, 2, H, W)
+    assert shapes == [(3, 2, 32, 16, 16), (3, 2, 64, 8, 8)]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(attention=("token", "token", "ssa")), "2 stages of the dvs family"),
+    (dict(depths=1), "depths >= 2"),
+    (dict(embed_dim=72, num_heads=2), "divisible by 16"),
+    (dict(img_size=100), "multiple of 16"),
+])
+def test_dvs_invalid_configuration(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("cifar10dvs", **overrides)
+
+
+@pytest.mark.parametrize("name", ["cifar10dvs", "dvs128gesture"])
+def test_dvs_parity_with_official_code(name):
+    """Eval logits, train logits, loss and every gradient match the official code to 1e-9 (float64)."""
+    golden = torch.load(os.path.join(GOLDEN, f"official_{name}_small.pt"), weights_only=True)
+    settings = {k: v for k, v in golden["config"].items() if k != "input_layout"}
+    model = QKFormer(QKFormerConfig(**settings, depths=2)).double()
+    load_official_state_dict(model, golden["official_state_dict"])
+    # the official input is (B, T, 2, H, W) event counts; this model takes (T, B, 2, H, W)
+    x, target = golden["input"].transpose(0, 1), golden["target"]
+
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), golden["logits_eval"], rtol=0, atol=1e-9)
+
+    model.train()
+    logits = model(x)
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    assert torch.allclose(logits, golden["logits_train"], rtol=0, atol=1e-9)
+    assert abs(loss.item() - golden["loss_train"].item()) < 1e-9
+    grads = convert_official_state_dict(golden["grads"])
+    params = dict(model.named_parameters())
+    assert grads.keys() == params.keys()
+    for key, grad in grads.items():
+        assert torch.allclose(params[key].grad, grad, rtol=0, atol=1e-9), key
+
+
+def test_official_family_rejects_unknown_embeddings():
+    with pytest.raises(ValueError, match="no official QKFormer family"):
+        official_family({"patch_embed1.proj7_conv.weight": torch.zeros(1), "head.weight": torch.zeros(1)})
