@@ -271,7 +271,13 @@ class ConvBNLIF(nn.Module):
                  config: Optional["QKFormerConfig"] = None):
         super().__init__()
         config = config or QKFormerConfig()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+        # A strided 1x1 convolution (the SPEDS shortcuts) reads only every stride-th pixel, so
+        # it runs as that subsampling followed by a 1x1 convolution of stride 1: the same
+        # numbers and weights. Written so because PyTorch 2.13's oneDNN, on CPUs without
+        # AVX-512, computes wrong weight gradients (and can corrupt memory) for strided 1x1
+        # convolutions of channels-last inputs with fewer than 8 channels (a test checks it).
+        self.subsample = stride if kernel_size == 1 else 1
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride // self.subsample,
                               padding=kernel_size // 2, bias=bias)
         self.bn = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
@@ -282,6 +288,8 @@ class ConvBNLIF(nn.Module):
         # (T*B, C, H, W), stored channels-last (see the top of this file): a no-op after the
         # first layer, whose input is the image.
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        if self.subsample > 1:
+            x = x[:, :, ::self.subsample, ::self.subsample]      # (T*B, C, H/s, W/s)
         y = self.conv(x)                                         # (T*B, C', H', W')
         if isinstance(self.pool, nn.Identity):
             return self.lif(y.unflatten(0, (T, B)), norm=self.bn)   # (T, B, C', H', W')

@@ -542,3 +542,23 @@ def test_an_attention_without_synaptic_ops_fails_loudly():
             return x
     with pytest.raises(NotImplementedError, match="Mine must define synaptic_ops"):
         Mine().synaptic_ops(lambda neuron: (0.5, 10))
+
+
+def test_strided_shortcut_gradients_are_right_in_float32():
+    """A strided 1x1 conv-BN-LIF with few input channels (the SPEDS shortcut of a narrow
+    model) gives the float64 gradients in float32 too. PyTorch 2.13's oneDNN computes wrong
+    weight gradients for strided 1x1 convolutions of channels-last inputs with fewer than
+    8 channels on AVX2 CPUs; ConvBNLIF subsamples first to stay clear of that path."""
+    from qkformer import ConvBNLIF
+    torch.manual_seed(0)
+    for channels in (2, 4, 5, 8):
+        unit = ConvBNLIF(channels, 2 * channels, 1, stride=2)
+        x = torch.randn(2, 4, channels, 16, 16)                      # (T, B, C, H, W)
+        grads = []
+        for dtype in (torch.float32, torch.float64):
+            unit.zero_grad()
+            u = unit.to(dtype)
+            u.lif.reference = True                                   # a smooth loss through the surrogate
+            (u(x.to(dtype)) * torch.arange(8, dtype=dtype)).sum().backward()
+            grads.append(u.conv.weight.grad.double())
+        assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-3), channels
