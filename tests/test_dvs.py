@@ -454,9 +454,9 @@ def test_dvs_layout():
     assert [u.conv.out_channels for u in e1.stem] == [4, 8]
     assert [not isinstance(u.pool, torch.nn.Identity) for u in e1.stem] == [False, True]
     assert [(u.conv.out_channels, not isinstance(u.pool, torch.nn.Identity)) for u in e1.main] == [(16, True), (32, True)]
-    assert (e1.shortcut.conv.in_channels, e1.shortcut.conv.stride) == (8, (4, 4))
+    assert (e1.shortcut.conv.in_channels, e1.shortcut.subsample) == (8, 4)     # strided 1x1: see ConvBNLIF
     assert [not isinstance(u.pool, torch.nn.Identity) for u in e2.main] == [False, True]
-    assert (e2.shortcut.conv.in_channels, e2.shortcut.conv.stride) == (32, (2, 2))
+    assert (e2.shortcut.conv.in_channels, e2.shortcut.subsample) == (32, 2)
     assert model.config.attention == ("token", "ssa") and model.config.downsampling == 16
     shapes = []
     for stage in model.stages:
