@@ -1,42 +1,48 @@
-"""The spiking neuron of QKFormer: a multi-step leaky integrate-and-fire (LIF) neuron
+"""The spiking neurons of QKFormer: leaky integrate-and-fire (LIF) and its two variants,
 trained with a surrogate gradient.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
 Attention", NeurIPS 2024, Appendix 6.1 (the LIF model) and 6.5 (the sigmoid surrogate
-gradient, alpha = 4). The official code
-uses SpikingJelly's `MultiStepLIFNode(tau=2.0, detach_reset=True)` with a hard reset
-to 0 and the sigmoid surrogate (alpha = 4); this file reproduces it exactly, without
-SpikingJelly.
+gradient). The paper gives the equations but no values; the values below (tau = 2,
+V_th = 1, 0.5 for the attention neurons, alpha = 4) are the official code's: it uses
+SpikingJelly's `MultiStepLIFNode(tau=2.0, detach_reset=True)` with a hard reset to 0 and
+the sigmoid surrogate. This file reproduces it exactly, without SpikingJelly.
 
-The neuron, for a time step t (the three lines of the LIF equation in Appendix 6.1,
-numbered Eq. 1-3 in this file):
+The neuron, for a time step t (the three lines of the LIF model in Appendix 6.1; labelled
+(N1)-(N3) here so that they are not mistaken for the paper's Eq. (1)-(3), which are about
+attention):
 
-    charge  H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau           (Eq. 1)
-    fire    S[t] = Heaviside(H[t] - V_th)        Heaviside(0) = 1        (Eq. 2)
-    reset   V[t] = H[t] * (1 - S[t]) + V_reset * S[t]                    (Eq. 3)
+    charge  H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau           (N1)
+    fire    S[t] = Heaviside(H[t] - V_th)        Heaviside(0) = 1        (N2)
+    reset   V[t] = H[t] * (1 - S[t]) + V_reset * S[t]                    (N3)
 
-with tau = 2, V_reset = 0, V[-1] = 0 and V_th = 1 (0.5 for the attention neurons).
-With tau=None the neuron has no leak, H[t] = V[t-1] + X[t]: the integrate-and-fire (IF)
-neuron of the paper's ablation (Table 7, "LIF -> IF").
+with V_reset = 0 and V[-1] = 0. The three kinds of neuron (`NEURONS`) differ in (N1) only:
+    "lif"   LIFNode             tau fixed (official code: 2)
+    "if"    IFNode              no leak, H[t] = V[t-1] + X[t]: Table 7's "LIF -> IF" ablation
+    "plif"  ParametricLIFNode   1/tau = sigmoid(w), w learned, one per layer (Fang et al.,
+                                ICCV 2021, "Incorporating Learnable Membrane Time Constant";
+                                Table 7's "LIF -> PLIF")
+
 The Heaviside step has a zero derivative almost everywhere, so backpropagation
 replaces it by the derivative of a smooth stand-in, sigmoid(alpha * x):
 
     dS/dH ~= alpha * sigmoid(alpha * (H - V_th)) * (1 - sigmoid(alpha * (H - V_th)))
 
-"Detached reset" means the S in Eq. 3 is treated as a constant by autograd: the
-gradient reaches V[t-1] only through H[t] * (1 - S[t]), never through the spike that
-decided the reset. SpikingJelly's authors found this trains better; the official
-QKFormer models use it.
+"Detached reset" means the S in (N3) is treated as a constant by autograd: the gradient
+reaches V[t-1] only through H[t] * (1 - S[t]), never through the spike that decided the
+reset. SpikingJelly's authors found this trains better; the official QKFormer models use it.
 
-Two implementations of the same equations live here:
-  * `lif_reference`: the plain loop over time, built from ordinary tensor operations so
-    autograd differentiates it. Easy to read, slow, memory hungry (autograd keeps every
-    intermediate of every step).
-  * `LIFFunction`: the same forward loop, with a hand-written backward over time that
-    stores only what the backward needs. `LIFNode` uses it; tests check that both give
-    the same spikes and the same gradients.
+The file has two parts.
+  1. The neurons, readable (a first reading stops after `make_neuron`): `lif_reference`
+     is (N1)-(N3) as a plain loop over time that autograd differentiates; the neuron
+     classes call it, or the fast path of part 2, which computes the same numbers.
+  2. Speed machinery: the same loops with hand-written backward passes that store only
+     what the backward needs, run as torch.compile'd kernels; batch norm fused into the
+     neuron for training; the process's memory policy. Tests check that part 2 gives the
+     same spikes and gradients as part 1.
 """
 import ctypes
+import math
 import os
 import warnings
 from typing import Optional
@@ -45,8 +51,11 @@ import torch
 import torch.nn as nn
 
 
+# ========================================================================================
+# Part 1: the neurons
+
 def heaviside(x: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 without its surrogate: 1 where x >= 0 (a spike when H equals V_th), else 0."""
+    """(N2) without its surrogate: 1 where x >= 0 (a spike when H equals V_th), else 0."""
     return (x >= 0).to(x.dtype)
 
 
@@ -57,7 +66,7 @@ def sigmoid_surrogate_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class _SurrogateHeaviside(torch.autograd.Function):
-    """Heaviside step forward, sigmoid derivative backward (used by the reference loop)."""
+    """Heaviside step forward, sigmoid derivative backward (used by the reference loops)."""
 
     @staticmethod
     def forward(ctx, x, alpha):
@@ -73,53 +82,228 @@ class _SurrogateHeaviside(torch.autograd.Function):
 
 def lif_reference(x_seq: torch.Tensor, tau: Optional[float] = 2.0, v_threshold: float = 1.0,
                   alpha: float = 4.0, v_reset: float = 0.0) -> torch.Tensor:
-    """The LIF neuron as a plain loop over time (dim 0). Readable reference for `LIFNode`."""
+    """(N1)-(N3) as a plain loop over time (dim 0); tau=None is the IF neuron (no leak)."""
     v = torch.full_like(x_seq[0], v_reset)                     # V[-1] = V_reset
     spikes = []
     for x in x_seq:
         if tau is None:
-            h = v + x                                          # IF: charge without leak
+            h = v + x                                          # (N1) without leak: IF
         else:
-            h = v + (x - (v - v_reset)) / tau                  # Eq. 1, charge
-        s = _SurrogateHeaviside.apply(h - v_threshold, alpha)  # Eq. 2, fire
+            h = v + (x - (v - v_reset)) / tau                  # (N1) charge
+        s = _SurrogateHeaviside.apply(h - v_threshold, alpha)  # (N2) fire
         s_const = s.detach()                                   # detached reset
-        v = h * (1.0 - s_const) + v_reset * s_const            # Eq. 3, hard reset
+        v = h * (1.0 - s_const) + v_reset * s_const            # (N3) hard reset
         spikes.append(s)
     return torch.stack(spikes)
 
 
-def lif_charge(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> list:
-    """Eq. 1-3 over all steps (V_reset = 0): the list of H[t], one tensor per step."""
+def plif_reference(x_seq: torch.Tensor, w: torch.Tensor, v_threshold: float = 1.0,
+                   alpha: float = 4.0) -> torch.Tensor:
+    """The parametric LIF neuron as a plain loop: (N1) with 1/tau = sigmoid(w), written as
+    SpikingJelly's ParametricLIFNode computes it; (N2) and (N3) as in `lif_reference`.
+    Autograd differentiates it for x_seq and for w."""
+    decay = torch.sigmoid(w).to(x_seq.dtype)                   # 1/tau, between 0 and 1
+    v = torch.zeros_like(x_seq[0])                             # V[-1] = V_reset = 0
+    spikes = []
+    for x in x_seq:
+        h = v + (x - v) * decay                                # (N1) charge
+        s = _SurrogateHeaviside.apply(h - v_threshold, alpha)  # (N2) fire
+        v = h * (1.0 - s.detach())                             # (N3) detached hard reset
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+class SpikingNeuron(nn.Module):
+    """What every spiking neuron of this project is: a module that maps a whole input
+    sequence (T, ...) to spikes (0. or 1.) of the same shape, the "SN(.)" of the paper's
+    equations. Tools find neurons by this class (firing-rate hooks, energy counts), so a
+    new neuron type is counted as one. A subclass defines `spikes(x_seq)`.
+
+    forward(x_seq, norm=None) returns SN(x_seq), or SN(norm(x_seq)) when a per-image layer
+    `norm` (the batch norm of `qkformer.ConvBNLIF`) is given: norm sees the T*B images of
+    x_seq (T, B, C, H, W) as one batch. Passing the batch norm to the neuron lets a neuron
+    that can (LIFNode, IFNode) run batch norm and itself as one fused step in training
+    (`batch_norm_lif`, part 2: the same numbers, less memory), while the neuron's forward
+    hooks fire on every path. What a forward hook on a neuron sees:
+        output      the spikes, shaped as x_seq: (T, B, ...) in qkformer.py (the one
+                    exception: with official_quirks, the SSA's last neuron runs over T*B
+                    steps, (T*B, C, H, W));
+        input[0]    the x_seq passed in: the membrane input itself, or, when `norm` is
+                    given, the input of the norm (the convolution's output). norm is a
+                    keyword argument: a hook registered with with_kwargs=True sees it.
+    The norm's own hooks fire only when it runs as a layer: a norm with hooks is never fused.
+    """
+
+    def forward(self, x_seq: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        if norm is None:
+            return self.spikes(x_seq)
+        if torch.is_grad_enabled() and x_seq.dim() == 5 and self.fuses_with(norm):
+            return batch_norm_lif(x_seq, norm, self)           # part 2: same numbers, less memory
+        y = norm(x_seq.flatten(0, 1))                          # (T*B, C, H, W)
+        return self.spikes(y.unflatten(0, x_seq.shape[:2]))   # (T, B, C, H, W)
+
+    def spikes(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """The neuron's dynamics over all T steps: input (T, ...) -> spikes (T, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} must define spikes(x_seq)")
+
+    def fuses_with(self, norm: nn.Module) -> bool:
+        """Whether this neuron can run `norm` and itself as one fused step (none can here)."""
+        return False
+
+
+def _check(tau: Optional[float], v_threshold: float, alpha: float):
+    """Clear errors for settings the equations do not allow."""
+    if tau is not None and not tau >= 1.0:
+        # (N1) mixes V[t-1] and X[t] with weights 1 - 1/tau and 1/tau; below 1 the old
+        # potential would count negatively (tau = 1: no memory, H[t] = X[t]).
+        raise ValueError(f"tau must be at least 1 (or None for an IF neuron), got {tau}")
+    if not v_threshold > 0:
+        raise ValueError(f"v_threshold must be positive, got {v_threshold}")
+    if not alpha > 0:
+        raise ValueError(f"the surrogate's alpha must be positive, got {alpha}")
+
+
+class LIFNode(SpikingNeuron):
+    """Multi-step LIF neuron, paper Appendix 6.1. For every step t, with V[-1] = 0:
+
+        H[t] = V[t-1] + (X[t] - V[t-1]) / tau        (N1) charge
+        S[t] = Heaviside(H[t] - V_th)                (N2) fire (sigmoid surrogate gradient)
+        V[t] = H[t] * (1 - S[t])                     (N3) hard reset to 0, detached
+
+    `spikes` runs them: `lif_reference` is this loop, line by line. The membrane potential
+    lives only inside one call, so unlike SpikingJelly no `reset_net` is needed between
+    batches.
+
+    Args:
+        tau: membrane time constant (official code: 2.0); None for an IF neuron (no leak).
+        v_threshold: firing threshold V_th (official code: 1.0; 0.5 for attention neurons).
+        alpha: sharpness of the sigmoid surrogate gradient (official code: 4.0).
+        reference: run the autograd loop `lif_reference` instead of the fast path
+            `lif_fast` (part 2), which computes the same spikes and gradients.
+    """
+
+    def __init__(self, tau: Optional[float] = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
+                 reference: bool = False):
+        super().__init__()
+        _check(tau, v_threshold, alpha)
+        self.tau = None if tau is None else float(tau)
+        self.v_threshold, self.alpha = float(v_threshold), float(alpha)
+        self.reference = reference
+
+    def spikes(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if self.reference:
+            return lif_reference(x_seq, self.tau, self.v_threshold, self.alpha)
+        return lif_fast(x_seq, self.tau, self.v_threshold, self.alpha)
+
+    def fuses_with(self, norm: nn.Module) -> bool:
+        # Only the plain dynamics (a subclass that redefines `spikes` is always run as
+        # written) and a plain affine batch norm without hooks of its own.
+        return (not self.reference and type(self).spikes is LIFNode.spikes
+                and type(norm) is nn.BatchNorm2d and norm.affine
+                and not norm._forward_hooks and not norm._forward_pre_hooks)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, v_threshold={self.v_threshold}, alpha={self.alpha}"
+
+
+class IFNode(LIFNode):
+    """Integrate-and-fire neuron: (N1) without leak, H[t] = V[t-1] + X[t]; (N2), (N3) as LIF.
+    The "LIF -> IF" ablation of the paper's Table 7. It is a LIFNode with tau = None."""
+
+    def __init__(self, v_threshold: float = 1.0, alpha: float = 4.0, reference: bool = False):
+        super().__init__(tau=None, v_threshold=v_threshold, alpha=alpha, reference=reference)
+
+
+class ParametricLIFNode(SpikingNeuron):
+    """Parametric LIF neuron (PLIF; Fang et al., ICCV 2021): (N1) with a learnable time
+    constant, 1/tau = sigmoid(w), one scalar w per neuron layer, trained with the network;
+    initialised so that tau = `tau` (w = -log(tau - 1): w = 0 for tau = 2). The "LIF ->
+    PLIF" ablation of the paper's Table 7. `plif_reference` is its plain loop; the fast
+    path `plif_fast` (part 2) computes the same spikes and gradients (for x and w) with a
+    hand-written backward, run eagerly; there is no fused batch norm for it.
+    """
+
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
+                 reference: bool = False):
+        super().__init__()
+        if not tau > 1.0:                                      # 1/tau = sigmoid(w) < 1
+            raise ValueError(f"a PLIF neuron's initial tau must be greater than 1, got {tau}")
+        _check(tau, v_threshold, alpha)
+        self.w = nn.Parameter(torch.tensor(-math.log(tau - 1.0)))
+        self.v_threshold, self.alpha = float(v_threshold), float(alpha)
+        self.reference = reference
+
+    @property
+    def tau(self) -> float:
+        """The current time constant, 1 / sigmoid(w)."""
+        return 1.0 / torch.sigmoid(self.w.detach()).item()
+
+    def spikes(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if self.reference:
+            return plif_reference(x_seq, self.w, self.v_threshold, self.alpha)
+        return plif_fast(x_seq, self.w, self.v_threshold, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau:.4g} (learned), v_threshold={self.v_threshold}, alpha={self.alpha}"
+
+
+NEURONS = {"lif": LIFNode, "if": IFNode, "plif": ParametricLIFNode}
+
+
+def make_neuron(kind: str, v_threshold: float, tau: float = 2.0, alpha: float = 4.0) -> SpikingNeuron:
+    """The one factory of the model's neurons: a neuron of kind `kind` (a key of NEURONS).
+    tau is the fixed time constant of "lif", the initial one of "plif"; "if" has none."""
+    if kind not in NEURONS:
+        raise ValueError(f"unknown neuron {kind!r}; choose one of {sorted(NEURONS)}")
+    if kind == "if":
+        return IFNode(v_threshold=v_threshold, alpha=alpha)
+    return NEURONS[kind](tau=tau, v_threshold=v_threshold, alpha=alpha)
+
+
+# ========================================================================================
+# Part 2: speed machinery. A first reading can stop here: everything below computes the
+# same numbers as part 1 (the tests check it), only faster and in less memory.
+#
+# Contents: the LIF loops as kernels of whole tensors (forward, spikes only, backward
+# through time); CompiledOrEager, which runs such a kernel torch.compile'd or eagerly
+# (set_backend); TimeByNeurons, the (T, M) layout the kernels see; LIFFunction / lif_fast
+# and PLIFFunction / plif_fast, the autograd nodes with hand-written backward passes; the
+# fused batch norm + LIF of training (BatchNormLIF, batch_norm_lif); apply_memory_policy.
+# ========================================================================================
+
+def lif_membrane(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> list:
+    """Run (N1)-(N3) over all steps (V_reset = 0): the list of H[t], the membrane potential
+    before each reset, one tensor per step; the spikes follow from it by (N2)."""
     v = torch.zeros_like(x_seq[0])                        # V[-1] = 0
     h_steps = []
     for t in range(x_seq.shape[0]):
-        # Eq. 1, written as SpikingJelly computes it (v + (x - v) / tau) so that every spike
+        # (N1), written as SpikingJelly computes it (v + (x - v) / tau) so that every spike
         # decision matches the official code to the last bit. tau=None: IF, no leak.
         h = v + x_seq[t] if tau is None else v + (x_seq[t] - v) / tau
         h_steps.append(h)
-        v = torch.where(h < v_threshold, h, 0.0)          # Eq. 2-3: V = H (1 - S), S = [H >= V_th]
+        v = torch.where(h < v_threshold, h, 0.0)          # (N2)-(N3): V = H (1 - S), S = [H >= V_th]
     return h_steps
 
 
-def lif_forward(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float):
-    """The spikes (Eq. 2) and H over all steps: all the backward needs."""
-    h_steps = lif_charge(x_seq, tau, v_threshold)
-    return lif_fire(h_steps, v_threshold, x_seq.dtype), torch.stack(h_steps)
-
-
 def lif_fire(h_steps, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
-    """Eq. 2 for every step: S[t] = 1 where H[t] >= V_th."""
+    """(N2) for every step: S[t] = 1 where H[t] >= V_th."""
     return torch.stack([(h >= v_threshold).to(dtype) for h in h_steps])
+
+
+def lif_forward(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float):
+    """The spikes (N2) and H over all steps: all the backward needs."""
+    h_steps = lif_membrane(x_seq, tau, v_threshold)
+    return lif_fire(h_steps, v_threshold, x_seq.dtype), torch.stack(h_steps)
 
 
 def lif_spikes(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> torch.Tensor:
     """Spikes only, when no backward follows (inference): compiled, H is never written."""
-    return lif_fire(lif_charge(x_seq, tau, v_threshold), v_threshold, x_seq.dtype)
+    return lif_fire(lif_membrane(x_seq, tau, v_threshold), v_threshold, x_seq.dtype)
 
 
 def lif_backward_steps(h_steps, grad_spikes: torch.Tensor, tau: Optional[float],
                        v_threshold: float, alpha: float) -> list:
-    """Backpropagation through time of Eq. 1-3 (see LIFFunction): dL/dX[t], one per step."""
+    """Backpropagation through time of (N1)-(N3) (see LIFFunction): dL/dX[t], one per step."""
     grad_v = torch.zeros_like(h_steps[0])                 # dL/dV[T-1] = 0
     grad_x = []
     for t in range(len(h_steps) - 1, -1, -1):
@@ -145,33 +329,40 @@ def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[f
 # The kernels above are loops of small elementwise operations: in eager PyTorch each line
 # reads and writes whole tensors, so the neuron costs more than the convolutions around
 # it. torch.compile fuses each loop into a single kernel (C++ with OpenMP on the CPU,
-# Triton on a GPU) that reads each input once and writes each output once: about 8x
-# faster on 2 CPU cores (T=4, 6M neurons). Compiling takes a while once per process
-# (dynamic shapes: one kernel serves every layer), needs a C++ compiler, and is skipped
-# where it fails. qkformer.py fuses batch norm into the same kernels the same way.
+# Triton on a GPU) that reads each input once and writes each output once. Compiling
+# takes a while once per process (tens of seconds; dynamic shapes: one kernel serves every
+# layer), needs a C++ compiler, and is skipped where it fails. For short sessions
+# (a tutorial, quick experiments) set_backend("eager") skips it: the same results.
+# The environment variable QKFORMER_LIF, when set, gives the starting backend (the test
+# suite sets it to "eager" for its many short processes); nobody needs it otherwise.
 _BACKEND = os.environ.get("QKFORMER_LIF", "auto")        # "auto", "compiled" or "eager"
-_FUSED = []                                              # every Fused, to reset on set_backend
+_KERNELS = []                                            # every CompiledOrEager, for set_backend
 
 
 def set_backend(name: str):
-    """Choose how the Fused kernels run: "eager" (plain PyTorch), "compiled" (torch.compile,
-    error if it fails) or "auto" (compiled, eager where compiling fails). The environment
-    variable QKFORMER_LIF sets the default."""
+    """Choose how the kernels of part 2 run: "eager" (plain PyTorch), "compiled"
+    (torch.compile, error if it fails) or "auto" (the default: compiled, eager where
+    compiling fails). All three give the same results."""
     global _BACKEND
     if name not in ("auto", "compiled", "eager"):
         raise ValueError(f"LIF backend must be 'auto', 'compiled' or 'eager', got {name!r}")
     _BACKEND = name
-    for kernel in _FUSED:
+    for kernel in _KERNELS:
         kernel.compiled, kernel.used = None, None
 
 
-class Fused:
+def get_backend() -> str:
+    """The backend set_backend chose ("auto", "compiled" or "eager")."""
+    return _BACKEND
+
+
+class CompiledOrEager:
     """A function of whole tensors, run as one torch.compile'd kernel or eagerly, as the
     backend says (see set_backend). Both give the same results; `used` tells which ran."""
 
     def __init__(self, fn):
         self.fn, self.compiled, self.used = fn, None, None
-        _FUSED.append(self)
+        _KERNELS.append(self)
 
     def __call__(self, *args):
         if _BACKEND == "eager" or self.used == "eager":
@@ -194,9 +385,9 @@ class Fused:
         return out
 
 
-lif_forward_kernel = Fused(lif_forward)
-lif_spikes_kernel = Fused(lif_spikes)
-lif_backward_kernel = Fused(lif_backward)
+lif_forward_kernel = CompiledOrEager(lif_forward)
+lif_spikes_kernel = CompiledOrEager(lif_spikes)
+lif_backward_kernel = CompiledOrEager(lif_backward)
 
 
 class TimeByNeurons:
@@ -228,7 +419,7 @@ class TimeByNeurons:
 
 
 class LIFFunction(torch.autograd.Function):
-    """Eq. 1-3 over all T steps in one autograd node (hard reset to V_reset = 0).
+    """(N1)-(N3) over all T steps in one autograd node (hard reset to V_reset = 0).
 
     Autograd on the reference loop records about ten tensors per step. The backward
     below needs only H[t] (for the surrogate and for 1 - S[t]), so that is all the
@@ -237,9 +428,9 @@ class LIFFunction(torch.autograd.Function):
     Backward through time, with gS[t] = dL/dS[t] arriving from the layers above and
     gV[t] = dL/dV[t] arriving from step t+1 (zero after the last step):
         dL/dH[t]   = gS[t] * surrogate'(H[t] - V_th) + gV[t] * (1 - S[t])
-        dL/dX[t]   = dL/dH[t] / tau                       (from Eq. 1)
-        gV[t-1]    = dL/dH[t] * (1 - 1/tau)               (from Eq. 1, V_reset = 0)
-    The term (1 - S[t]) is the detached reset: the spike in Eq. 3 counts as a constant.
+        dL/dX[t]   = dL/dH[t] / tau                       (from N1)
+        gV[t-1]    = dL/dH[t] * (1 - 1/tau)               (from N1, V_reset = 0)
+    The term (1 - S[t]) is the detached reset: the spike in (N3) counts as a constant.
     """
 
     @staticmethod
@@ -263,44 +454,167 @@ class LIFFunction(torch.autograd.Function):
         return ctx.layout.unflatten(grad_x), None, None, None
 
 
-class SpikingNeuron(nn.Module):
-    """What every spiking neuron of this project is: a module that maps a whole input
-    sequence (T, ...) to spikes (0. or 1.) of the same shape. Tools find neurons by this
-    class (firing-rate hooks, energy counts), so a new neuron type is counted as one."""
+def lif_fast(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float,
+             alpha: float) -> torch.Tensor:
+    """The same spikes and gradients as `lif_reference`, through LIFFunction."""
+    return LIFFunction.apply(x_seq, tau, v_threshold, alpha)
 
 
-class LIFNode(SpikingNeuron):
-    """Multi-step LIF neuron (paper Appendix 6.1, Eq. 1-3 above), the "SN(.)" of every equation.
+def plif_forward(x_seq: torch.Tensor, decay: torch.Tensor, v_threshold: float):
+    """PLIF's (N1)-(N3) over all steps, 1/tau = decay: the spikes and H, for the backward."""
+    v = torch.zeros_like(x_seq[0])
+    h_steps = []
+    for t in range(x_seq.shape[0]):
+        h = v + (x_seq[t] - v) * decay                    # (N1), as plif_reference
+        h_steps.append(h)
+        v = torch.where(h < v_threshold, h, 0.0)          # (N2)-(N3)
+    return lif_fire(h_steps, v_threshold, x_seq.dtype), torch.stack(h_steps)
 
-    Takes a whole sequence `x_seq` of shape (T, ...) and returns spikes (0. or 1.) of
-    the same shape. The membrane potential lives only inside one call, so unlike
-    SpikingJelly no `reset_net` is needed between batches.
 
-    Args:
-        tau: membrane time constant (2.0 in QKFormer); None for an IF neuron (no leak).
-        v_threshold: firing threshold V_th (1.0; 0.5 for the attention neurons).
-        alpha: sharpness of the sigmoid surrogate gradient (4.0, SpikingJelly's default).
-        reference: use the plain autograd loop `lif_reference` instead of `LIFFunction`.
+def plif_backward(x_seq: torch.Tensor, h_seq: torch.Tensor, grad_spikes: torch.Tensor,
+                  decay: torch.Tensor, v_threshold: float, alpha: float):
+    """Backpropagation through time of PLIF (see PLIFFunction): dL/dX and dL/d(decay)."""
+    grad_v = torch.zeros_like(h_seq[0])                   # dL/dV[T-1] = 0
+    grad_decay = torch.zeros((), dtype=h_seq.dtype, device=h_seq.device)
+    grad_x = []
+    for t in range(h_seq.shape[0] - 1, -1, -1):
+        h = h_seq[t]
+        grad_h = (grad_spikes[t] * sigmoid_surrogate_grad(h - v_threshold, alpha)
+                  + torch.where(h < v_threshold, grad_v, 0.0))
+        v_prev = torch.where(h_seq[t - 1] < v_threshold, h_seq[t - 1], 0.0) if t > 0 \
+            else torch.zeros_like(h)                      # V[t-1] = H[t-1] (1 - S[t-1])
+        grad_decay = grad_decay + (grad_h * (x_seq[t] - v_prev)).sum()   # dH/d(decay) = X - V
+        grad_x.append(grad_h * decay)
+        grad_v = grad_h * (1.0 - decay)
+    return torch.stack(grad_x[::-1]), grad_decay
+
+
+class PLIFFunction(torch.autograd.Function):
+    """PLIF over all T steps in one autograd node; saves X and H only.
+
+    As LIFFunction, with 1/tau = d (decay) a tensor: H[t] = V[t-1] + (X[t] - V[t-1]) d, so
+        dL/dX[t] = dL/dH[t] d,   gV[t-1] = dL/dH[t] (1 - d),
+        dL/dd    = sum over t and neurons of dL/dH[t] (X[t] - V[t-1]).
+    Autograd carries dL/dd on to w through d = sigmoid(w). Runs eagerly (not compiled).
     """
 
-    def __init__(self, tau: Optional[float] = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
-                 reference: bool = False):
-        super().__init__()
-        if tau is not None and tau < 1.0:
-            # Eq. 1 mixes V[t-1] and X[t] with weights 1 - 1/tau and 1/tau; below 1 the old
-            # potential would count negatively (tau = 1: no memory, H[t] = X[t]).
-            raise ValueError(f"tau must be at least 1 (or None for an IF neuron), got {tau}")
-        self.tau = None if tau is None else float(tau)
-        self.v_threshold, self.alpha = float(v_threshold), float(alpha)
-        self.reference = reference
+    @staticmethod
+    def forward(ctx, x_seq, decay, v_threshold, alpha):
+        x_flat = x_seq.reshape(x_seq.shape[0], -1).detach()        # (T, M)
+        spikes, h_seq = plif_forward(x_flat, decay.detach(), v_threshold)
+        ctx.save_for_backward(x_flat, h_seq, decay)
+        ctx.v_threshold, ctx.alpha, ctx.shape = v_threshold, alpha, x_seq.shape
+        return spikes.reshape(x_seq.shape)
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        if self.reference:
-            return lif_reference(x_seq, self.tau, self.v_threshold, self.alpha)
-        return LIFFunction.apply(x_seq, self.tau, self.v_threshold, self.alpha)
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        x_flat, h_seq, decay = ctx.saved_tensors
+        grad_x, grad_decay = plif_backward(x_flat, h_seq, grad_spikes.reshape(h_seq.shape),
+                                           decay, ctx.v_threshold, ctx.alpha)
+        return grad_x.reshape(ctx.shape), grad_decay.to(decay.dtype), None, None
 
-    def extra_repr(self) -> str:
-        return f"tau={self.tau}, v_threshold={self.v_threshold}, alpha={self.alpha}"
+
+def plif_fast(x_seq: torch.Tensor, w: torch.Tensor, v_threshold: float,
+              alpha: float) -> torch.Tensor:
+    """The same spikes and gradients as `plif_reference`, through PLIFFunction."""
+    return PLIFFunction.apply(x_seq, torch.sigmoid(w).to(x_seq.dtype), v_threshold, alpha)
+
+
+# ----------------------------------------------------------------------------------------
+# Batch norm and neuron fused, for training (SpikingNeuron.forward with norm=batch norm)
+
+def bn_lif_forward(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                   tau: Optional[float], v_threshold: float) -> torch.Tensor:
+    """SN(BN(Y)) for Y of shape (T, P, C): batch norm as the per-channel affine map
+    y * scale + shift (the form PyTorch's own CPU batch norm computes), then (N1)-(N3)."""
+    return lif_fire(lif_membrane(y * scale + shift, tau, v_threshold), v_threshold, y.dtype)
+
+
+def bn_lif_backward(y, grad_spikes, mean, invstd, scale, shift, tau: Optional[float],
+                    v_threshold: float, alpha: float, batch_stats: bool):
+    """Gradients of `bn_lif_forward` for Y, gamma and beta, recomputing BN(Y) and H from Y.
+
+    With xhat = (y - mean) * invstd and g = dL/dBN(Y) from the neuron's backward:
+        dL/dbeta = sum g,   dL/dgamma = sum g * xhat              (sums over T and P)
+        dL/dY = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))   batch statistics
+        dL/dY = gamma * invstd * g                                        running statistics
+    The two extra terms of the first line are the gradient through the batch mean and
+    variance, which depend on Y.
+    """
+    h_steps = lif_membrane(y * scale + shift, tau, v_threshold)
+    g = lif_backward_steps(h_steps, grad_spikes, tau, v_threshold, alpha)   # T tensors (P, C)
+    xhat = [(y[t] - mean) * invstd for t in range(len(g))]
+    grad_shift = sum(g).sum(dim=0)                         # over the steps, then over P
+    grad_weight = sum(g_t * x_t for g_t, x_t in zip(g, xhat)).sum(dim=0)
+    if batch_stats:
+        n = y.shape[0] * y.shape[1]
+        g = [g_t - grad_shift / n - x_t * (grad_weight / n) for g_t, x_t in zip(g, xhat)]
+    return torch.stack([g_t * scale for g_t in g]), grad_weight, grad_shift
+
+
+bn_lif_forward_kernel = CompiledOrEager(bn_lif_forward)
+bn_lif_backward_kernel = CompiledOrEager(bn_lif_backward)
+
+
+def batch_norm_statistics(bn: nn.BatchNorm2d, y: torch.Tensor):
+    """The mean and (biased) variance `bn` normalises y with, and whether they are the
+    batch's; in training, updates the running statistics exactly as nn.BatchNorm2d does."""
+    if not bn.training and bn.running_mean is not None:
+        return bn.running_mean, bn.running_var, False
+    if bn.running_mean is None:                                  # track_running_stats=False
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        return mean, var, True
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+    mean, var = torch.batch_norm_update_stats(y, bn.running_mean, bn.running_var, momentum)
+    return mean, var, True
+
+
+class BatchNormLIF(torch.autograd.Function):
+    """SN(BN(Y)) as one autograd node that saves only Y, the convolution's output.
+
+    Separately, batch norm and neuron would each read and write whole tensors, and
+    autograd would keep both Y (for batch norm's backward) and the membrane potentials H
+    (for the neuron's). Here the forward is one kernel (Y in, spikes out, after the
+    per-channel statistics), and the backward recomputes BN(Y) and H from Y inside its own
+    kernel: the same numbers, a third less activation memory, and far fewer passes over
+    memory than the separate layers.
+
+    The kernels see Y as (T, P, C), P = B*H*W: the channels-last layout the convolutions
+    of qkformer.py produce, so the reshapes below are free.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, bn: nn.BatchNorm2d, lif: LIFNode, T: int):
+        TB, C, H, W = y.shape
+        mean, var, batch_stats = batch_norm_statistics(bn, y)
+        invstd = 1.0 / torch.sqrt(var + bn.eps)
+        scale = weight * invstd
+        shift = bias - mean * scale
+        y = y.reshape(T, TB // T, C, H, W).permute(0, 1, 3, 4, 2).reshape(T, -1, C)  # (T, P, C)
+        spikes = bn_lif_forward_kernel(y.detach(), scale, shift, lif.tau, lif.v_threshold)
+        ctx.save_for_backward(y, mean, invstd, scale, shift)
+        ctx.lif, ctx.batch_stats, ctx.shape = lif, batch_stats, (T, TB // T, C, H, W)
+        return spikes.reshape(T, TB // T, H, W, C).permute(0, 1, 4, 2, 3)  # (T, B, C, H, W)
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        y, mean, invstd, scale, shift = ctx.saved_tensors
+        T, B, C, H, W = ctx.shape
+        lif = ctx.lif
+        grad_spikes = grad_spikes.permute(0, 1, 3, 4, 2).reshape(T, -1, C)  # (T, P, C)
+        grad_y, grad_weight, grad_bias = bn_lif_backward_kernel(
+            y, grad_spikes, mean, invstd, scale, shift, lif.tau, lif.v_threshold, lif.alpha,
+            ctx.batch_stats)                                     # (T, P, C), (C,), (C,)
+        grad_y = grad_y.reshape(T, B, H, W, C).permute(0, 1, 4, 2, 3).reshape(T * B, C, H, W)
+        return grad_y, grad_weight, grad_bias, None, None, None
+
+
+def batch_norm_lif(x_seq: torch.Tensor, bn: nn.BatchNorm2d, lif: LIFNode) -> torch.Tensor:
+    """SN(BN(x_seq)) for x_seq (T, B, C, H, W), through BatchNormLIF: the same spikes,
+    gradients and running statistics as bn, then lif, run one after the other."""
+    T = x_seq.shape[0]
+    return BatchNormLIF.apply(x_seq.flatten(0, 1), bn.weight, bn.bias, bn, lif, T)
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,45 +4,48 @@ transformer, in plain PyTorch.
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
 Attention", NeurIPS 2024 (arXiv:2403.16552); official code github.com/zhouchenlin2096/QKFormer.
 Spiking self-attention (SSA) comes from Zhou et al., "Spikformer: When Spiking Neural
-Network Meets Transformer", ICLR 2023.
+Network Meets Transformer", ICLR 2023. The spiking neurons are in neuron.py.
 
 Read it top to bottom, next to the paper (section and equation numbers of arXiv v2):
+  QKFormerConfig       the configuration: sizes, attention per stage, the neuron's settings
   ConvBNLIF            the building brick: conv -> batch norm -> (max-pool) -> spiking neuron
+  SpikeAttention       what every attention is (and how it reports its operations on spikes)
   QKAttention          Section 3.2, Eq. (5)-(7): Q-K token attention (QKTA) and channel attention (QKCA)
   SpikingSelfAttention Section 3.1, Eq. (3)-(4): Spikformer's SSA, used in the last stage
+  ATTENTIONS           the table of attentions a stage can use
   SpikingMLP, QKFormerBlock   Section 3.4, Eq. (8): X = X + Attn(X); X = X + MLP(X)
   SPEDS                Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut
   QKFormer             Section 3.4 / Figure 2: three stages of widths D/4, D/2, D
-  create_model, PRESETS, convert_official_state_dict, load_checkpoint   presets and weights
+  PRESETS, create_model, fold_batchnorm                the presets, inference folding
+  convert_official_state_dict, load_checkpoint, ...    the released weights, checkpoints
 
 Every tensor inside the network is indexed (T, B, C, H, W): time steps, batch,
 channels, height, width; N = H * W is the number of tokens. Layers without memory
-(conv, batch norm) see the T*B images as one big batch; the spiking neurons (LIFNode)
-see the time axis. In memory the activations are channels-last, (T, B, H, W, C): the
-layout oneDNN's CPU convolutions work in (a 1x1 convolution, the paper's "Linear", is
-then one matrix product with no reordering), measured about 2x faster for the 1x1
-layers of stage 1 and 1.4x for the 3x3 ones than the default (T, B, C, H, W). Indexing,
-shapes and results are the same either way; only the strides differ.
+(conv, batch norm) see the T*B images as one big batch; the spiking neurons see the time
+axis. In memory the activations are channels-last, (T, B, H, W, C): the layout oneDNN's
+CPU convolutions work in (a 1x1 convolution, the paper's "Linear", is then one matrix
+product with no reordering), measured about 2x faster for the 1x1 layers of stage 1 and
+1.4x for the 3x3 ones than the default (T, B, C, H, W). Indexing, shapes and results are
+the same either way; only the strides differ.
 """
 import os
 import pickle
 import re
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neuron import Fused, LIFNode, lif_backward_steps, lif_charge, lif_fire
+from neuron import NEURONS, SpikingNeuron, make_neuron
 
-ATTENTIONS = ("token", "channel", "ssa")
 FAMILIES = ("cifar", "imagenet")
 
 
 # ----------------------------------------------------------------------------------------
-# Configuration and presets
+# Configuration
 
 @dataclass
 class QKFormerConfig:
@@ -55,11 +58,18 @@ class QKFormerConfig:
                  depths-2 blocks per stage; ImageNet: 1, 2 and depths-3 (so "QKFormer-10-384"
                  has 1 + 2 + 7 blocks).
     num_heads:   heads of every attention layer (the official code uses one value for all stages).
-    attention:   the attention of each stage: "token" (QKTA), "channel" (QKCA) or "ssa".
-                 The paper's model is ("token", "token", "ssa"); the others rerun its ablation.
+    attention:   the attention of each stage, a key of ATTENTIONS: "token" (QKTA), "channel"
+                 (QKCA) or "ssa". The paper's model is ("token", "token", "ssa"); the others
+                 rerun its ablation.
     official_quirks: reproduce the official code's batch-mixing SSA neuron (see
                  `SpikingSelfAttention`); needed to match the released checkpoints exactly.
-    neuron:      "lif" (the paper's) or "if" (integrate-and-fire, no leak: Table 7's ablation).
+    The spiking neurons (neuron.py; every neuron of the model is built by `make_neuron`):
+    neuron:      a key of neuron.NEURONS: "lif" (the paper's), "if" (integrate-and-fire, no
+                 leak) or "plif" (parametric LIF, a learned tau): Table 7's ablation.
+    tau:         the membrane time constant of "lif"; the initial one of "plif" (official code: 2).
+    v_threshold: the firing threshold of every neuron but the attention's (official code: 1).
+    attn_v_threshold: the threshold of the attention neurons, A_t, A_c and SSA's (official code: 0.5).
+    surrogate_alpha: the sharpness of the sigmoid surrogate gradient (official code: 4).
     """
     family: str = "cifar"
     num_classes: int = 10
@@ -73,6 +83,10 @@ class QKFormerConfig:
     attention: Tuple[str, str, str] = ("token", "token", "ssa")
     official_quirks: bool = False
     neuron: str = "lif"
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    attn_v_threshold: float = 0.5
+    surrogate_alpha: float = 4.0
 
     def __post_init__(self):
         self.attention = tuple(self.attention)  # a list after a round trip through JSON
@@ -82,13 +96,12 @@ class QKFormerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.neuron not in ("lif", "if"):
-            raise ValueError(f"neuron must be 'lif' or 'if', got {self.neuron!r}")
+        self._check_neuron()
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if len(self.attention) != 3 or any(a not in ATTENTIONS for a in self.attention):
-            raise ValueError(f"attention must name one of {ATTENTIONS} for each of the 3 stages, "
-                             f"got {self.attention!r}")
+            raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the 3 "
+                             f"stages, got {self.attention!r}")
         if min(self.stage_depths) < 1:
             least = 3 if self.family == "cifar" else 4
             raise ValueError(f"depths={self.depths} leaves a stage without blocks: the {self.family} "
@@ -104,6 +117,27 @@ class QKFormerConfig:
         if self.img_size % self.downsampling:
             raise ValueError(f"img_size={self.img_size} cannot be divided by the {self.family} "
                              f"patch embeddings: it must be a multiple of {self.downsampling}")
+
+    def _check_neuron(self):
+        if self.neuron not in NEURONS:
+            raise ValueError(f"neuron must be one of {sorted(NEURONS)}, got {self.neuron!r}")
+        for name in ("tau", "v_threshold", "attn_v_threshold", "surrogate_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        least = "greater than 1" if self.neuron == "plif" else "at least 1"
+        if self.tau < 1 or (self.neuron == "plif" and self.tau == 1):
+            raise ValueError(f"tau must be {least} for neuron={self.neuron!r}, got {self.tau}")
+        for name in ("v_threshold", "attn_v_threshold", "surrogate_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def make_neuron(self, attention: bool = False) -> SpikingNeuron:
+        """A spiking neuron of this model (through neuron.make_neuron, the one factory);
+        attention=True: an attention neuron, with threshold attn_v_threshold."""
+        threshold = self.attn_v_threshold if attention else self.v_threshold
+        return make_neuron(self.neuron, threshold, tau=self.tau, alpha=self.surrogate_alpha)
 
     @property
     def stage_widths(self) -> Tuple[int, int, int]:
@@ -121,24 +155,6 @@ class QKFormerConfig:
         return 4 if self.family == "cifar" else 16
 
 
-PRESETS = {
-    # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
-    "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
-                 num_heads=4, mlp_ratio=4.0, T=2),
-    # The official models. Parameter counts (checked by the tests) equal the released ones.
-    "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
-                    num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
-    "cifar100": dict(family="cifar", num_classes=100, img_size=32, embed_dim=384, depths=4,
-                     num_heads=8, mlp_ratio=4.0, T=4),                       # 6,740,884
-    "imagenet_10_384": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=384,
-                            depths=10, num_heads=6, mlp_ratio=4.0, T=4),     # 16,473,688
-    "imagenet_10_512": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=512,
-                            depths=10, num_heads=8, mlp_ratio=4.0, T=4),     # 29,079,336
-    "imagenet_10_768": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=768,
-                            depths=10, num_heads=12, mlp_ratio=4.0, T=4),    # 64,962,760
-}
-
-
 # ----------------------------------------------------------------------------------------
 # The building brick
 
@@ -146,30 +162,30 @@ class ConvBNLIF(nn.Module):
     """SN(MaxPool(BN(Conv(X)))), the unit every equation of the paper is made of.
 
     Convolution and batch norm treat the T*B images as one batch (they have no memory);
-    the LIF neuron then runs over the time axis. A kernel of 1 is the paper's
-    "Linear" layer applied to every token. The max-pool, when present, sits between batch
-    norm and the neuron, as in the official code, so the pool picks the largest membrane
-    input rather than or-ing spikes.
+    the spiking neuron SN (`config.neuron`, LIF in the paper) then runs over the time
+    axis. A kernel of 1 is the paper's "Linear" layer applied to every token. The
+    max-pool, when present, sits between batch norm and the neuron, as in the official
+    code, so the pool picks the largest membrane input rather than or-ing spikes.
 
-    In training, batch norm and neuron run as one fused autograd node (`BatchNormLIF`)
-    that keeps only the convolution's output, recomputing the rest in backward: the same
-    numbers with less memory and less memory traffic. It is used only when gradients are
-    needed and `lif` is a plain LIFNode: without gradients (evaluation) the layers run one
-    by one, so forward hooks on `bn` and `lif` see every call, and a neuron swapped in for
-    `lif` (a subclass) is always called.
+    Without a pool the neuron is handed the batch norm (`lif(y, norm=bn)`): in training,
+    a LIF or IF neuron runs both as one fused step that keeps only the convolution's
+    output (neuron.py, part 2): the same numbers with less memory. The neuron is called as
+    a module on every path, so forward hooks on it see every call (see
+    neuron.SpikingNeuron for what they receive).
 
     Activations are stored channels-last (see the top of this file).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, bias: bool = False, pool: bool = False,
-                 v_threshold: float = 1.0):
+                 config: Optional["QKFormerConfig"] = None):
         super().__init__()
+        config = config or QKFormerConfig()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
                               padding=kernel_size // 2, bias=bias)
         self.bn = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
-        self.lif = LIFNode(tau=2.0, v_threshold=v_threshold)
+        self.lif = config.make_neuron()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B = x.shape[:2]
@@ -177,109 +193,38 @@ class ConvBNLIF(nn.Module):
         # first layer, whose input is the image.
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         y = self.conv(x)                                         # (T*B, C', H', W')
-        if self._fused():
-            return BatchNormLIF.apply(y, self.bn.weight, self.bn.bias, self.bn, self.lif, T)
-        y = self.pool(self.bn(y))                                # (T*B, C', H', W')
-        return self.lif(y.reshape(T, B, *y.shape[1:]))           # (T, B, C', H', W')
-
-    def _fused(self) -> bool:
-        """Whether BatchNormLIF stands in for bn -> lif here (see the class docstring)."""
-        return (torch.is_grad_enabled() and isinstance(self.pool, nn.Identity)
-                and isinstance(self.bn, nn.BatchNorm2d) and self.bn.affine
-                and type(self.lif) is LIFNode and not self.lif.reference)
-
-
-def bn_lif_forward(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                   tau: Optional[float], v_threshold: float) -> torch.Tensor:
-    """SN(BN(Y)) for Y of shape (T, P, C): batch norm as the per-channel affine map
-    y * scale + shift (the form PyTorch's own CPU batch norm computes), then Eq. 1-3."""
-    return lif_fire(lif_charge(y * scale + shift, tau, v_threshold), v_threshold, y.dtype)
-
-
-def bn_lif_backward(y, grad_spikes, mean, invstd, scale, shift, tau: Optional[float],
-                    v_threshold: float, alpha: float, batch_stats: bool):
-    """Gradients of `bn_lif_forward` for Y, gamma and beta, recomputing BN(Y) and H from Y.
-
-    With xhat = (y - mean) * invstd and g = dL/dBN(Y) from the neuron's backward:
-        dL/dbeta = sum g,   dL/dgamma = sum g * xhat              (sums over T and P)
-        dL/dY = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))   batch statistics
-        dL/dY = gamma * invstd * g                                        running statistics
-    The two extra terms of the first line are the gradient through the batch mean and
-    variance, which depend on Y.
-    """
-    h_steps = lif_charge(y * scale + shift, tau, v_threshold)
-    g = lif_backward_steps(h_steps, grad_spikes, tau, v_threshold, alpha)   # T tensors (P, C)
-    xhat = [(y[t] - mean) * invstd for t in range(len(g))]
-    grad_shift = sum(g).sum(dim=0)                         # over the steps, then over P
-    grad_weight = sum(g_t * x_t for g_t, x_t in zip(g, xhat)).sum(dim=0)
-    if batch_stats:
-        n = y.shape[0] * y.shape[1]
-        g = [g_t - grad_shift / n - x_t * (grad_weight / n) for g_t, x_t in zip(g, xhat)]
-    return torch.stack([g_t * scale for g_t in g]), grad_weight, grad_shift
-
-
-bn_lif_forward_kernel = Fused(bn_lif_forward)
-bn_lif_backward_kernel = Fused(bn_lif_backward)
-
-
-def batch_norm_statistics(bn: nn.BatchNorm2d, y: torch.Tensor):
-    """The mean and (biased) variance `bn` normalises y with, and whether they are the
-    batch's; in training, updates the running statistics exactly as nn.BatchNorm2d does."""
-    if not bn.training and bn.running_mean is not None:
-        return bn.running_mean, bn.running_var, False
-    if bn.running_mean is None:                                  # track_running_stats=False
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
-        return mean, var, True
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
-    mean, var = torch.batch_norm_update_stats(y, bn.running_mean, bn.running_var, momentum)
-    return mean, var, True
-
-
-class BatchNormLIF(torch.autograd.Function):
-    """SN(BN(Y)) as one autograd node that saves only Y, the convolution's output.
-
-    Separately, batch norm and neuron would each read and write whole tensors, and
-    autograd would keep both Y (for batch norm's backward) and the membrane potentials H
-    (for the neuron's). Here the forward is one kernel (Y in, spikes out, after the
-    per-channel statistics), and the backward recomputes BN(Y) and H from Y inside its own
-    kernel: the same numbers, a third less activation memory, and far fewer passes over
-    memory than the separate layers (1.2x faster training steps for the cifar10 model).
-
-    The kernels see Y as (T, P, C), P = B*H*W: the channels-last layout the convolutions
-    produce here (see the top of this file), so the reshapes below are free.
-    """
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, bn: nn.BatchNorm2d, lif: LIFNode, T: int):
-        TB, C, H, W = y.shape
-        mean, var, batch_stats = batch_norm_statistics(bn, y)
-        invstd = 1.0 / torch.sqrt(var + bn.eps)
-        scale = weight * invstd
-        shift = bias - mean * scale
-        y = y.reshape(T, TB // T, C, H, W).permute(0, 1, 3, 4, 2).reshape(T, -1, C)  # (T, P, C)
-        spikes = bn_lif_forward_kernel(y.detach(), scale, shift, lif.tau, lif.v_threshold)
-        ctx.save_for_backward(y, mean, invstd, scale, shift)
-        ctx.lif, ctx.batch_stats, ctx.shape = lif, batch_stats, (T, TB // T, C, H, W)
-        return spikes.reshape(T, TB // T, H, W, C).permute(0, 1, 4, 2, 3)  # (T, B, C, H, W)
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        y, mean, invstd, scale, shift = ctx.saved_tensors
-        T, B, C, H, W = ctx.shape
-        lif = ctx.lif
-        grad_spikes = grad_spikes.permute(0, 1, 3, 4, 2).reshape(T, -1, C)  # (T, P, C)
-        grad_y, grad_weight, grad_bias = bn_lif_backward_kernel(
-            y, grad_spikes, mean, invstd, scale, shift, lif.tau, lif.v_threshold, lif.alpha,
-            ctx.batch_stats)                                     # (T, P, C), (C,), (C,)
-        grad_y = grad_y.reshape(T, B, H, W, C).permute(0, 1, 4, 2, 3).reshape(T * B, C, H, W)
-        return grad_y, grad_weight, grad_bias, None, None, None
+        if isinstance(self.pool, nn.Identity):
+            return self.lif(y.unflatten(0, (T, B)), norm=self.bn)   # (T, B, C', H', W')
+        y = self.pool(self.bn(y))                                # (T*B, C', H'/2, W'/2)
+        return self.lif(y.unflatten(0, (T, B)))                  # (T, B, C', H'/2, W'/2)
 
 
 # ----------------------------------------------------------------------------------------
-# Attention (Section 3.2)
+# Attention (Section 3.2 and 3.1)
 
-class QKAttention(nn.Module):
+Firing = Callable[[SpikingNeuron], Tuple[float, float]]
+
+
+class SpikeAttention(nn.Module):
+    """What every attention of this file is: a module (T, B, C, H, W) -> (T, B, C, H, W)
+    that also reports the operations on spikes it does itself, for the energy estimate
+    (paper Appendix 6.6, Eq. (19)-(21); evaluate.py turns them into SOPs).
+
+    synaptic_ops(firing) returns one (label, MACs, input firing rate) per operation on
+    spikes the module does itself (matrix products, sums), not those of its conv/linear
+    children, which the energy count handles: MACs per image and time step as if every
+    input were a spike, and the firing rate of the spikes that drive it. `firing(neuron)`,
+    given by the energy count, returns (firing rate, neurons per image and time step)
+    recorded for one of this module's own neurons. A new attention that does not say what
+    it computes fails loudly instead of being counted as free.
+    """
+
+    def synaptic_ops(self, firing: Firing) -> List[Tuple[str, float, float]]:
+        raise NotImplementedError(f"{type(self).__name__} must define synaptic_ops(firing) "
+                                  f"for the energy estimate (see SpikeAttention)")
+
+
+class QKAttention(SpikeAttention):
     """Spike-form Q-K attention, Section 3.2: Eq. (5)-(7) for QKTA, and the QKCA variant.
 
         Q = SN(BN(X W_Q)),  K = SN(BN(X W_K))                       binary, (T, B, C, N)
@@ -291,18 +236,21 @@ class QKAttention(nn.Module):
     Cost: the sums and the mask touch each of the N*C spikes once, so time and memory grow
     linearly with N, where SSA (below) builds C x C or N x N products. There is no V and no
     softmax: the binary vector A itself says which tokens (or channels) matter. The
-    attention neuron has a threshold of 0.5, so one spike in the sum already fires it.
+    attention neuron's threshold (official code: 0.5, `attn_v_threshold`) lets one spike
+    in the sum fire it.
     """
 
-    def __init__(self, dim: int, num_heads: int, mode: str = "token"):
+    def __init__(self, dim: int, num_heads: int, mode: str = "token",
+                 config: Optional[QKFormerConfig] = None):
         super().__init__()
         if mode not in ("token", "channel"):
             raise ValueError(f"QKAttention mode must be 'token' or 'channel', got {mode!r}")
+        config = config or QKFormerConfig()
         self.num_heads, self.mode = num_heads, mode
-        self.q = ConvBNLIF(dim, dim)
-        self.k = ConvBNLIF(dim, dim)
-        self.attn_lif = LIFNode(tau=2.0, v_threshold=0.5)
-        self.proj = ConvBNLIF(dim, dim, bias=True)
+        self.q = ConvBNLIF(dim, dim, config=config)
+        self.k = ConvBNLIF(dim, dim, config=config)
+        self.attn_lif = config.make_neuron(attention=True)
+        self.proj = ConvBNLIF(dim, dim, bias=True, config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -316,14 +264,21 @@ class QKAttention(nn.Module):
         x = (attn * k).reshape(T, B, C, H, W)                       # X' = A (*) K
         return self.proj(x)                                         # X'' = SN(BN(Linear(X')))
 
+    def synaptic_ops(self, firing: Firing) -> List[Tuple[str, float, float]]:
+        """The sum of Q adds each of its N*C inputs once. The mask A (*) K is a logical
+        AND of two spikes: no accumulate, counted 0 (Appendix 6.6)."""
+        rate_q, neurons_q = firing(self.q.lif)                      # neurons_q = N*C
+        return [("sum of Q", neurons_q, rate_q)]
 
-class SpikingSelfAttention(nn.Module):
+
+class SpikingSelfAttention(SpikeAttention):
     """Spikformer's spiking self-attention (SSA), Section 3.1, Eq. (3)-(4); QKFormer's stage 3.
 
         Q, K, V = SN(BN(X W_Q)), SN(BN(X W_K)), SN(BN(X W_V))       binary, per head (N, d)
-        SSA = SN(Q K^T V * s),  s = 0.125, threshold 0.5
+        SSA = SN(Q K^T V * s)
         X'' = SN(BN(Linear(SSA)))
 
+    with the official code's scale s = 0.125 and attention threshold 0.5 (`attn_v_threshold`).
     There is no softmax: Q, K, V are non-negative, so Q (K^T V) can be computed right to
     left, a d x d product per head, with cost O(N d^2). The explicit Q K^T of a standard
     transformer would be N x N: that quadratic memory is what Q-K attention avoids
@@ -338,15 +293,17 @@ class SpikingSelfAttention(nn.Module):
     exactly; the released checkpoints were trained with it.
     """
 
-    def __init__(self, dim: int, num_heads: int, official_quirks: bool = False):
+    def __init__(self, dim: int, num_heads: int, official_quirks: bool = False,
+                 config: Optional[QKFormerConfig] = None):
         super().__init__()
+        config = config or QKFormerConfig()
         self.num_heads, self.official_quirks = num_heads, official_quirks
-        self.scale = 0.125
-        self.q = ConvBNLIF(dim, dim)
-        self.k = ConvBNLIF(dim, dim)
-        self.v = ConvBNLIF(dim, dim)
-        self.attn_lif = LIFNode(tau=2.0, v_threshold=0.5)
-        self.proj = ConvBNLIF(dim, dim, bias=True)
+        self.scale = 0.125                                          # the official code's
+        self.q = ConvBNLIF(dim, dim, config=config)
+        self.k = ConvBNLIF(dim, dim, config=config)
+        self.v = ConvBNLIF(dim, dim, config=config)
+        self.attn_lif = config.make_neuron(attention=True)
+        self.proj = ConvBNLIF(dim, dim, bias=True, config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -365,17 +322,36 @@ class SpikingSelfAttention(nn.Module):
             return self.proj.lif(y).reshape(T, B, C, H, W)          # time axis = T*B: the quirk
         return self.proj(x)
 
+    def synaptic_ops(self, firing: Firing) -> List[Tuple[str, float, float]]:
+        """K^T V: each spike of K adds a row of V (N*C*d MACs per image and step); Q (K^T V):
+        each spike of Q adds a row of K^T V (N*C*d MACs). d = C / heads."""
+        rate_k, neurons_k = firing(self.k.lif)                      # N*C
+        rate_q, neurons_q = firing(self.q.lif)                      # N*C
+        d = self.q.conv.out_channels // self.num_heads
+        return [("K^T V", neurons_k * d, rate_k), ("Q (K^T V)", neurons_q * d, rate_q)]
+
+
+# The attentions a stage can use (QKFormerConfig.attention): name -> constructor
+# (dim, num_heads, config) -> SpikeAttention. The one place that lists them.
+ATTENTIONS: Dict[str, Callable[[int, int, QKFormerConfig], SpikeAttention]] = {
+    "token": lambda dim, num_heads, config: QKAttention(dim, num_heads, "token", config),
+    "channel": lambda dim, num_heads, config: QKAttention(dim, num_heads, "channel", config),
+    "ssa": lambda dim, num_heads, config: SpikingSelfAttention(dim, num_heads,
+                                                               config.official_quirks, config),
+}
+
 
 # ----------------------------------------------------------------------------------------
-# The block
+# The block (Section 3.4)
 
 class SpikingMLP(nn.Module):
-    """The spiking MLP of every block: two 1x1 conv-BN-LIF layers, C -> ratio*C -> C."""
+    """The spiking MLP of every block, Section 3.4: two 1x1 conv-BN-SN layers,
+    C -> ratio*C -> C."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, config: Optional[QKFormerConfig] = None):
         super().__init__()
-        self.fc1 = ConvBNLIF(dim, hidden, bias=True)
-        self.fc2 = ConvBNLIF(hidden, dim, bias=True)
+        self.fc1 = ConvBNLIF(dim, hidden, bias=True, config=config)
+        self.fc2 = ConvBNLIF(hidden, dim, bias=True, config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(x))
@@ -392,13 +368,13 @@ class QKFormerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attention: str,
-                 official_quirks: bool = False):
+                 config: Optional[QKFormerConfig] = None):
         super().__init__()
-        if attention == "ssa":
-            self.attn = SpikingSelfAttention(dim, num_heads, official_quirks)
-        else:
-            self.attn = QKAttention(dim, num_heads, mode=attention)
-        self.mlp = SpikingMLP(dim, int(dim * mlp_ratio))
+        config = config or QKFormerConfig()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTIONS)}")
+        self.attn = ATTENTIONS[attention](dim, num_heads, config)
+        self.mlp = SpikingMLP(dim, int(dim * mlp_ratio), config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)
@@ -437,31 +413,31 @@ class SPEDS(nn.Module):
         return self.main(z) + self.shortcut(z)
 
 
-def build_speds(family: str, stage: int, in_channels: int, width: int) -> SPEDS:
-    """The official SPEDS layouts (see `SPEDS`); `in_channels` is the image's channels for
-    stage 0, else the previous stage's width (width / 2)."""
-    half = width // 2
+def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int) -> SPEDS:
+    """The official SPEDS layouts of config.family (see `SPEDS`); `in_channels` is the
+    image's channels for stage 0, else the previous stage's width (width / 2)."""
+    def unit(cin, cout, kernel, stride=1, pool=False):              # a ConvBNLIF of this model
+        return ConvBNLIF(cin, cout, kernel, stride, pool=pool, config=config)
+    half, imagenet = width // 2, config.family == "imagenet"
     if stage == 0:
-        stem = ConvBNLIF(in_channels, half, 3, pool=(family == "imagenet"))
-        if family == "cifar":
-            main = nn.Sequential(ConvBNLIF(half, width, 3))
-            shortcut = ConvBNLIF(half, width, 1, stride=1)
-        else:
-            main = nn.Sequential(ConvBNLIF(half, width, 3, pool=True), ConvBNLIF(width, width, 3))
-            shortcut = ConvBNLIF(half, width, 1, stride=2)
-        return SPEDS(stem, main, shortcut)
-    if family == "cifar":
-        main = nn.Sequential(ConvBNLIF(half, width, 3), ConvBNLIF(width, width, 3, pool=True))
+        stem = unit(in_channels, half, 3, pool=imagenet)
+        if not imagenet:
+            return SPEDS(stem, nn.Sequential(unit(half, width, 3)), unit(half, width, 1, stride=1))
+        main = nn.Sequential(unit(half, width, 3, pool=True), unit(width, width, 3))
+        return SPEDS(stem, main, unit(half, width, 1, stride=2))
+    if imagenet:
+        main = nn.Sequential(unit(half, width, 3, pool=True), unit(width, width, 3))
     else:
-        main = nn.Sequential(ConvBNLIF(half, width, 3, pool=True), ConvBNLIF(width, width, 3))
-    return SPEDS(None, main, ConvBNLIF(half, width, 1, stride=2))
+        main = nn.Sequential(unit(half, width, 3), unit(width, width, 3, pool=True))
+    return SPEDS(None, main, unit(half, width, 1, stride=2))
 
 
 # ----------------------------------------------------------------------------------------
 # The hierarchical network (Section 3.4, Figure 2)
 
 class Stage(nn.Module):
-    """One stage of the hierarchy: a SPEDS patch embedding, then its transformer blocks."""
+    """One stage of the hierarchy (Section 3.4, Figure 2): a SPEDS patch embedding, then its
+    transformer blocks."""
 
     def __init__(self, embed: SPEDS, blocks: nn.ModuleList):
         super().__init__()
@@ -497,17 +473,13 @@ class QKFormer(nn.Module):
         for i, (width, depth, attention) in enumerate(
                 zip(config.stage_widths, config.stage_depths, config.attention)):
             blocks = nn.ModuleList(
-                QKFormerBlock(width, config.num_heads, config.mlp_ratio, attention,
-                              config.official_quirks) for _ in range(depth))
-            stages.append(Stage(build_speds(config.family, i, in_channels, width), blocks))
+                QKFormerBlock(width, config.num_heads, config.mlp_ratio, attention, config)
+                for _ in range(depth))
+            stages.append(Stage(build_speds(config, i, in_channels, width), blocks))
             in_channels = width
         self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(config.embed_dim, config.num_classes)
         self.apply(self._init_weights)
-        if config.neuron == "if":                       # the IF ablation: every neuron loses its leak
-            for m in self.modules():
-                if isinstance(m, LIFNode):
-                    m.tau = None
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -551,6 +523,27 @@ class QKFormer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x).mean(0))          # (B, num_classes)
+
+
+# ----------------------------------------------------------------------------------------
+# Presets
+
+PRESETS = {
+    # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
+    "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
+                 num_heads=4, mlp_ratio=4.0, T=2),
+    # The official models. Parameter counts (checked by the tests) equal the released ones.
+    "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
+                    num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
+    "cifar100": dict(family="cifar", num_classes=100, img_size=32, embed_dim=384, depths=4,
+                     num_heads=8, mlp_ratio=4.0, T=4),                       # 6,740,884
+    "imagenet_10_384": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=384,
+                            depths=10, num_heads=6, mlp_ratio=4.0, T=4),     # 16,473,688
+    "imagenet_10_512": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=512,
+                            depths=10, num_heads=8, mlp_ratio=4.0, T=4),     # 29,079,336
+    "imagenet_10_768": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=768,
+                            depths=10, num_heads=12, mlp_ratio=4.0, T=4),    # 64,962,760
+}
 
 
 def create_model(name: str = "cifar10", **overrides) -> QKFormer:

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 import data
 from data import DataError
-from neuron import apply_memory_policy
+from neuron import NEURONS, apply_memory_policy
 from qkformer import (count_parameters, create_model, load_checkpoint, missing_training_keys,
                       save_checkpoint, training_checkpoint)
 
@@ -154,8 +154,9 @@ def add_recipe_options(g):
     g.add_argument("--mlp-ratio", type=float, help="override the preset's MLP ratio")
     g.add_argument("--attention", help="attention of the three stages, comma-separated: token (QKTA), "
                    "channel (QKCA) or ssa; default token,token,ssa (the paper's ablation: Table 6)")
-    g.add_argument("--neuron", choices=["lif", "if"], help="spiking neuron: lif (default) or if, "
-                   "integrate-and-fire without leak (the paper's ablation: Table 7)")
+    g.add_argument("--neuron", choices=list(NEURONS), help="spiking neuron (neuron.NEURONS): lif "
+                   "(default); if, integrate-and-fire without leak (the paper's ablation: Table 7); "
+                   "plif, LIF with a learned time constant")
     g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone on a "
                    "new run, it keeps the recipe's warm-up share and drops its cool-down, and says so)")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "

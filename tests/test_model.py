@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuron import LIFNode
-from qkformer import (PRESETS, QKAttention, QKFormer, QKFormerConfig, SpikingSelfAttention,
+from neuron import IFNode, LIFNode, ParametricLIFNode, SpikingNeuron
+from qkformer import (ATTENTIONS, PRESETS, QKAttention, QKFormer, QKFormerConfig, SpikeAttention,
+                      SpikingSelfAttention,
                       convert_official_state_dict, count_parameters, create_model,
                       fold_batchnorm, load_checkpoint, load_official_state_dict, model_from_checkpoint,
                       official_config, unwrap_state_dict)
@@ -234,6 +235,13 @@ def test_ssa_equals_quadratic_form():
     (dict(family="mnist"), "family"),
     (dict(mlp_ratio=0), "mlp_ratio"),
     (dict(dropout=0.1), "unknown model setting"),
+    (dict(neuron="izhikevich"), "neuron must be one of"),
+    (dict(tau=0.5), "tau must be at least 1"),
+    (dict(neuron="plif", tau=1.0), "greater than 1"),
+    (dict(tau="2"), "tau must be a number"),
+    (dict(v_threshold=0.0), "v_threshold must be positive"),
+    (dict(attn_v_threshold=-0.5), "attn_v_threshold must be positive"),
+    (dict(surrogate_alpha=0), "surrogate_alpha must be positive"),
 ])
 def test_invalid_configuration(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -312,7 +320,7 @@ def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
     (train), running statistics (eval), momentum=None (a cumulative average)."""
     import neuron
     from qkformer import ConvBNLIF
-    previous = neuron._BACKEND
+    previous = neuron.get_backend()
     neuron.set_backend(backend)
     try:
         torch.manual_seed(0)
@@ -337,7 +345,7 @@ def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
         out_a, gx_a, gp_a, state_a = run(fused=True)
         out_b, gx_b, gp_b, state_b = run(fused=False)
         if backend == "compiled":
-            from qkformer import bn_lif_forward_kernel, bn_lif_backward_kernel
+            from neuron import bn_lif_forward_kernel, bn_lif_backward_kernel
             assert bn_lif_forward_kernel.used == bn_lif_backward_kernel.used == "compiled"
         assert torch.equal(out_a, out_b) and 0 < out_a.mean() < 1
         for k in state_a:                          # running statistics updated once, alike
@@ -373,6 +381,164 @@ def test_if_neuron_option():
     model = small(neuron="if")
     taus = {m.tau for m in model.modules() if isinstance(m, LIFNode)}
     assert taus == {None}
+    assert all(type(m) is IFNode for m in model.modules() if isinstance(m, SpikingNeuron))
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     with pytest.raises(ValueError, match="neuron"):
         small(neuron="izhikevich")
+
+
+# ---------------------------------------------------------------- neurons as configuration
+
+def _neurons(model):
+    return [m for m in model.modules() if isinstance(m, SpikingNeuron)]
+
+
+@pytest.mark.parametrize("kind", ["lif", "if", "plif"])
+def test_hooks_fire_on_every_neuron_in_training_and_evaluation(kind):
+    """A forward hook on each neuron sees its spikes (T, B, ...) in a training step (where
+    LIF and IF run batch norm fused into the neuron) and in an evaluation step."""
+    model = small(neuron=kind)
+    neurons = _neurons(model)
+    assert len(neurons) == 28 and all(type(n).__name__ != "LIFNode" or kind == "lif" for n in neurons)
+    calls = []
+    for n in neurons:
+        n.register_forward_hook(lambda m, inputs, out: calls.append((m, out)))
+    x = torch.randn(2, 3, 32, 32)
+    for training in (True, False):
+        calls.clear()
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            loss = model(x).sum()
+        if training:
+            loss.backward()
+        assert len(calls) == len(neurons) and {id(m) for m, _ in calls} == {id(n) for n in neurons}
+        for m, out in calls:
+            assert out.shape[:2] == (2, 2)                           # (T, B, ...)
+            assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_config_settings_reach_every_neuron():
+    model = small(neuron="plif", tau=3.0, v_threshold=0.8, attn_v_threshold=0.3, surrogate_alpha=2.5)
+    attention = {id(m.attn_lif) for m in model.modules() if isinstance(m, SpikeAttention)}
+    neurons = _neurons(model)
+    assert all(type(n) is ParametricLIFNode for n in neurons)
+    for n in neurons:
+        assert n.v_threshold == (0.3 if id(n) in attention else 0.8)
+        assert n.alpha == 2.5 and abs(n.tau - 3.0) < 1e-6
+    assert len(attention) == 3
+
+
+@pytest.mark.parametrize("kind", ["lif", "if", "plif"])
+def test_every_neuron_kind_round_trips_through_a_checkpoint(kind, tmp_path):
+    import dataclasses
+    model = small(neuron=kind, tau=4.0, v_threshold=0.9, attn_v_threshold=0.4, surrogate_alpha=3.0)
+    for n in _neurons(model):                                      # a learned tau, for PLIF
+        if isinstance(n, ParametricLIFNode):
+            n.w.data.fill_(0.3)
+    config = dataclasses.asdict(model.config)
+    assert QKFormerConfig(**config) == model.config
+    assert {k: config[k] for k in ("neuron", "tau", "v_threshold", "attn_v_threshold", "surrogate_alpha")} \
+        == dict(neuron=kind, tau=4.0, v_threshold=0.9, attn_v_threshold=0.4, surrogate_alpha=3.0)
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "config": config}, path)
+    rebuilt = model_from_checkpoint(load_checkpoint(str(path)))
+    assert [(type(a), a.extra_repr()) for a in _neurons(model)] == \
+        [(type(b), b.extra_repr()) for b in _neurons(rebuilt)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+
+
+def test_old_checkpoint_config_without_neuron_fields(tmp_path):
+    """A checkpoint written before the neuron settings were fields (neuron="if" only) loads
+    with the official defaults and behaves as it did: every neuron without leak."""
+    import dataclasses
+    model = small(neuron="if")
+    config = dataclasses.asdict(model.config)
+    for key in ("tau", "v_threshold", "attn_v_threshold", "surrogate_alpha"):
+        del config[key]
+    rebuilt = model_from_checkpoint({"model": model.state_dict(), "config": config})
+    assert rebuilt.config == model.config
+    assert all(type(n) is IFNode and n.tau is None for n in _neurons(rebuilt))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+
+
+def test_plif_model_trains():
+    """A tiny PLIF model: the loss falls over a few steps and every time constant is learned."""
+    torch.manual_seed(0)
+    model = small(neuron="plif", num_classes=2, img_size=16)
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 2
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    ws = [n.w.item() for n in _neurons(model)]
+    assert all(w != 0.0 for w in ws) and len(set(ws)) > 1
+    assert sum(1 for k in model.state_dict() if k.endswith(".w")) == 28
+
+
+# ---------------------------------------------------------------- attentions and their operations
+
+def test_attention_table_builds_spike_attentions():
+    assert set(ATTENTIONS) == {"token", "channel", "ssa"}
+    config = QKFormerConfig(embed_dim=32, num_heads=2, official_quirks=True)
+    built = {name: make(16, 2, config) for name, make in ATTENTIONS.items()}
+    assert all(isinstance(a, SpikeAttention) for a in built.values())
+    assert (built["token"].mode, built["channel"].mode) == ("token", "channel")
+    assert built["ssa"].official_quirks
+
+
+def _firing_counter(module, x):
+    """Run module on x once; firing(neuron) -> (rate, neurons per image and step)."""
+    seen = {}
+    handles = [n.register_forward_hook(lambda m, i, out: seen.__setitem__(id(m), out))
+               for n in module.modules() if isinstance(n, SpikingNeuron)]
+    with torch.no_grad():
+        module(x)
+    for h in handles:
+        h.remove()
+
+    def firing(neuron):
+        out = seen[id(neuron)]
+        return out.mean().item(), out[0, 0].numel()
+    return firing
+
+
+def test_synaptic_ops_of_the_attentions():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    T, B, C, H, W, heads = 2, 3, 8, 4, 4, 2
+    x = (torch.rand(T, B, C, H, W) < 0.5).float()
+    for mode in ("token", "channel"):
+        attn = _spiking_bn_eval(QKAttention(C, heads, mode)).eval()
+        firing = _firing_counter(attn, x)
+        ops = attn.synaptic_ops(firing)
+        q = attn.q(x)
+        assert len(ops) == 1 and ops[0][0] == "sum of Q"
+        assert ops[0][1] == C * H * W and abs(ops[0][2] - q.mean().item()) < 1e-7
+    ssa = _spiking_bn_eval(SpikingSelfAttention(C, heads)).eval()
+    ops = ssa.synaptic_ops(_firing_counter(ssa, x))
+    d = C // heads
+    assert [(label, macs) for label, macs, _ in ops] == [("K^T V", H * W * C * d), ("Q (K^T V)", H * W * C * d)]
+    assert abs(ops[0][2] - ssa.k(x).mean().item()) < 1e-7 and abs(ops[1][2] - ssa.q(x).mean().item()) < 1e-7
+    # The reported MACs are the module's own FLOPs / 2 (its four 1x1 convolutions aside).
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ssa(x)
+    conv_flops = 4 * 2 * T * B * H * W * C * C
+    own_macs_per_image_and_step = (counter.get_total_flops() - conv_flops) / 2 / (T * B)
+    assert own_macs_per_image_and_step == sum(macs for _, macs, _ in ops)
+
+
+def test_an_attention_without_synaptic_ops_fails_loudly():
+    class Mine(SpikeAttention):
+        def forward(self, x):
+            return x
+    with pytest.raises(NotImplementedError, match="Mine must define synaptic_ops"):
+        Mine().synaptic_ops(lambda neuron: (0.5, 10))

@@ -1,10 +1,14 @@
-"""The LIF neuron (neuron.py) against its equations, Eq. (1)-(3) of the paper."""
+"""The spiking neurons (neuron.py) against their equations, (N1)-(N3) of neuron.py's docstring
+(the LIF model of the paper's Appendix 6.1)."""
 import functools
 
 import torch
 import pytest
 
-from neuron import LIFNode, LIFFunction, lif_reference, sigmoid_surrogate_grad
+import torch.nn as nn
+
+from neuron import (NEURONS, IFNode, LIFFunction, LIFNode, ParametricLIFNode, SpikingNeuron,
+                    lif_reference, make_neuron, plif_reference, sigmoid_surrogate_grad)
 
 tensor = functools.partial(torch.tensor, dtype=torch.float64)
 
@@ -104,7 +108,7 @@ def test_compiled_kernels_equal_reference(dtype):
     """The torch.compile'd kernels (the default outside the tests) give the same spikes and
     gradients as the plain loop."""
     import neuron
-    previous = neuron._BACKEND
+    previous = neuron.get_backend()
     neuron.set_backend("compiled")
     try:
         torch.manual_seed(2)
@@ -159,3 +163,151 @@ def test_any_memory_layout_gives_the_same_spikes_and_gradients():
     out_a.backward(grad)
     out_b.backward(grad.transpose(3, 4).contiguous().transpose(3, 4))   # same values, other strides
     assert torch.equal(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------- kinds of neuron and the factory
+
+def test_make_neuron_builds_every_kind():
+    lif, if_, plif = (make_neuron(k, v_threshold=0.5, tau=3.0, alpha=2.0) for k in ("lif", "if", "plif"))
+    assert type(lif) is LIFNode and (lif.tau, lif.v_threshold, lif.alpha) == (3.0, 0.5, 2.0)
+    assert type(if_) is IFNode and if_.tau is None and if_.v_threshold == 0.5
+    assert type(plif) is ParametricLIFNode and abs(plif.tau - 3.0) < 1e-6 and plif.alpha == 2.0
+    assert all(isinstance(n, SpikingNeuron) for n in (lif, if_, plif))
+    assert set(NEURONS) == {"lif", "if", "plif"}
+    with pytest.raises(ValueError, match="'if', 'lif', 'plif'"):
+        make_neuron("izhikevich", 1.0)
+    with pytest.raises(ValueError, match="v_threshold"):
+        make_neuron("lif", 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        make_neuron("lif", 1.0, alpha=-1.0)
+    with pytest.raises(ValueError, match="greater than 1"):
+        make_neuron("plif", 1.0, tau=1.0)
+
+
+def test_if_node_is_lif_without_leak():
+    torch.manual_seed(4)
+    x = torch.rand(5, 20, dtype=torch.float64)
+    assert torch.equal(IFNode()(x), LIFNode(tau=None)(x))
+    assert torch.equal(IFNode()(x), lif_reference(x, tau=None))
+
+
+def test_plif_starts_at_tau_2_and_follows_its_equation():
+    node = ParametricLIFNode()
+    assert node.w.item() == 0.0 and node.tau == 2.0              # sigmoid(0) = 1/2 = 1/tau
+    x = tensor([1.5, 0.5, 2.0, 0.4])                             # the trace of the LIF test above
+    assert torch.equal(node(x), tensor([0.0, 0.0, 1.0, 0.0]))
+    # 1/tau = sigmoid(w) = 0.8 (tau = 1.25): H = 1.2 at step 0 already fires.
+    node.w.data.fill_(torch.logit(torch.tensor(0.8)).item())
+    assert torch.equal(node.double()(tensor([1.5, 0.5])), tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("w0", [0.0, -1.0, 0.7])
+def test_plif_fast_path_equals_autograd_on_reference_loop(w0):
+    """PLIFFunction's hand-written backward gives the gradients autograd finds on the plain
+    loop, for the input and for the learnable w."""
+    torch.manual_seed(5)
+    x = (torch.randn(6, 3, 5, 7, dtype=torch.float64) * 1.5 + 0.8).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(6, 3, 5, 7, dtype=torch.float64)
+    fast, ref = ParametricLIFNode().double(), ParametricLIFNode(reference=True).double()
+    for node in (fast, ref):
+        node.w.data.fill_(w0)
+    s_fast, s_ref = fast(x), ref(x_ref)
+    assert torch.equal(s_fast, s_ref)
+    assert torch.equal(s_ref, plif_reference(x_ref, ref.w, 1.0, 4.0))
+    assert 0.05 < s_fast.mean().item() < 0.9                    # both branches exercised
+    gx, gw = torch.autograd.grad(s_fast, (x, fast.w), grad_out)
+    rx, rw = torch.autograd.grad(s_ref, (x_ref, ref.w), grad_out)
+    assert torch.allclose(gx, rx, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(gw, rw, rtol=1e-12, atol=1e-14) and gw.abs() > 1e-3
+
+
+def test_plif_w_gradient_by_hand():
+    # One step: S = Heaviside(X sigmoid(w) - 1); dS/dw = surrogate'(H - 1) X sigmoid'(w).
+    node = ParametricLIFNode().double()
+    x = tensor([[1.6, 2.4, 1.0]])
+    node(x).sum().backward()
+    k = 0.5
+    expected = (sigmoid_surrogate_grad(x * k - 1.0, 4.0) * x * k * (1 - k)).sum()
+    assert torch.allclose(node.w.grad, expected, rtol=1e-12, atol=0)
+
+
+def test_plif_float32_neuron_on_float64_input():
+    x = torch.rand(3, 8, dtype=torch.float64) * 3
+    assert torch.equal(ParametricLIFNode()(x), LIFNode()(x))      # tau 2 either way
+
+
+def test_a_neuron_must_define_its_dynamics():
+    class Silent(SpikingNeuron):
+        pass
+    with pytest.raises(NotImplementedError, match="Silent must define spikes"):
+        Silent()(torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- neurons handed a batch norm
+
+def _bn(channels, seed=0):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels).double()
+    bn.weight.data.uniform_(1, 4)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    return bn
+
+
+@pytest.mark.parametrize("kind", ["lif", "if", "plif"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_norm_argument_equals_norm_then_neuron(kind, grad):
+    """neuron(x, norm=bn) is SN(BN(x)) whether or not the fused kernel runs (LIF and IF fuse
+    in training, PLIF never does); forward hooks on the neuron fire either way."""
+    x = torch.rand(3, 2, 4, 5, 5, dtype=torch.float64) * 2           # (T, B, C, H, W)
+    bn_a, bn_b = _bn(4), _bn(4)
+    node = make_neuron(kind, 1.0).double()
+    seen = []
+    node.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0], out)))
+    with torch.set_grad_enabled(grad):
+        xa = x.clone().requires_grad_(grad)
+        out = node(xa, norm=bn_a)
+        xb = x.clone().requires_grad_(grad)
+        plain = node(bn_b(xb.flatten(0, 1)).unflatten(0, (3, 2)))
+    assert torch.equal(out, plain) and 0 < out.mean() < 1
+    assert len(seen) == 2 and seen[0][0] is xa and seen[0][1] is out   # hook input: before the norm
+    assert torch.allclose(bn_a.running_mean, bn_b.running_mean, rtol=0, atol=1e-15)
+    if grad:
+        g = torch.randn_like(out)
+        ga = torch.autograd.grad(out, (xa, bn_a.weight, bn_a.bias), g)
+        gb = torch.autograd.grad(plain, (xb, bn_b.weight, bn_b.bias), g)
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_path_only_for_the_plain_neuron_and_batch_norm():
+    bn = nn.BatchNorm2d(3)
+
+    class Doubled(LIFNode):                       # a subclass with other dynamics
+        def spikes(self, x_seq):
+            return super().spikes(2 * x_seq)
+    assert LIFNode().fuses_with(bn) and IFNode().fuses_with(bn)
+    assert not Doubled().fuses_with(bn)
+    assert not LIFNode(reference=True).fuses_with(bn)
+    assert not ParametricLIFNode().fuses_with(bn)
+    assert not LIFNode().fuses_with(nn.Identity())
+    handle = bn.register_forward_hook(lambda *a: None)
+    assert not LIFNode().fuses_with(bn)           # a hooked batch norm runs as a layer
+    handle.remove()
+    x = torch.rand(2, 2, 3, 4, 4).requires_grad_()
+    assert torch.equal(Doubled()(x, norm=bn), LIFNode()(2 * bn(x.flatten(0, 1)).unflatten(0, (2, 2))))
+
+
+def test_importing_changes_no_process_setting():
+    """Importing the model files leaves torch's global settings and the environment as
+    they were (the memory policy is a function the scripts call)."""
+    import subprocess
+    import sys
+    code = ("import os, torch; before = (dict(os.environ), torch.get_num_threads(), "
+            "torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()); "
+            "import neuron, qkformer; "
+            "after = (dict(os.environ), torch.get_num_threads(), torch.get_default_dtype(), "
+            "torch.are_deterministic_algorithms_enabled()); print(before == after)")
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root or ".", capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
