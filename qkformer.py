@@ -32,7 +32,8 @@ the same either way; only the strides differ.
 import os
 import pickle
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -809,31 +810,77 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ----------------------------------------------------------------------------
+# Checkpoints: the one place where their format is written and read
+# ----------------------------------------------------------------------------
+
+# A checkpoint is a dict of plain data and tensors (loadable with weights_only=True),
+# nanoGPT-style: the weights and the config that rebuilds their model, then what a
+# training run needs to continue exactly where it stopped. train.py writes it with
+# training_checkpoint + save_checkpoint and resumes from load_checkpoint; evaluate.py
+# rebuilds the model with model_from_checkpoint, which needs "model" and "config" only.
+#   version    CHECKPOINT_VERSION of the writer
+#   model      the state dict (no "module." prefix)
+#   config     dataclasses.asdict(QKFormerConfig): model_from_checkpoint rebuilds from it
+#   optimizer, scheduler, scaler   their state dicts
+#   epoch      epochs done
+#   rng        every process's random generator states, in rank order
+#   args       the run's settings (a dict of option name -> value)
+#   best_top1  the best test top-1 accuracy so far (percent), None before any evaluation
+CHECKPOINT_VERSION = 2  # 1: before the metric names top1/top5 (the best value was "best_acc1")
+CHECKPOINT_KEYS = ("version", "model", "config", "optimizer", "scheduler", "scaler", "epoch", "rng",
+                   "args", "best_top1")
+
+
+def training_checkpoint(model: "QKFormer", optimizer, scheduler, scaler, epoch: int, rng: list,
+                        args: dict, best_top1: Optional[float]) -> dict:
+    """The checkpoint of a training run (keys: CHECKPOINT_KEYS), ready for save_checkpoint."""
+    return {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": asdict(model.config),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng, "args": dict(args),
+            "best_top1": best_top1}
+
+
+def missing_training_keys(checkpoint) -> list:
+    """The CHECKPOINT_KEYS a dict lacks to resume training from it (all of them for a non-dict)."""
+    return [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a checkpoint file safely: `weights_only=True`, so a file can never run code.
-    Raises ValueError with a clear message for a missing, unreadable or foreign file."""
+    Raises ValueError with a clear message for a missing, unreadable or foreign file.
+    A training checkpoint of an older version comes back in the current format."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"refusing to load {path!r}: it is not a PyTorch checkpoint, or it holds "
                          f"objects other than tensors and plain data, which could run code") from None
     except Exception as e:  # a truncated or damaged zip archive
         raise ValueError(f"cannot read checkpoint {path!r}: the file is damaged or incomplete "
                          f"({type(e).__name__})") from None
+    if isinstance(checkpoint, dict) and "best_acc1" in checkpoint and "best_top1" not in checkpoint:
+        checkpoint["best_top1"] = checkpoint.pop("best_acc1")   # version 1
+        checkpoint["version"] = CHECKPOINT_VERSION
+    return checkpoint
 
 
 def save_checkpoint(obj: dict, path: str):
     """torch.save to a temporary file in the same folder, then os.replace it over
     `path`. os.replace is atomic: a kill at any moment leaves either the old file
-    or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    or the new one, never half of one. The temporary name is unique (mkstemp), so
+    two writers never share one, and it is removed when anything goes wrong."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -846,6 +893,10 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
     `overrides` change config fields that do not affect the weights (e.g. T, official_quirks)."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) \
             and isinstance(checkpoint.get("model"), dict):
+        unknown = sorted(set(checkpoint["config"]) - set(QKFormerConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"the checkpoint's config has fields this QKFormerConfig lacks ({unknown}): "
+                             f"was it written by a newer version of this code?")
         model = QKFormer(QKFormerConfig(**{**checkpoint["config"], **overrides}))
         state = unwrap_state_dict(checkpoint["model"])
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -24,9 +24,14 @@ every epoch (DistributedSampler) and DDP averages the gradients, so N
 processes with --batch-size B train like one process with batch N*B (except
 batch norm, whose statistics stay per process unless --sync-bn).
 
-Layout, top to bottom: recipes and arguments; distributed set-up and random
+Settings come in layers, each overriding the one before: defaults, the
+dataset's official recipe (its description in data.py), --recipe cpu, a
+resumed run's saved settings, the command line. A table of every effective
+setting and the layer it came from is printed at the start.
+
+Layout, top to bottom: settings and arguments; distributed set-up and random
 state; model, optimizer and schedule; one epoch of training; evaluation;
-checkpoints, log and plot; the main loop.
+checkpoints, log and plot; the phases of a session; the main loop.
 """
 import argparse
 import contextlib
@@ -48,8 +53,9 @@ from tqdm import tqdm
 
 import data
 from data import DataError
-from neuron import apply_memory_policy
-from qkformer import count_parameters, create_model, load_checkpoint, save_checkpoint
+from neuron import NEURONS, apply_memory_policy
+from qkformer import (count_parameters, create_model, load_checkpoint, missing_training_keys,
+                      save_checkpoint, training_checkpoint)
 
 
 class TrainError(Exception):
@@ -57,11 +63,11 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Recipes: the defaults of every dataset
+# Settings: defaults, the dataset's recipe, --recipe cpu, a resumed run, the command line
 # ----------------------------------------------------------------------------
 
-# The official recipe of each dataset lives in its description (data.DATASETS[name].recipe).
-RECIPES = {name: spec.recipe for name, spec in data.DATASETS.items()}
+# The official recipe of each dataset is part of its description in data.py
+# (data.DATASETS[name].recipe). What follows are training choices of this script.
 
 # --recipe cpu: what changes from the dataset's recipe for a 30-minute run on a
 # 2-core CPU. It trades the paper's accuracy for time: a model 6x narrower
@@ -70,6 +76,7 @@ RECIPES = {name: spec.recipe for name, spec in data.DATASETS.items()}
 # with a higher learning rate and small batches (more updates per image), and
 # light augmentation (crop and flip only: in so few epochs the model underfits,
 # and RandAugment, erasing and mixup would only slow its learning further).
+# Only for datasets whose description says they are small (DatasetSpec.small).
 CPU_RECIPE = dict(
     model="tiny", embed_dim=64, depths=4, T=2,   # widths 16/32/64, blocks 1/1/2, 2 time steps
     epochs=7, cooldown_epochs=0, batch_size=32,
@@ -82,43 +89,62 @@ CPU_RECIPE = dict(
 
 # Settings with no recipe dependence.
 DEFAULTS = dict(
-    dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None,
+    dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None, resume=None,
     device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None,
 )
 
-# Options that belong to one invocation: never taken over from a checkpoint.
-PER_INVOCATION = ("resume", "stop_after", "output")
+# Options that belong to one invocation: never taken over from a resumed run.
+# (--device too: a run may continue on another machine.)
+PER_INVOCATION = ("resume", "stop_after", "output", "device")
+
+# The layers of settings, later ones winning: the names the settings table shows.
+RESUMED, TYPED = "resumed run", "command line"
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     """Command-line options. Every default is None here, so that what the user
-    typed can be told apart from defaults (see resolve_args)."""
+    typed can be told apart from defaults (see resolve_settings)."""
     def describe(title, recipe):
         return textwrap.fill(", ".join(f"{k}={v}" for k, v in recipe.items()), 100,
                              initial_indent=f"  {title}: ", subsequent_indent="    ")
 
     epilog = "\n".join(["defaults of each dataset (the official recipes), then what --recipe cpu changes:"]
-                       + [describe(name, recipe) for name, recipe in RECIPES.items()]
-                       + [describe("--recipe cpu", CPU_RECIPE), describe("all datasets", DEFAULTS)])
+                       + [describe(name, spec.recipe) for name, spec in data.DATASETS.items()]
+                       + [describe("--recipe cpu", CPU_RECIPE), describe("all datasets", DEFAULTS)]
+                       + textwrap.wrap("precedence (a table of the effective settings is printed at "
+                                       "start): defaults < the dataset's recipe < --recipe cpu < a "
+                                       "resumed run's saved settings < the command line", 100))
     p = argparse.ArgumentParser(
         description="Train QKFormer (Zhou et al., NeurIPS 2024). Defaults are the official recipe of "
                     "the chosen dataset (listed below); any of them can be overridden.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
-    g = p.add_argument_group("data")
+    add_data_options(p.add_argument_group("data"))
+    add_recipe_options(p.add_argument_group("recipe"))
+    add_run_options(p.add_argument_group("run"))
+    return p
+
+
+def add_data_options(g):
     g.add_argument("--dataset", choices=list(data.DATASETS), help="default cifar10")
-    g.add_argument("--data-dir", help="folder with cifar-10-batches-py/, cifar-100-python/ or "
-                   "ImageNet's train/ and val/ (default ./data)")
+    g.add_argument("--data-dir", help="folder holding the dataset (default ./data): "
+                   + "; ".join(f"{s.title}: {s.data_hint}" for s in data.DATASETS.values()))
     g.add_argument("--download", action=argparse.BooleanOptionalAction,
-                   help="download CIFAR when it is missing (default on)")
+                   help="download the dataset when it is missing and can be downloaded (default on)")
     g.add_argument("--subset", type=int, help="train on the first N training images only (quick runs)")
     g.add_argument("--test-subset", type=int, help="evaluate on N evenly spaced test images only")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process "
                    "(default: 0 on a CPU, min(8, cores per GPU) on GPUs)")
-    g = p.add_argument_group("recipe")
+
+
+def add_recipe_options(g):
     g.add_argument("--recipe", choices=["cpu"], help="'cpu': a small model and short schedule that "
-                   "trains CIFAR in about 30 minutes on a 2-core CPU")
+                   "trains a small dataset (CIFAR) in about 30 minutes on a 2-core CPU")
     g.add_argument("--model", help="model preset of qkformer.py (tiny, cifar10, cifar100, imagenet_10_384, ...)")
     g.add_argument("--T", type=int, help="time steps of the spiking neurons")
     g.add_argument("--img-size", type=int, help="image size (ImageNet: crop size)")
@@ -128,10 +154,11 @@ def parse_args(argv=None):
     g.add_argument("--mlp-ratio", type=float, help="override the preset's MLP ratio")
     g.add_argument("--attention", help="attention of the three stages, comma-separated: token (QKTA), "
                    "channel (QKCA) or ssa; default token,token,ssa (the paper's ablation: Table 6)")
-    g.add_argument("--neuron", choices=["lif", "if"], help="spiking neuron: lif (default) or if, "
-                   "integrate-and-fire without leak (the paper's ablation: Table 7)")
-    g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone, it "
-                   "keeps the recipe's warm-up share and drops its cool-down)")
+    g.add_argument("--neuron", choices=list(NEURONS), help="spiking neuron (neuron.NEURONS): lif "
+                   "(default); if, integrate-and-fire without leak (the paper's ablation: Table 7); "
+                   "plif, LIF with a learned time constant")
+    g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone on a "
+                   "new run, it keeps the recipe's warm-up share and drops its cool-down, and says so)")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "
                    "recipe: 10, as timm added them; 0 when --epochs is given)")
     g.add_argument("--batch-size", type=int, help="images per process per step")
@@ -154,14 +181,17 @@ def parse_args(argv=None):
     g.add_argument("--remode", choices=["const", "rand", "pixel"], help="random erasing fill")
     g.add_argument("--crop-padding", type=int, help="CIFAR: pad by this many pixels and crop back (0: off)")
     g.add_argument("--hflip", type=float, help="horizontal flip probability")
-    g = p.add_argument_group("run")
+
+
+def add_run_options(g):
     g.add_argument("--output", help="run folder (default runs/<dataset>-<model>-<time>)")
     g.add_argument("--resume", help="checkpoint (or run folder) to continue from")
     g.add_argument("--stop-after", type=int, help="end this session once N epochs are done; the "
                    "schedule still spans --epochs; continue with --resume")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     g.add_argument("--eval-batch-size", type=int, help="batch size of the evaluation (default: --batch-size)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (auto: CUDA when present)")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (auto: CUDA when present); chosen "
+                   "anew by each invocation, also on --resume")
     g.add_argument("--amp", nargs="?", const="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision on GPU: --amp alone picks bf16 where supported, else fp16 "
                         "(with a grad scaler)")
@@ -169,51 +199,105 @@ def parse_args(argv=None):
                    help="CPU: return the memory of freed large tensors (8 MiB and more) to the "
                         "operating system (default on; off in --recipe cpu). Keeps the resident "
                         "memory down (cifar10 model, batch 16, 40 steps: 2.3 GB instead of 2.6 GB, "
-                        "at the same speed; see neuron.apply_memory_policy)")
+                        "at the same speed; see neuron.apply_memory_policy). Decided before any "
+                        "tensor exists: a resumed run reads its saved choice from args.json in its "
+                        "run folder")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="synchronise batch norm across processes (GPUs)")
     g.add_argument("--seed", type=int, help="random seed")
-    return p.parse_args(argv)
 
 
-def resolve_args(cli, saved=None):
-    """Fill every option, by priority: command line > the resumed checkpoint's
-    options > --recipe cpu > the dataset's recipe > DEFAULTS."""
+@dataclasses.dataclass
+class Settings:
+    """The settings of a run (args), where each came from (sources: option -> layer name)
+    and what was changed on the way that the user did not ask for in so many words (notes)."""
+    args: argparse.Namespace
+    sources: dict
+    notes: list
+
+
+def settings_layers(cli, saved=None):
+    """The layers of settings as (name, dict), lowest priority first: DEFAULTS, the
+    dataset's recipe, --recipe cpu, the resumed run's saved settings, the command line."""
     saved = {k: v for k, v in (saved or {}).items() if k not in PER_INVOCATION}
     typed = {k: v for k, v in vars(cli).items() if v is not None}
-    dataset = typed.get("dataset", saved.get("dataset", DEFAULTS["dataset"]))
-    recipe = typed.get("recipe", saved.get("recipe", DEFAULTS["recipe"]))
-    layers = [DEFAULTS, RECIPES[dataset]]
-    if recipe == "cpu":
-        if not data.get_dataset(dataset).small:
+    dataset = data.get_dataset(typed.get("dataset", saved.get("dataset", DEFAULTS["dataset"])))
+    layers = [("default", DEFAULTS), (f"{dataset.name} recipe", dataset.recipe)]
+    if typed.get("recipe", saved.get("recipe", DEFAULTS["recipe"])) == "cpu":
+        if not dataset.small:
             small = " and ".join(s.title for s in data.DATASETS.values() if s.small)
             raise TrainError(f"--recipe cpu is meant for {small}, small enough for a CPU; "
-                             f"{data.get_dataset(dataset).title} is not")
-        layers.append(CPU_RECIPE)
-    layers += [saved, typed]
-    merged = {}
-    for layer in layers:
-        merged.update(layer)
+                             f"{dataset.title} is not")
+        layers.append(("--recipe cpu", CPU_RECIPE))
+    return layers + [(RESUMED, saved), (TYPED, typed)]
+
+
+def resolve_settings(cli, saved=None):
+    """Fill every option from the layers (see settings_layers), the later winning,
+    and note what --epochs given alone rescales."""
+    layers = settings_layers(cli, saved)
+    merged, sources = {}, {}
+    for name, layer in layers:
+        for key, value in layer.items():
+            merged[key], sources[key] = value, name
+    notes = []
+    typed, saved = layers[-1][1], layers[-2][1]
     if "epochs" in typed and "epochs" not in saved:
-        # --epochs N rescales the recipe: its warm-up keeps its share of the schedule
-        # (CIFAR: 20 of 400 epochs, 5 %), and its cool-down, which belongs to its
-        # length, is dropped: --epochs 5 trains 5 epochs.
-        recipe_epochs = merged_without(layers, "epochs")
-        if "warmup_epochs" not in typed:
-            merged["warmup_epochs"] = merged_without(layers, "warmup_epochs") * typed["epochs"] / recipe_epochs
-        if "cooldown_epochs" not in typed:
-            merged["cooldown_epochs"] = 0
+        notes = rescale_to_epochs(merged, sources, layers, typed)
     args = argparse.Namespace(**{k: merged.get(k) for k in set(merged) | set(vars(cli))})
+    for key in vars(args):
+        sources.setdefault(key, "default")
     check_args(args)
-    return args
+    return Settings(args, sources, notes)
+
+
+def rescale_to_epochs(merged, sources, layers, typed):
+    """--epochs N alone rescales the recipe: its warm-up keeps its share of the
+    schedule (CIFAR: 20 of 400 epochs, 5 %), and its cool-down, which belongs to its
+    length, is dropped (--epochs 5 trains 5 epochs). Returns a note saying so."""
+    recipe_epochs = merged_without(layers, "epochs")
+    done = []
+    if "warmup_epochs" not in typed:
+        before = merged_without(layers, "warmup_epochs")
+        merged["warmup_epochs"] = before * typed["epochs"] / recipe_epochs
+        if merged["warmup_epochs"] != before:
+            sources["warmup_epochs"] = "--epochs rescale"
+            done.append(f"the warm-up scaled from {before:g} to {merged['warmup_epochs']:g} epochs "
+                        f"(the same share of {recipe_epochs} epochs)")
+    if "cooldown_epochs" not in typed and merged_without(layers, "cooldown_epochs"):
+        done.append(f"the {merged_without(layers, 'cooldown_epochs')} cool-down epochs dropped")
+        merged["cooldown_epochs"], sources["cooldown_epochs"] = 0, "--epochs rescale"
+    if not done:
+        return []
+    return [f"note: --epochs {typed['epochs']} given alone: {' and '.join(done)}; give "
+            f"--warmup-epochs / --cooldown-epochs to choose them"]
 
 
 def merged_without(layers, key):
     """The value of `key` from all layers but the last (the command line)."""
     value = None
-    for layer in layers[:-1]:
+    for _, layer in layers[:-1]:
         value = layer.get(key, value)
     return value
+
+
+def resolve_args(cli, saved=None):
+    """The settings of a run alone (see resolve_settings)."""
+    return resolve_settings(cli, saved).args
+
+
+def settings_table(args, sources, effective=None):
+    """Every setting, its effective value and the layer it came from, as lines of text.
+    effective: {option: (value, source)} for values worked out at run time (e.g. the
+    learning rate from --blr), shown instead of the option's own."""
+    effective = effective or {}
+    order = [a.dest for a in build_parser()._actions if a.dest != "help"]
+    rows = []
+    for key in order + sorted(set(vars(args)) - set(order)):
+        value, source = effective.get(key, (getattr(args, key, None), sources.get(key, "default")))
+        rows.append(f"  {key:<16} {'-' if value is None else value!s:<28} {source}")
+    layers = " < ".join(["default", f"{args.dataset} recipe", "--recipe cpu", RESUMED, TYPED])
+    return [f"settings (each from the last layer that sets it: {layers}):"] + rows
 
 
 def check_args(a):
@@ -248,12 +332,17 @@ def check_args(a):
 # Distributed set-up, devices and random state
 # ----------------------------------------------------------------------------
 
+def wants_cuda(device_arg):
+    """Whether --device asks for a GPU (auto: when one is present). Creates no tensor."""
+    return device_arg == "auto" and torch.cuda.is_available() or device_arg.startswith("cuda")
+
+
 def setup_distributed(device_arg):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK;
     without them this is one process. NCCL talks between GPUs, gloo between CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device_arg == "auto" and torch.cuda.is_available() or device_arg.startswith("cuda")
+    want_cuda = wants_cuda(device_arg)
     if want_cuda and not torch.cuda.is_available():
         raise TrainError(f"--device {device_arg}, but PyTorch sees no CUDA GPU; use --device cpu")
     if want_cuda:
@@ -336,11 +425,12 @@ def model_overrides(args) -> dict:
     return dict(overrides, T=args.T, img_size=args.img_size)
 
 
-def build_model(args, num_classes):
+def build_model(args, num_classes, in_channels=3):
     """The model of the run, initialised from --seed alone (the same on every process)."""
     torch.manual_seed(args.seed)
     try:
-        return create_model(args.model, num_classes=num_classes, **model_overrides(args))
+        return create_model(args.model, num_classes=num_classes, in_channels=in_channels,
+                            **model_overrides(args))
     except ValueError as e:
         raise TrainError(f"invalid model configuration: {e}") from None
 
@@ -417,8 +507,29 @@ class NonFiniteLoss(TrainError):
         super().__init__(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}")
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, args, epoch, device,
-                    mean, std, mixup=None, autocast=contextlib.nullcontext, world=1, show=True):
+@dataclasses.dataclass
+class StepContext:
+    """What a training step needs besides its batch: the model (wrapped in DDP when
+    world > 1), its optimizer, schedule and loss, the settings (args: accum_iter,
+    clip_grad, reprob, remode), the device and the dataset's normalisation, and how
+    steps run: autocast and the grad scaler (mixed precision), the number of
+    processes, and whether this process shows progress bars."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: nn.Module
+    args: argparse.Namespace
+    device: torch.device
+    mean: tuple
+    std: tuple
+    scaler: torch.amp.GradScaler = dataclasses.field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    autocast: object = contextlib.nullcontext
+    world: int = 1
+    show: bool = True
+
+
+def train_one_epoch(ctx, loader, epoch, mixup=None):
     """Train over one pass of `loader`; returns the epoch's mean loss, top-1 on the
     (augmented) training batches, images/s and the last learning rate.
 
@@ -428,16 +539,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, args
     (no_sync) on all but the last of those batches. Stops with a TrainError,
     before the bad loss reaches the weights, when the loss is NaN or infinite.
     """
+    model, optimizer, args, world = ctx.model, ctx.optimizer, ctx.args, ctx.world
     model.train()
-    accum = args.accum_iter
-    steps = len(loader)
+    accum, steps = args.accum_iter, len(loader)
     total_loss, correct, seen, start = 0.0, 0.0, 0, time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not show, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not ctx.show, dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        x = data.normalize(images, mean, std)                     # uint8 -> normalised float
+        images = images.to(ctx.device, non_blocking=True)
+        labels = labels.to(ctx.device, non_blocking=True)
+        x = data.normalize(images, ctx.mean, ctx.std)              # uint8 -> normalised float
         if args.reprob > 0:
             x = data.random_erasing(x, args.reprob, args.remode)
         targets = labels
@@ -446,30 +557,30 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, args
         update = (i + 1) % accum == 0 or i + 1 == steps
         no_sync = model.no_sync if world > 1 and not update else contextlib.nullcontext
         with no_sync():
-            with autocast():
+            with ctx.autocast():
                 logits = model(x)
-            loss = criterion(logits.float(), targets)
+            loss = ctx.criterion(logits.float(), targets)
             mean_loss = reduce_mean(loss.detach(), world).item()
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(epoch, i, mean_loss)
-            scaler.scale(loss / accum).backward()
+            ctx.scaler.scale(loss / accum).backward()
         if update:
             if args.clip_grad:
-                scaler.unscale_(optimizer)
+                ctx.scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            ctx.scheduler.step()
         total_loss += mean_loss
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
-        if show:
+        if ctx.show:
             bar.set_postfix(loss=f"{total_loss / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{seen * world / (time.time() - start):.0f}", refresh=False)
     bar.close()
     elapsed = time.time() - start
-    return dict(train_loss=total_loss / max(steps, 1), train_acc1=100.0 * correct / max(seen, 1),
+    return dict(train_loss=total_loss / max(steps, 1), train_top1=100.0 * correct / max(seen, 1),
                 lr=optimizer.param_groups[0]["lr"], img_per_s=seen * world / elapsed, train_time_s=elapsed)
 
 
@@ -479,7 +590,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, args
 
 @torch.no_grad()
 def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, show=True):
-    """Mean cross-entropy, top-1 and top-5 accuracy (in %) of `model` over `loader`."""
+    """Mean cross-entropy (test_loss), top-1 and top-5 accuracy (top1, top5, in %) over `loader`."""
     model.eval()
     total_loss, top1, top5, n = 0.0, 0, 0, 0
     for images, labels in tqdm(loader, desc="evaluate", disable=not show, dynamic_ncols=True, leave=False):
@@ -493,15 +604,12 @@ def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, 
         top1 += hits[:, 0].sum().item()
         top5 += hits.any(dim=1).sum().item()
         n += len(labels)
-    return dict(test_loss=total_loss / n, acc1=100.0 * top1 / n, acc5=100.0 * top5 / n)
+    return dict(test_loss=total_loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n)
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints, log and plot
+# Checkpoints (their format: qkformer.training_checkpoint), log and plot
 # ----------------------------------------------------------------------------
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "config", "args", "best_acc1")
-
 
 def read_training_checkpoint(path):
     """A checkpoint written by this script, checked for what a resume needs."""
@@ -511,12 +619,30 @@ def read_training_checkpoint(path):
         ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True: cannot run code
     except ValueError as e:
         raise TrainError(f"cannot resume: {e}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = missing_training_keys(ckpt)
     if missing:
         raise TrainError(f"cannot resume from {path}: it is not a checkpoint written by train.py "
                          f"(it lacks {', '.join(missing)}). A file with weights only can be "
                          f"evaluated, not resumed.")
     return ckpt, path
+
+
+def saved_settings(resume):
+    """The settings a resumed run saved in args.json beside its checkpoint (plain JSON,
+    readable before any tensor exists), or {} when there is none."""
+    if not resume:
+        return {}
+    folder = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+# Older logs (before the names top1/top5) are read under the current names.
+OLD_METRIC_NAMES = {"acc1": "top1", "acc5": "top5", "train_acc1": "train_top1", "best_acc1": "best_top1"}
 
 
 def append_log(path, record):
@@ -528,7 +654,8 @@ def read_log(path):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [{OLD_METRIC_NAMES.get(k, k): v for k, v in r.items()} for r in records]
 
 
 def plot_curves(records, path):
@@ -538,7 +665,7 @@ def plot_curves(records, path):
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in records]
-    evals = [r for r in records if r.get("acc1") is not None]
+    evals = [r for r in records if r.get("top1") is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [r["train_loss"] for r in records], label="train loss (augmented)")
     if evals:
@@ -546,10 +673,10 @@ def plot_curves(records, path):
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
     ax1.legend()
-    ax2.plot(epochs, [r["train_acc1"] for r in records], label="train top-1 (augmented)")
+    ax2.plot(epochs, [r["train_top1"] for r in records], label="train top-1 (augmented)")
     if evals:
-        ax2.plot([r["epoch"] for r in evals], [r["acc1"] for r in evals], "o-", label="test top-1")
-        ax2.plot([r["epoch"] for r in evals], [r["acc5"] for r in evals], "o-", label="test top-5")
+        ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", label="test top-1")
+        ax2.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], "o-", label="test top-5")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy (%)")
     ax2.legend()
@@ -561,64 +688,102 @@ def plot_curves(records, path):
 
 
 # ----------------------------------------------------------------------------
-# The main loop
+# A training session, phase by phase
 # ----------------------------------------------------------------------------
 
-def train(cli):
-    rank, world, device = setup_distributed(cli.device or DEFAULTS["device"])
-    show = rank == 0
-    say = print if show else (lambda *a, **k: None)
+@dataclasses.dataclass
+class Session:
+    """One invocation of train.py: what its phases set up, in order, for the epoch loop."""
+    rank: int
+    world: int
+    device: torch.device
+    ckpt: dict = None                 # the resumed checkpoint, if any, and its path
+    resume_path: str = None
+    args: argparse.Namespace = None   # the settings, where each came from, notes on them
+    sources: dict = None
+    notes: list = dataclasses.field(default_factory=list)
+    effective: dict = dataclasses.field(default_factory=dict)  # option -> (value, source) at run time
+    spec: data.DatasetSpec = None
+    amp: str = "off"
+    raw_model: nn.Module = None       # the bare model: checkpoints and evaluation
+    ctx: StepContext = None           # what train_one_epoch needs
+    train_loader: object = None
+    eval_loader: object = None
+    mixup: data.Mixup = None
+    updates_per_epoch: int = 0
+    effective_batch: int = 0
+    start_epoch: int = 0
+    best_top1: float = None
+    out_dir: str = None
 
-    ckpt = None
-    if cli.resume:
-        ckpt, resume_path = read_training_checkpoint(cli.resume)
-    args = resolve_args(cli, ckpt["args"] if ckpt else None)
-    info = data.dataset_info(args.dataset)
+    def say(self, *a, **k):
+        if self.rank == 0:
+            print(*a, **k)
 
-    # Mixed precision: autocast runs matrix products in 16 bits; fp16's narrow
-    # range needs the grad scaler (the loss is scaled up so small gradients do
-    # not round to zero, and updates with inf/NaN gradients are skipped).
-    amp = args.amp
-    if amp != "off" and device.type != "cuda":
-        say(f"note: --amp {amp} ignored: mixed precision is used on GPUs only")
+    @property
+    def total_epochs(self):
+        return self.args.epochs + self.args.cooldown_epochs
+
+    @property
+    def log_path(self):
+        return os.path.join(self.out_dir, "log.jsonl")
+
+
+def setup_device(s):
+    """Mixed precision and device checks. autocast runs matrix products in 16 bits;
+    fp16's narrow range needs the grad scaler (the loss is scaled up so small gradients
+    do not round to zero, and updates with inf/NaN gradients are skipped)."""
+    amp = s.args.amp
+    if amp != "off" and s.device.type != "cuda":
+        s.notes.append(f"note: --amp {amp} ignored: mixed precision is used on GPUs only")
         amp = "off"
     if amp == "auto":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp != s.args.amp:
+        s.effective["amp"] = (amp, f"{s.sources['amp']}: --amp {s.args.amp} on {s.device.type}")
+    s.amp = amp
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    if device.type == "cuda":
+    scaler = torch.amp.GradScaler(s.device.type, enabled=amp == "fp16")
+    if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms (not bit-reproducible)
-    elif args.low_memory:
-        apply_memory_policy(return_freed_memory=True)  # else each step's activations stay in the process's memory
-    if args.sync_bn and device.type != "cuda":
+    if s.args.sync_bn and s.device.type != "cuda":
         raise TrainError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation. "
                          "Without it each process normalises with its own batch statistics.")
+    return autocast, scaler
 
-    # The model first: a bad configuration is reported before any data is read.
-    model = build_model(args, info["num_classes"])
-    if ckpt is not None:
-        saved_config = ckpt["config"]
-        if saved_config != dataclasses.asdict(model.config):
-            diff = {k: (v, saved_config.get(k)) for k, v in dataclasses.asdict(model.config).items()
-                    if saved_config.get(k) != v}
-            raise TrainError(f"{resume_path} holds another model than this run builds "
-                             f"(this run vs checkpoint: {diff}); drop the options that change the "
-                             f"model to resume it, or start a new run without --resume")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise TrainError(f"the weights in {resume_path} do not fit its own model config: "
-                             f"{str(e).splitlines()[0]}") from None
 
-    # Data. Rank 0 downloads CIFAR if needed; the others wait for its verdict.
+def setup_model(s):
+    """The model, with the resumed checkpoint's weights: built before any data is read,
+    so that a bad configuration is reported at once."""
+    model = build_model(s.args, s.spec.num_classes, s.spec.in_channels)
+    if s.ckpt is None:
+        return model
+    saved_config, config = s.ckpt["config"], dataclasses.asdict(model.config)
+    if saved_config != config:
+        diff = {k: (v, saved_config.get(k)) for k, v in config.items() if saved_config.get(k) != v}
+        raise TrainError(f"{s.resume_path} holds another model than this run builds "
+                         f"(this run vs checkpoint: {diff}); drop the options that change the "
+                         f"model to resume it, or start a new run without --resume")
+    try:
+        model.load_state_dict(s.ckpt["model"])
+    except RuntimeError as e:
+        raise TrainError(f"the weights in {s.resume_path} do not fit its own model config: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def setup_data(s):
+    """Datasets and loaders. Rank 0 fetches the data if needed (CIFAR: a download);
+    the others wait for its verdict. Then the batch and learning rate they imply."""
+    args = s.args
     problem = None
-    if rank == 0:
+    if s.rank == 0:
         try:
-            data.prepare(args.dataset, args.data_dir, download_missing=args.download)
+            s.spec.prepare(args.data_dir, download_missing=args.download)
         except DataError as e:
             problem = str(e)
-    (problem,) = from_rank0(world, problem)
+    (problem,) = from_rank0(s.world, problem)
     if problem:
         raise DataError(problem)
     train_set, test_set = data.build_datasets(
@@ -631,144 +796,228 @@ def train(cli):
         # worker processes prepare the next batches in parallel.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        workers = 0 if device.type == "cpu" else min(8, max(1, cores // local))
-    train_loader = data.make_loader(train_set, args.batch_size, train=True, workers=workers,
-                                    seed=args.seed, rank=rank, world_size=world,
-                                    pin_memory=device.type == "cuda")
-    eval_loader = data.make_loader(test_set, args.eval_batch_size or args.batch_size, train=False,
-                                   workers=workers, pin_memory=device.type == "cuda")
-    if len(train_loader) == 0:
+        workers = 0 if s.device.type == "cpu" else min(8, max(1, cores // local))
+        s.effective["workers"] = (workers, f"default on {s.device.type}")
+    pin = s.device.type == "cuda"
+    s.train_loader = data.make_loader(train_set, args.batch_size, train=True, workers=workers,
+                                      seed=args.seed, rank=s.rank, world_size=s.world, pin_memory=pin)
+    s.eval_loader = data.make_loader(test_set, args.eval_batch_size or args.batch_size, train=False,
+                                     workers=workers, pin_memory=pin)
+    if len(s.train_loader) == 0:
         raise TrainError(f"{len(train_set)} training images give no full batch of {args.batch_size} "
-                         f"per process ({world} processes): lower --batch-size or raise --subset")
-    updates_per_epoch = math.ceil(len(train_loader) / args.accum_iter)
-    effective_batch = args.batch_size * args.accum_iter * world
-    args.lr = peak_lr(args, effective_batch)
+                         f"per process ({s.world} processes): lower --batch-size or raise --subset")
+    s.updates_per_epoch = math.ceil(len(s.train_loader) / args.accum_iter)
+    s.effective_batch = args.batch_size * args.accum_iter * s.world
+    if args.lr is None:
+        s.sources["lr"] = f"--blr {args.blr:g} x effective batch {s.effective_batch} / 256"
+    args.lr = peak_lr(args, s.effective_batch)
 
-    # Optimizer and schedule.
-    raw_model = model
-    if args.sync_bn and world > 1:
+
+def setup_optimization(s, model, autocast, scaler):
+    """DDP, optimizer, learning-rate schedule, loss and mixup: the step context."""
+    args = s.args
+    if args.sync_bn and s.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        raw_model = model
-    model.to(device)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(raw_model, args)
-    scheduler = build_scheduler(optimizer, args, updates_per_epoch)
+    s.raw_model = model.to(s.device)
+    if s.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    optimizer = build_optimizer(s.raw_model, args)
+    scheduler = build_scheduler(optimizer, args, s.updates_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # takes class indices or soft targets
-    mixup = data.Mixup(args.mixup, args.cutmix, num_classes=info["num_classes"])
-    total_epochs = args.epochs + args.cooldown_epochs
+    s.mixup = data.Mixup(args.mixup, args.cutmix, num_classes=s.spec.num_classes)
+    s.ctx = StepContext(model, optimizer, scheduler, criterion, args, s.device, s.spec.mean, s.spec.std,
+                        scaler, autocast, s.world, show=s.rank == 0)
 
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_acc1 = ckpt["epoch"], ckpt["best_acc1"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:
-            say(f"note: the checkpoint was written by {len(ckpt['rng'])} processes, this run has "
-                f"{world}: random augmentations will differ from an uninterrupted run")
-            seed_everything(args.seed + 1000 * start_epoch + rank)
-        out_dir = args.output or os.path.dirname(os.path.abspath(resume_path))
+
+def restore_state(s):
+    """Optimizer, schedule, scaler and random generators: from the resumed checkpoint
+    (where it stopped), or seeded afresh (augmentations differ between processes)."""
+    if s.ckpt is None:
+        seed_everything(s.args.seed + s.rank)
+        return
+    s.ctx.optimizer.load_state_dict(s.ckpt["optimizer"])
+    s.ctx.scheduler.load_state_dict(s.ckpt["scheduler"])
+    s.ctx.scaler.load_state_dict(s.ckpt["scaler"])
+    s.start_epoch, s.best_top1 = s.ckpt["epoch"], s.ckpt["best_top1"]
+    if len(s.ckpt["rng"]) == s.world:
+        set_rng_state(s.ckpt["rng"][s.rank])
     else:
-        start_epoch, best_acc1 = 0, None
-        seed_everything(args.seed + rank)  # augmentations differ between processes
+        s.notes.append(f"note: the checkpoint was written by {len(s.ckpt['rng'])} processes, this run "
+                       f"has {s.world}: random augmentations will differ from an uninterrupted run")
+        seed_everything(s.args.seed + 1000 * s.start_epoch + s.rank)
+
+
+def setup_run_folder(s):
+    """The run folder (rank 0's choice for all), its args.json and log.jsonl. A new run
+    may not overwrite an old one; a resumed run continues in its own folder."""
+    args = s.args
+    if s.ckpt is not None:
+        out_dir = args.output or os.path.dirname(os.path.abspath(s.resume_path))
+    else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = args.output or os.path.join("runs", f"{args.dataset}-{args.model}-{stamp}")
     problem = None
-    if rank == 0 and ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
+    if s.rank == 0 and s.ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
         problem = (f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
                    f"or choose another --output")
-    out_dir, problem = from_rank0(world, out_dir, problem)  # rank 0's time stamp and verdict for all
+    s.out_dir, problem = from_rank0(s.world, out_dir, problem)
     if problem:
         raise TrainError(problem)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "args.json"), "w") as f:
+    if s.rank == 0:
+        os.makedirs(s.out_dir, exist_ok=True)
+        with open(os.path.join(s.out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         # A fresh run starts an empty log; a resumed one forgets the lines of epochs
         # after its checkpoint (written before a kill, and about to be redone).
-        records = [r for r in read_log(log_path) if r["epoch"] <= start_epoch] if ckpt else []
-        with open(log_path + ".tmp", "w") as f:
+        records = [r for r in read_log(s.log_path) if r["epoch"] <= s.start_epoch] if s.ckpt else []
+        with open(s.log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(log_path + ".tmp", log_path)
+        os.replace(s.log_path + ".tmp", s.log_path)
 
-    say(f"QKFormer '{args.model}' ({count_parameters(raw_model):,} parameters, T={args.T}) on "
-        f"{args.dataset}: {len(train_set):,} training / {len(test_set):,} test images")
-    say(f"device {device}{' x ' + str(world) + ' processes' if world > 1 else ''}, "
-        f"amp {amp}, {workers} loader workers; run folder {out_dir}")
-    say(f"effective batch {effective_batch} = {args.batch_size} per process x {args.accum_iter} "
-        f"accumulated x {world} processes; peak lr {args.lr:.3g}; {total_epochs} epochs of "
-        f"{updates_per_epoch} updates" + (f"; resuming after epoch {start_epoch}" if ckpt else ""))
 
-    if device.type == "cpu" and args.recipe != "cpu" and args.model != "tiny" and not args.subset:
+def print_banner(s):
+    """The settings table, the notes on them, and what the run is."""
+    args, say = s.args, s.say
+    for line in settings_table(args, s.sources, s.effective) + s.notes:
+        say(line)
+    say(f"QKFormer '{args.model}' ({count_parameters(s.raw_model):,} parameters, T={args.T}) on "
+        f"{s.spec.title}: {len(s.train_loader.dataset):,} training / {len(s.eval_loader.dataset):,} test images")
+    workers = s.effective.get("workers", (args.workers,))[0]
+    say(f"device {s.device}{' x ' + str(s.world) + ' processes' if s.world > 1 else ''}, "
+        f"amp {s.amp}, {workers} loader workers; run folder {s.out_dir}")
+    say(f"effective batch {s.effective_batch} = {args.batch_size} per process x {args.accum_iter} "
+        f"accumulated x {s.world} processes; peak lr {args.lr:.3g}; {s.total_epochs} epochs of "
+        f"{s.updates_per_epoch} updates" + (f"; resuming after epoch {s.start_epoch}" if s.ckpt else ""))
+    if s.device.type == "cpu" and args.recipe != "cpu" and args.model != "tiny" and not args.subset:
         say("note: this is the paper's full-size recipe, meant for GPUs; on a CPU an epoch takes hours. "
             "For a run that learns on a laptop in about 30 minutes: --recipe cpu")
-    if start_epoch >= total_epochs:
-        say(f"this run is already complete ({total_epochs} epochs); give a larger --epochs to train on")
-    run_start = time.time()
-    for epoch in range(start_epoch, total_epochs):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
-        try:
-            stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, args,
-                                    epoch, device, info["mean"], info["std"],
-                                    mixup_for_epoch(mixup, args, epoch), autocast, world, show)
-        except NonFiniteLoss as e:
-            last = os.path.join(out_dir, "last.pt")
-            kept = (f"the last good checkpoint, {last} (after epoch {epoch}), is kept"
-                    if os.path.exists(last) else "no checkpoint was written yet")
-            raise TrainError(f"training stopped: {e}; {kept}. Try a lower --lr (now {args.lr:.3g}), "
-                             f"--clip-grad 1.0, or without --amp.") from None
-        record = {"epoch": epoch + 1, **stats}
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == total_epochs:
-            if rank == 0:  # the other processes wait in gather_rng_states below
-                t = time.time()
-                record.update(evaluate(raw_model, eval_loader, device, info["mean"], info["std"],
-                                       autocast, show))
-                record["eval_time_s"] = time.time() - t
-                if best_acc1 is None or record["acc1"] > best_acc1:
-                    best_acc1 = record["acc1"]
-                    record["best"] = True
-        record["best_acc1"] = best_acc1
+    if s.start_epoch >= s.total_epochs:
+        say(f"this run is already complete ({s.total_epochs} epochs); give a larger --epochs to train on")
+
+
+def train_epoch(s, epoch):
+    """One epoch of training; a NaN loss ends the run with a message saying what is kept."""
+    s.train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
+    try:
+        return train_one_epoch(s.ctx, s.train_loader, epoch, mixup_for_epoch(s.mixup, s.args, epoch))
+    except NonFiniteLoss as e:
+        last = os.path.join(s.out_dir, "last.pt")
+        kept = (f"the last good checkpoint, {last} (after epoch {epoch}), is kept"
+                if os.path.exists(last) else "no checkpoint was written yet")
+        raise TrainError(f"training stopped: {e}; {kept}. Try a lower --lr (now {s.args.lr:.3g}), "
+                         f"--clip-grad 1.0, or without --amp.") from None
+
+
+def evaluate_epoch(s, record):
+    """Rank 0 evaluates (the other processes wait in gather_rng_states) and keeps the best top-1."""
+    if s.rank != 0:
+        return
+    start = time.time()
+    record.update(evaluate(s.raw_model, s.eval_loader, s.device, s.spec.mean, s.spec.std,
+                           s.ctx.autocast, show=True))
+    record["eval_time_s"] = time.time() - start
+    if s.best_top1 is None or record["top1"] > s.best_top1:
+        s.best_top1 = record["top1"]
+        record["best"] = True
+
+
+def save_epoch(s, record, rngs):
+    """Rank 0: the epoch's line, log.jsonl, last.pt (and best.pt), curves.png."""
+    line = (f"epoch {record['epoch']}/{s.total_epochs}: loss {record['train_loss']:.4f}, "
+            f"lr {record['lr']:.2e}, {record['img_per_s']:.0f} img/s, {record['train_time_s']:.0f} s")
+    if "top1" in record:
+        line += f"; test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
+    s.say(line)
+    append_log(s.log_path, record)
+    checkpoint = training_checkpoint(s.raw_model, s.ctx.optimizer, s.ctx.scheduler, s.ctx.scaler,
+                                     record["epoch"], rngs, vars(s.args), s.best_top1)
+    save_checkpoint(checkpoint, os.path.join(s.out_dir, "last.pt"))
+    if record.get("best"):
+        save_checkpoint(checkpoint, os.path.join(s.out_dir, "best.pt"))
+    plot_curves(read_log(s.log_path), os.path.join(s.out_dir, "curves.png"))
+
+
+def run_epochs(s):
+    """The epoch loop: train, evaluate every --eval-every epochs and after the last,
+    log and checkpoint; ends early after --stop-after epochs."""
+    args = s.args
+    for epoch in range(s.start_epoch, s.total_epochs):
+        record = {"epoch": epoch + 1, **train_epoch(s, epoch)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == s.total_epochs:
+            evaluate_epoch(s, record)
+        record["best_top1"] = s.best_top1
         # The generator states are taken after the evaluation and before anything
         # else can draw from them, so a resumed run starts from exactly here.
-        rngs = gather_rng_states(world)
-        if rank == 0:
-            line = (f"epoch {epoch + 1}/{total_epochs}: loss {stats['train_loss']:.4f}, "
-                    f"lr {stats['lr']:.2e}, {stats['img_per_s']:.0f} img/s, {stats['train_time_s']:.0f} s")
-            if "acc1" in record:
-                line += f"; test top-1 {record['acc1']:.2f}%, top-5 {record['acc5']:.2f}%"
-            say(line)
-            append_log(log_path, record)
-            checkpoint = {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "rng": rngs, "config": dataclasses.asdict(raw_model.config),
-                "args": vars(args), "best_acc1": best_acc1,
-            }
-            save_checkpoint(checkpoint, os.path.join(out_dir, "last.pt"))
-            if record.get("best"):
-                save_checkpoint(checkpoint, os.path.join(out_dir, "best.pt"))
-            plot_curves(read_log(log_path), os.path.join(out_dir, "curves.png"))
-        if world > 1:
+        rngs = gather_rng_states(s.world)
+        if s.rank == 0:
+            save_epoch(s, record, rngs)
+        if s.world > 1:
             dist.barrier()  # nobody starts the next epoch before the checkpoint is written
-        if args.stop_after and epoch + 1 >= args.stop_after and epoch + 1 < total_epochs:
-            say(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with "
-                f"python train.py --resume {os.path.join(out_dir, 'last.pt')}")
+        if args.stop_after and epoch + 1 >= args.stop_after and epoch + 1 < s.total_epochs:
+            s.say(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with "
+                  f"python train.py --resume {os.path.join(s.out_dir, 'last.pt')}")
             break
 
-    records = read_log(log_path) if rank == 0 else []
-    if records:
-        train_time = sum(r["train_time_s"] for r in records)
-        last = records[-1]
-        summary = (f"done in {(time.time() - run_start) / 60:.1f} min this session; "
-                   f"training time over the run {train_time / 60:.1f} min")
-        if last.get("acc1") is not None:
-            summary += f"; final test top-1 {last['acc1']:.2f}%, best {best_acc1:.2f}%"
-        say(summary)
-        say(f"files: {log_path}, {os.path.join(out_dir, 'curves.png')}, {os.path.join(out_dir, 'last.pt')}")
-    return out_dir
+
+def print_summary(s, session_start):
+    records = read_log(s.log_path) if s.rank == 0 else []
+    if not records:
+        return
+    train_time = sum(r["train_time_s"] for r in records)
+    last = records[-1]
+    summary = (f"done in {(time.time() - session_start) / 60:.1f} min this session; "
+               f"training time over the run {train_time / 60:.1f} min")
+    if last.get("top1") is not None:
+        summary += f"; final test top-1 {last['top1']:.2f}%, best {s.best_top1:.2f}%"
+    s.say(summary)
+    s.say(f"files: {s.log_path}, {os.path.join(s.out_dir, 'curves.png')}, "
+          f"{os.path.join(s.out_dir, 'last.pt')}")
+
+
+# ----------------------------------------------------------------------------
+# The main loop
+# ----------------------------------------------------------------------------
+
+def train(cli, low_memory=None):
+    """One training session, phase by phase; returns the run folder.
+    low_memory: (value, source) of --low-memory as main() decided and applied it."""
+    rank, world, device = setup_distributed(cli.device or DEFAULTS["device"])
+    s = Session(rank, world, device)
+    if cli.resume:
+        s.ckpt, s.resume_path = read_training_checkpoint(cli.resume)
+    settings = resolve_settings(cli, s.ckpt["args"] if s.ckpt else None)
+    s.args, s.sources, s.notes = settings.args, settings.sources, settings.notes
+    if low_memory is not None:  # what was applied before any tensor existed
+        s.args.low_memory, s.sources["low_memory"] = low_memory
+    s.spec = data.get_dataset(s.args.dataset)
+
+    autocast, scaler = setup_device(s)
+    model = setup_model(s)
+    setup_data(s)
+    setup_optimization(s, model, autocast, scaler)
+    restore_state(s)
+    setup_run_folder(s)
+    print_banner(s)
+
+    session_start = time.time()
+    run_epochs(s)
+    print_summary(s, session_start)
+    return s.out_dir
+
+
+def apply_process_settings(cli):
+    """Process-wide memory settings (neuron.apply_memory_policy), decided and applied
+    once, before the first tensor exists: PyTorch reads its huge-page setting at its
+    first CPU allocation, and even reading a resumed checkpoint allocates. A resumed
+    run's saved --low-memory comes from args.json in its run folder (plain JSON).
+    Returns (--low-memory, the layer it came from) for the settings table."""
+    layers = settings_layers(cli, saved_settings(cli.resume))
+    value, source = next((layer["low_memory"], name) for name, layer in reversed(layers)
+                         if "low_memory" in layer)
+    on_cpu = not wants_cuda(cli.device or DEFAULTS["device"])
+    apply_memory_policy(return_freed_memory=bool(value) and on_cpu)  # freed memory back: CPU runs only
+    return value, source
 
 
 def main(argv=None):
@@ -776,8 +1025,7 @@ def main(argv=None):
     (exit code 2), not as a traceback."""
     try:
         cli = parse_args(argv)
-        apply_memory_policy(return_freed_memory=False)  # huge pages: before the first tensor exists
-        return train(cli)
+        return train(cli, apply_process_settings(cli))
     except (DataError, TrainError) as e:
         message = str(e)
         # An error raised in a DataLoader worker arrives wrapped in the worker's

@@ -7,6 +7,7 @@ written in the official format (tests/_fakedata.py).
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,9 @@ import train
 from _fakedata import write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "tiny", "--embed-dim", "16", "--num-heads", "1", "--depths", "3", "--T", "1"]
+# embed_dim 32: stage widths 8, 16, 32. (With 16, stage 1's width 4 makes oneDNN's AVX2 backward of
+# the stride-2 1x1 convolution in channels-last crash: Conv2d(4, 8, 1, stride=2) alone does.)
+TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "1"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,6 +138,53 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_settings_name_their_layer_and_rescaling_is_said():
+    s = train.resolve_settings(train.parse_args(["--recipe", "cpu", "--T", "1"]))
+    assert s.notes == []
+    assert (s.sources["T"], s.sources["model"], s.sources["smoothing"], s.sources["seed"]) == \
+        ("command line", "--recipe cpu", "cifar10 recipe", "default")
+    s = train.resolve_settings(train.parse_args(["--epochs", "40"]))
+    assert (s.args.warmup_epochs, s.args.cooldown_epochs) == (2.0, 0)
+    assert s.sources["warmup_epochs"] == s.sources["cooldown_epochs"] == "--epochs rescale"
+    assert s.notes == ["note: --epochs 40 given alone: the warm-up scaled from 20 to 2 epochs (the same "
+                       "share of 400 epochs) and the 10 cool-down epochs dropped; give --warmup-epochs / "
+                       "--cooldown-epochs to choose them"]
+    # a resumed run's saved settings beat the recipes, the command line beats them; no rescale on resume
+    saved = vars(train.resolve_args(train.parse_args(["--epochs", "40", "--recipe", "cpu"])))
+    s = train.resolve_settings(train.parse_args(["--epochs", "50", "--seed", "3"]), saved)
+    assert (s.args.epochs, s.args.warmup_epochs, s.args.recipe, s.args.seed) == (50, saved["warmup_epochs"], "cpu", 3)
+    assert (s.sources["epochs"], s.sources["warmup_epochs"], s.sources["model"]) == \
+        ("command line", "resumed run", "resumed run")
+    assert s.notes == []
+    table = "\n".join(train.settings_table(s.args, s.sources))
+    assert re.search(r"\n  epochs +50 +command line", table) and re.search(r"\n  model +tiny +resumed run", table)
+
+
+def test_checkpoint_format_round_trip(tmp_path):
+    a = args_of(*TINY)
+    model = train.build_model(a, 10)
+    opt = train.build_optimizer(model, a)
+    sched = train.build_scheduler(opt, a, updates_per_epoch=4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ckpt = qkformer.training_checkpoint(model, opt, sched, scaler, epoch=3, rng=[train.rng_state()],
+                                        args=vars(a), best_top1=12.5)
+    path = str(tmp_path / "last.pt")
+    qkformer.save_checkpoint(ckpt, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    back = qkformer.load_checkpoint(path)
+    assert tuple(back) == qkformer.CHECKPOINT_KEYS and qkformer.missing_training_keys(back) == []
+    assert back["version"] == qkformer.CHECKPOINT_VERSION and back["best_top1"] == 12.5 and back["epoch"] == 3
+    rebuilt = qkformer.model_from_checkpoint(back)
+    assert rebuilt.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, rebuilt.state_dict()[k]), k
+    # a checkpoint of version 1 (best value named best_acc1) still resumes
+    old = {k: v for k, v in back.items() if k not in ("version", "best_top1")}
+    qkformer.save_checkpoint({**old, "best_acc1": 7.0}, path)
+    ckpt, _ = train.read_training_checkpoint(str(tmp_path))
+    assert ckpt["best_top1"] == 7.0 and qkformer.missing_training_keys(ckpt) == []
+
+
 # ---------------------------------------------------------------- it learns
 
 def test_loss_falls_on_a_fixed_batch(cifar):
@@ -145,12 +195,12 @@ def test_loss_falls_on_a_fixed_batch(cifar):
     model = train.build_model(a, 10)
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, updates_per_epoch=10 ** 6)  # constant lr here
-    info = data.dataset_info("cifar10")
+    spec = data.get_dataset("cifar10")
+    ctx = train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(), a, torch.device("cpu"),
+                            spec.mean, spec.std, show=False)
     losses = []
     for _ in range(6):  # 6 x 5 updates on the same 8 images
-        stats = train.train_one_epoch(model, [batch] * 5, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                                      torch.nn.CrossEntropyLoss(), a, 0, torch.device("cpu"),
-                                      info["mean"], info["std"], show=False)
+        stats = train.train_one_epoch(ctx, [batch] * 5, 0)
         losses.append(stats["train_loss"])
     assert losses[-1] < 0.6 * losses[0] and losses == sorted(losses, reverse=True), losses
 
@@ -162,18 +212,25 @@ def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
               "--reprob", "0.25", "--mixup", "0.5", "--cutmix", "1.0", "--amp")
     printed = capsys.readouterr().out
     assert "effective batch 8 = 8 per process x 1 accumulated x 1 processes; peak lr 0.001" in printed
+    # the settings table: effective value and the layer it came from
+    assert re.search(r"\n  lr +0\.001 +command line\n", printed)
+    assert re.search(r"\n  weight_decay +0\.06 +cifar10 recipe\n", printed)
+    assert re.search(r"\n  seed +0 +default\n", printed)
+    assert re.search(r"\n  amp +off +command line: --amp auto on cpu\n", printed)
+    # --epochs without --cooldown-epochs drops the recipe's cool-down, and says so
+    assert "note: --epochs 2 given alone: the 10 cool-down epochs dropped" in printed
     assert "--amp auto ignored" in printed
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("train_loss", "lr", "img_per_s", "acc1", "acc5", "test_loss"):
+    for key in ("train_loss", "train_top1", "lr", "img_per_s", "top1", "top5", "test_loss"):
         assert all(math.isfinite(r[key]) for r in records), key
     with open(os.path.join(out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)  # plain data only: no code
-    assert set(train.CHECKPOINT_KEYS) <= set(ckpt) and ckpt["epoch"] == 2
-    assert ckpt["config"]["embed_dim"] == 16 and ckpt["args"]["dataset"] == "cifar10"
+    assert set(qkformer.CHECKPOINT_KEYS) <= set(ckpt) and ckpt["epoch"] == 2
+    assert ckpt["config"]["embed_dim"] == 32 and ckpt["args"]["dataset"] == "cifar10"
     best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
-    assert best["best_acc1"] == max(r["acc1"] for r in records)
+    assert best["best_top1"] == max(r["top1"] for r in records)
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
@@ -215,7 +272,7 @@ def test_resume_gives_exactly_the_uninterrupted_run(cifar, tmp_path):
     assert a["scheduler"] == b["scheduler"]
     logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (whole, split)]
     assert [r["train_loss"] for r in logs[0]] == [r["train_loss"] for r in logs[1]]
-    assert [r.get("acc1") for r in logs[0]] == [r.get("acc1") for r in logs[1]]
+    assert [r.get("top1") for r in logs[0]] == [r.get("top1") for r in logs[1]]
 
 
 # ---------------------------------------------------------------- DDP
@@ -255,10 +312,10 @@ def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
     model = train.build_model(a, 10)
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, updates_per_epoch=len(per_rank[0]))
-    info = data.dataset_info("cifar10")
-    train.train_one_epoch(model, interleaved, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                          torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing), a, 0,
-                          torch.device("cpu"), info["mean"], info["std"], show=False)
+    spec = data.get_dataset("cifar10")
+    train.train_one_epoch(train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing),
+                                            a, torch.device("cpu"), spec.mean, spec.std, show=False),
+                          interleaved, 0)
     assert len(per_rank[0]) == 2 and ddp["epoch"] == 1
     start = train.build_model(a, 10).state_dict()
     for name, p in model.named_parameters():
@@ -313,7 +370,7 @@ def test_cli_errors_are_one_clear_message(cifar, tmp_path):
 def test_resume_errors(cifar, tmp_path, capsys):
     out = run(cifar, tmp_path / "run", "--epochs", "2", "--stop-after", "1", "--lr", "1e-3")
     with pytest.raises(SystemExit):  # a checkpoint of another model than the options ask for
-        train.main(["--resume", out, "--embed-dim", "32"])
+        train.main(["--resume", out, "--embed-dim", "64"])
     assert "holds another model than this run builds" in capsys.readouterr().err
     torch.save({"model": {}, "epoch": 1}, tmp_path / "weights.pt")
     with pytest.raises(SystemExit):
