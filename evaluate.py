@@ -10,8 +10,7 @@ NeurIPS 2024 (arXiv:2403.16552). What this file reproduces:
     with E_AC = 0.9 pJ and E_MAC = 4.6 pJ of a 45 nm chip (Horowitz, ISSCC 2014).
   * Section 3.2 / Figure 3(a): the token masks A_t of Q-K token attention over the image.
 The official code has none of this (its authors computed energy by hand: official issue 7).
-The memory / time experiment of Section 4.3 (Figure 3(b), Table 9) lives in complexity.py;
-`--complexity` here runs it with the same options.
+The memory / time experiment of Section 4.3 (Figure 3(b), Table 9) lives in complexity.py.
 
 Usage:
     python evaluate.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data-dir data
@@ -40,7 +39,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-import complexity
 import data
 import qkformer
 from neuron import SpikingNeuron, apply_memory_policy
@@ -690,13 +688,12 @@ def print_report(metrics: dict):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Evaluate a QKFormer checkpoint (accuracy, firing rates, energy, pictures), "
-                    "or run the Q-K attention versus SSA complexity experiment (--complexity, "
-                    "the same as complexity.py).")
-    p.add_argument("--checkpoint", help="a checkpoint written by train.py, or an official QKFormer one")
+        description="Evaluate a QKFormer checkpoint: accuracy, firing rates, energy, pictures. "
+                    "(The Q-K attention versus SSA experiment is complexity.py.)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py, or an official QKFormer one")
     p.add_argument("--dataset", choices=tuple(data.DATASETS), default="cifar10")
     p.add_argument("--data-dir", default="data", help="folder holding the dataset (see data.py)")
-    p.add_argument("--output", help="output folder (default: eval/<checkpoint name>, eval/complexity)")
+    p.add_argument("--output", help="output folder (default: eval/<checkpoint name>)")
     p.add_argument("--limit", type=int, help="evaluate only N test images (spread evenly over the "
                                              "test set, as data.py picks them)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -707,10 +704,6 @@ def build_parser():
                                          "checkpoint's (the paper's Table 7 / Table 2 T=1 rows)")
     p.add_argument("--pictures", type=int, default=4, help="test images shown in the token masks "
                                                             "and the spike raster (0: no pictures)")
-    p.add_argument("--complexity", action="store_true",
-                   help="run the memory/time experiment of one QKTA vs one SSA layer instead "
-                        "(complexity.py; its options below)")
-    complexity.add_arguments(p.add_argument_group("--complexity options (see complexity.py)"))
     return p
 
 
@@ -787,16 +780,10 @@ def run_evaluation(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.complexity and not args.checkpoint:
-        print("error: give --checkpoint PATH (to evaluate a model) or --complexity", file=sys.stderr)
-        return 2
     try:
-        if args.complexity:
-            complexity.run(args)
-        else:
-            check_device(args.device)          # before anything is loaded
-            apply_memory_policy(return_freed_memory=False)   # inference keeps little alive
-            run_evaluation(args)
+        check_device(args.device)                            # before anything is loaded
+        apply_memory_policy(return_freed_memory=False)       # inference keeps little alive
+        run_evaluation(args)
     except (ValueError, OSError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

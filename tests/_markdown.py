@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:                    # the project's scripts, as conftest.py does
     sys.path.insert(0, ROOT)
 
-SCRIPTS = ("train.py", "evaluate.py", "benchmark.py")
+SCRIPTS = ("train.py", "evaluate.py", "complexity.py", "benchmark.py")
 
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARK = re.compile(r"^<!--\s*(not run|file:\s*(\S+))\s*-->\s*$")
@@ -123,7 +123,7 @@ def check_command(line, where=None):
         `train.check_args`), then the model configuration the options describe (preset,
         --attention, --neuron, sizes), as `train.build_model` would build it. A --resume
         line is checked against the defaults, not against the checkpoint's options.
-      * evaluate.py: `evaluate.build_parser`, and it needs --checkpoint or --complexity.
+      * evaluate.py, complexity.py: their `build_parser`.
       * benchmark.py: `benchmark.parse_args`, as on a machine with a GPU (a `--device cuda`
         command is valid; this machine may have none).
     `--help` is accepted.
@@ -159,11 +159,9 @@ def _parse(script, argv):
             return f"unknown --model {args.model!r}; choose one of {sorted(qkformer.PRESETS)}"
         qkformer.QKFormerConfig(**{**qkformer.PRESETS[args.model], **train.model_overrides(args)})
         return None
-    if script == "evaluate.py":
-        import evaluate
-        args = evaluate.build_parser().parse_args(argv)
-        if not (args.complexity or args.checkpoint):
-            return "give --checkpoint PATH (to evaluate a model) or --complexity"
+    if script in ("evaluate.py", "complexity.py"):
+        module = __import__(script[:-len(".py")])
+        module.build_parser().parse_args(argv)
         return None
     import benchmark
     import torch

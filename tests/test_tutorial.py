@@ -49,7 +49,7 @@ from _markdown import (check_command, command_lines, markdown_table_after, pictu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = os.path.join(ROOT, "tutorial.md")
-MODULES = ("neuron", "qkformer", "evaluate", "train", "data")
+MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data")
 MAX_PICTURE_BYTES = 150 * 1024
 
 os.environ.setdefault("QKFORMER_LIF", "eager")     # as conftest.py: no torch.compile per process
