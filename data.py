@@ -100,17 +100,34 @@ class DatasetSpec:
     list_classes: Callable = field(default=None, compare=False, repr=False)  # (spec, data_dir) -> tuple
     small: bool = False       # small enough to train on a CPU (train.py's --recipe cpu)
     data_hint: str = ""       # what --data-dir must hold, for --help
+    # Run settings the reader takes besides the common ones, by name (event data:
+    # the number of frames T and the split); build() passes them, drops the rest.
+    options: tuple = ()
+    # The per-batch steps (normalize, random erasing, mixup) work batch first, on
+    # (B, C, H, W). to_model turns their output into the model's input (None: as it
+    # is); event data rides through them as (B, T*2, H, W), see event_batch_to_model.
+    to_model: Callable = field(default=None, compare=False, repr=False)
+    # What the first layer sees: "pixels" (real values: multiply-accumulates) or
+    # "event counts" (sums of events: accumulates); evaluate.py's energy follows it.
+    input_kind: str = "pixels"
 
     def prepare(self, data_dir, download_missing=True):
         """Make sure the data is on disk (downloading it if allowed and possible)."""
         self.fetch(self, data_dir, download_missing)
 
-    def build(self, data_dir, train, img_size=None, subset=None, augment=None, download_missing=True):
-        """The training split (with augment's augmentations) or the test split, as a Dataset."""
+    def build(self, data_dir, train, img_size=None, subset=None, augment=None, download_missing=True,
+              **options):
+        """The training split (with augment's augmentations) or the test split, as a Dataset.
+        options: run settings (e.g. T=16); those named in self.options go to the reader."""
         if img_size is not None and img_size < 1:
             raise DataError(f"--img-size must be positive, got {img_size}")
+        taken = {k: v for k, v in options.items() if k in self.options and v is not None}
         return self.reader(self, data_dir, train, img_size, subset, augment or Augmentation(),
-                           download_missing)
+                           download_missing, **taken)
+
+    def model_input(self, x):
+        """The output of the per-batch steps (batch first) -> what the model takes."""
+        return x if self.to_model is None else self.to_model(x)
 
     def class_names_from(self, data_dir=None):
         """The class names in label order: class_names, or read from the data on disk when
@@ -934,25 +951,27 @@ def prepare(name, data_dir, download_missing=True):
 
 
 def build_datasets(name, data_dir, img_size=None, crop_padding=0, hflip=0.5, randaugment="none",
-                   subset=None, test_subset=None, download_missing=True):
+                   subset=None, test_subset=None, download_missing=True, **options):
     """(train set, test set) yielding (uint8 image (C, H, W), label), with the per-image augmentations.
 
     randaugment: a timm policy string or 'none'. subset: keep the first N
     CIFAR training images (an evenly spaced selection of ImageNet's, whose
     files are sorted by class); test_subset: an evenly spaced selection of N
-    test images. Both for quick runs.
+    test images. Both for quick runs. options: run settings that some readers
+    take (DatasetSpec.options; event data: T, dvs_split).
     """
     spec = get_dataset(name)
     augment = Augmentation(crop_padding, hflip, randaugment)
-    augment.randaugment_for(spec)  # a bad policy is reported before any data is read
-    train = spec.build(data_dir, True, img_size, subset, augment, download_missing)
-    test = spec.build(data_dir, False, img_size, test_subset, None, download_missing=False)
+    if spec.input_kind == "pixels":
+        augment.randaugment_for(spec)  # a bad policy is reported before any data is read
+    train = spec.build(data_dir, True, img_size, subset, augment, download_missing, **options)
+    test = spec.build(data_dir, False, img_size, test_subset, None, download_missing=False, **options)
     return train, test
 
 
-def build_test_set(name, data_dir, img_size=None, test_subset=None, download_missing=False):
+def build_test_set(name, data_dir, img_size=None, test_subset=None, download_missing=False, **options):
     """The test split alone (ImageNet: val/ only, train/ need not exist), for evaluation."""
-    return get_dataset(name).build(data_dir, False, img_size, test_subset, None, download_missing)
+    return get_dataset(name).build(data_dir, False, img_size, test_subset, None, download_missing, **options)
 
 
 def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_size=1, pin_memory=False):
@@ -996,7 +1015,14 @@ def _mean_std_255(mean, std, device):
 
 
 def normalize(images, mean, std):
-    """uint8 (B, 3, H, W) in 0..255 -> float (B, 3, H, W) with zero mean and unit std per channel."""
+    """uint8 (B, 3, H, W) in 0..255 -> float (B, 3, H, W) with zero mean and unit std per channel.
+
+    mean None: no normalisation (event counts, as the official DVS code feeds them):
+    float, with any axes between the batch and (H, W) folded into one, so that the
+    later per-batch steps see (B, C, H, W): event frames (B, T, 2, H, W) -> (B, T*2, H, W).
+    """
+    if mean is None:
+        return images.float().flatten(1, -3)  # (B, T, 2, H, W) -> (B, T*2, H, W)
     mean, std = _mean_std_255(tuple(mean), tuple(std), images.device)
     return (images - mean).div_(std)  # uint8 - float32 -> a new float32 tensor, divided in place
 
@@ -1128,6 +1154,12 @@ import zipfile  # noqa: E402
 
 CIFAR10DVS_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                       "dog", "frog", "horse", "ship", "truck")
+
+# DVS128 Gesture's 11 classes in label order (class 1..11 of its labels files, named as in
+# the dataset's gesture_mapping.csv).
+DVS128GESTURE_CLASSES = ("hand_clapping", "right_hand_wave", "left_hand_wave", "right_arm_clockwise",
+                         "right_arm_counter_clockwise", "left_arm_clockwise", "left_arm_counter_clockwise",
+                         "arm_roll", "air_drums", "air_guitar", "other_gestures")
 
 DVS = {
     "cifar10dvs": dict(
@@ -1713,3 +1745,97 @@ def _cutout(frames, scale=(0.001, 0.11)):
             frames[..., top:top + side, left:left + side] = 0
             return frames
     return frames
+
+
+# ---- the datasets as DatasetSpecs: train.py's --dataset cifar10dvs / dvs128gesture
+
+def event_batch_to_model(x):
+    """The per-batch steps' output (B, T*2, H, W) -> the model's input (T, B, 2, H, W)."""
+    x = x.unflatten(1, (-1, 2))   # (B, T, 2, H, W)
+    return x.transpose(0, 1)      # (T, B, 2, H, W)
+
+
+def _fetch_dvs(spec, data_dir, download_missing):
+    """Make sure the recordings are there (CIFAR10-DVS: downloaded when missing). The frame
+    cache, which depends on T, is built by the reader."""
+    if spec.name == "cifar10dvs":
+        ensure_cifar10dvs(data_dir, download_missing)
+    else:
+        ensure_dvs128gesture(data_dir)
+
+
+def _read_dvs(spec, data_dir, train, img_size, subset, augment, download_missing, T=16, dvs_split="official"):
+    """A split of an event-camera dataset as EventFrames (T frames of the cache for that T, built
+    once), training samples through EventAugment; subset: an evenly spaced selection of N."""
+    if img_size not in (None, spec.image_size):
+        raise DataError(f"{spec.title} frames are {spec.image_size}x{spec.image_size} (the sensor); "
+                        f"got --img-size {img_size}")
+    if train and augment.randaugment not in (None, "", "none"):
+        raise DataError(f"--aa {augment.randaugment}: RandAugment works on photographs; {spec.title} "
+                        f"trains with the official event-frame augmentation (data.EventAugment)")
+    if train and augment.crop_padding:
+        raise DataError(f"--crop-padding is for CIFAR; {spec.title} shifts its frames in "
+                        f"data.EventAugment (translate x/y)")
+    transform = EventAugment(flip=augment.hflip) if train else None
+    train_set, test_set = build_dvs_datasets(spec.name, data_dir, T, dvs_split, seed=0,
+                                             transform=transform, download_missing=download_missing)
+    chosen = train_set if train else test_set
+    if not len(chosen):
+        raise DataError(f"the {'training' if train else 'test'} split of {spec.title} in {data_dir} holds "
+                        f"no recordings (too few per class for a 90/10 split?)")
+    # both splits are sorted by class (Gesture: by recording): spread the selection out
+    return EventFrames(evenly_spaced(chosen.files, subset), evenly_spaced(chosen.labels, subset),
+                       chosen.transform)
+
+
+# The official recipes, from the official cifar10-dvs/train.py and dvs128-gesture/train.py
+# (timm's training loop, written out by the authors), as train.py's settings. Where we
+# depart, the comment says so.
+CIFAR10DVS_RECIPE = dict(
+    model="cifar10dvs", T=16, img_size=128,
+    dvs_split="official",        # per class the first 90 % of the recordings (see cifar10dvs_split)
+    epochs=96,                   # length of the cosine ...
+    cooldown_epochs=10,          # ... then 10 epochs at min_lr: 106 epochs run, as in timm
+    batch_size=16,               # training drops the last partial batch, as the official loader
+    lr=5e-3, blr=None, min_lr=1e-5,
+    weight_decay=0.06,           # AdamW, eps 1e-8 (PyTorch's default); no decay on biases / norms
+    warmup_epochs=10, warmup_lr=1e-5,
+    warmup_prefix=False,         # timm's cosine over epochs 0..96 (see train.lr_at). timm steps the
+                                 # rate once per epoch; train.py every update (ours)
+    accum_iter=1, clip_grad=None,
+    smoothing=0.1,               # timm: smoothed mixup targets + SoftTargetCrossEntropy (the same numbers)
+    mixup=0.5, cutmix=0.0,
+    mixup_prob=0.5,              # a batch is mixed with probability 0.5
+    mixup_off_epoch=75,          # the official scripts switch mixup off from epoch 75 on
+    # No RandAugment, random erasing or crop: the official augmentation of event frames is
+    # data.EventAugment (horizontal flip, then one of identity / shear x / translate x, y /
+    # rotate / cutout per sample, the same for all its frames), always on in training.
+    reprob=0.0, remode="const", crop_padding=0, hflip=0.5,
+    amp="auto",                  # the official runs use AMP (on GPUs; a CPU run says it is ignored)
+    seed=2021,                   # the official scripts' seed
+    eval_every=1,                # the paper's 84.0 % is the best test accuracy over the epochs
+)
+DVS128GESTURE_RECIPE = {
+    **CIFAR10DVS_RECIPE,
+    "model": "dvs128gesture",
+    "dvs_split": "official",     # Gesture has its own split: subjects 1-23 train, 24-29 test
+    "epochs": 192,               # + 10 cool-down: 202 epochs run
+    "lr": 1e-3, "min_lr": 2e-5,
+}
+
+DATASETS.update({spec.name: spec for spec in (
+    DatasetSpec(
+        name="cifar10dvs", title="CIFAR10-DVS", num_classes=10, class_names=CIFAR10DVS_CLASSES,
+        image_size=128, in_channels=2,
+        mean=None, std=None,     # event counts go in as they are (the official code normalises nothing)
+        recipe=CIFAR10DVS_RECIPE, fetch=_fetch_dvs, reader=_read_dvs,
+        options=("T", "dvs_split"), to_model=event_batch_to_model, input_kind="event counts",
+        data_hint="CIFAR10-DVS/ (its 10 class zips, downloaded when missing; split: --dvs-split)"),
+    DatasetSpec(
+        name="dvs128gesture", title="DVS128 Gesture", num_classes=11,
+        class_names=DVS128GESTURE_CLASSES,
+        image_size=128, in_channels=2, mean=None, std=None,
+        recipe=DVS128GESTURE_RECIPE, fetch=_fetch_dvs, reader=_read_dvs,
+        options=("T", "dvs_split"), to_model=event_batch_to_model, input_kind="event counts",
+        data_hint="DVS128Gesture/DvsGesture.tar.gz (downloaded by hand from IBM)"),
+)})

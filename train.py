@@ -92,6 +92,7 @@ DEFAULTS = dict(
     dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None, resume=None,
     device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
+    mixup_prob=1.0, dvs_split=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None,
 )
 
@@ -138,6 +139,9 @@ def add_data_options(g):
                    help="download the dataset when it is missing and can be downloaded (default on)")
     g.add_argument("--subset", type=int, help="train on the first N training images only (quick runs)")
     g.add_argument("--test-subset", type=int, help="evaluate on N evenly spaced test images only")
+    g.add_argument("--dvs-split", choices=list(data.DVS_SPLITS), help="CIFAR10-DVS train/test split: "
+                   "official (per class the first 90%% of the recordings in sorted file order train, "
+                   "the rest test, as the official code) or random (per class, seed 0)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process "
                    "(default: 0 on a CPU, min(8, cores per GPU) on GPUs)")
 
@@ -175,6 +179,7 @@ def add_recipe_options(g):
     g.add_argument("--smoothing", type=float, help="label smoothing")
     g.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
+    g.add_argument("--mixup-prob", type=float, help="probability that a batch is mixed")
     g.add_argument("--mixup-off-epoch", type=int, help="switch mixup/cutmix off from this epoch on (0: never)")
     g.add_argument("--aa", help="RandAugment policy, e.g. rand-m9-n1-mstd0.4-inc1, or 'none'")
     g.add_argument("--reprob", type=float, help="random erasing probability")
@@ -324,6 +329,7 @@ def check_args(a):
     need(0 <= a.smoothing < 1, f"--smoothing must be in [0, 1), got {a.smoothing}")
     need(0 <= a.reprob <= 1 and 0 <= a.hflip <= 1, "--reprob and --hflip are probabilities in [0, 1]")
     need(a.mixup >= 0 and a.cutmix >= 0, "--mixup and --cutmix must be >= 0")
+    need(0 <= a.mixup_prob <= 1, f"--mixup-prob is a probability in [0, 1], got {a.mixup_prob}")
     need(a.crop_padding >= 0, "--crop-padding must be >= 0")
     need(a.clip_grad is None or a.clip_grad > 0, "--clip-grad must be positive")
 
@@ -527,6 +533,7 @@ class StepContext:
     autocast: object = contextlib.nullcontext
     world: int = 1
     show: bool = True
+    model_input: object = lambda x: x  # the dataset's last step before the model (DatasetSpec.model_input)
 
 
 def train_one_epoch(ctx, loader, epoch, mixup=None):
@@ -558,7 +565,7 @@ def train_one_epoch(ctx, loader, epoch, mixup=None):
         no_sync = model.no_sync if world > 1 and not update else contextlib.nullcontext
         with no_sync():
             with ctx.autocast():
-                logits = model(x)
+                logits = model(ctx.model_input(x))
             loss = ctx.criterion(logits.float(), targets)
             mean_loss = reduce_mean(loss.detach(), world).item()
             if not math.isfinite(mean_loss):
@@ -589,7 +596,8 @@ def train_one_epoch(ctx, loader, epoch, mixup=None):
 # ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, show=True):
+def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, show=True,
+             model_input=lambda x: x):
     """Mean cross-entropy (test_loss), top-1 and top-5 accuracy (top1, top5, in %) over `loader`."""
     model.eval()
     total_loss, top1, top5, n = 0.0, 0, 0, 0
@@ -597,7 +605,7 @@ def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, 
         x = data.normalize(images.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with autocast():
-            logits = model(x).float()
+            logits = model(model_input(x)).float()
         total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices   # (B, 5)
         hits = best5 == labels[:, None]                               # (B, 5)
@@ -788,7 +796,7 @@ def setup_data(s):
         raise DataError(problem)
     train_set, test_set = data.build_datasets(
         args.dataset, args.data_dir, args.img_size, args.crop_padding, args.hflip, args.aa,
-        args.subset, args.test_subset, download_missing=False)
+        args.subset, args.test_subset, download_missing=False, T=args.T, dvs_split=args.dvs_split)
     workers = args.workers
     if workers is None:
         # On a CPU the model needs every core and the per-image work is small next
@@ -825,9 +833,9 @@ def setup_optimization(s, model, autocast, scaler):
     optimizer = build_optimizer(s.raw_model, args)
     scheduler = build_scheduler(optimizer, args, s.updates_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # takes class indices or soft targets
-    s.mixup = data.Mixup(args.mixup, args.cutmix, num_classes=s.spec.num_classes)
+    s.mixup = data.Mixup(args.mixup, args.cutmix, prob=args.mixup_prob, num_classes=s.spec.num_classes)
     s.ctx = StepContext(model, optimizer, scheduler, criterion, args, s.device, s.spec.mean, s.spec.std,
-                        scaler, autocast, s.world, show=s.rank == 0)
+                        scaler, autocast, s.world, show=s.rank == 0, model_input=s.spec.model_input)
 
 
 def restore_state(s):
@@ -915,7 +923,7 @@ def evaluate_epoch(s, record):
         return
     start = time.time()
     record.update(evaluate(s.raw_model, s.eval_loader, s.device, s.spec.mean, s.spec.std,
-                           s.ctx.autocast, show=True))
+                           s.ctx.autocast, show=True, model_input=s.spec.model_input))
     record["eval_time_s"] = time.time() - start
     if s.best_top1 is None or record["top1"] > s.best_top1:
         s.best_top1 = record["top1"]
