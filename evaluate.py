@@ -17,7 +17,8 @@ Usage:
     python evaluate.py --checkpoint official.pth --dataset imagenet --data-dir /imagenet --limit 500
 
 Outputs go to eval/<checkpoint name>/ (or --output): metrics.json, firing_rates.png,
-spike_raster.png, token_masks.png, confusion_matrix.png.
+spike_raster.png, token_masks.png, confusion_matrix.png, and for event-camera data
+(CIFAR10-DVS, DVS128 Gesture) event_frames.png.
 
 Layout of this file:
   SpikeRecorder, evaluate         accuracy and firing rates over a test set (forward hooks)
@@ -335,6 +336,16 @@ ENERGY_NOTES = [
 ]
 
 
+# Event-camera data (DatasetSpec.input_kind "event counts"): what changes, and why.
+EVENT_INPUT_NOTE = (
+    "Event data: the first conv's input is event counts per pixel, polarity and frame, not "
+    "real-valued pixels. A count n is n events, each adding the kernel's weights to its "
+    "outputs: accumulates, no multiplication. So the first conv is an AC layer like the others, "
+    "SOP = fr x T x FLOPs with fr = the mean event count per input element (over the test set), "
+    "and no layer is counted as MAC. The frames differ from step to step, so the first conv "
+    "runs at every step (T times), unlike a static image (ours).")
+
+
 def _example_input(model: nn.Module):
     """One image at one time step, (T=1, B=1, C, H, W), for a QKFormer."""
     cfg = model.config
@@ -603,6 +614,46 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
     plt.close(fig)
 
 
+def event_image(frames: torch.Tensor, top=None) -> torch.Tensor:
+    """Event counts (..., 2, H, W) -> colour pictures (..., 3, H, W) in [0, 1]: ON events
+    (polarity 1, brighter) red, OFF events (polarity 0, darker) blue, no event black.
+    top: the count shown at full colour (default: the 99th percentile of the non-zero counts,
+    so that a few busy pixels do not leave the rest dark)."""
+    frames = frames.detach().float().cpu()
+    if top is None:
+        busy = frames[frames > 0]
+        top = torch.quantile(busy[:100_000], 0.99).item() if busy.numel() else 1.0
+    on, off = (frames[..., 1, :, :] / top).clamp(0, 1), (frames[..., 0, :, :] / top).clamp(0, 1)
+    return torch.stack([on, torch.zeros_like(on), off], dim=-3)       # (..., 3, H, W)
+
+
+def plot_event_frames(samples: list, path: str, titles=None, max_frames=16):
+    """One row per sample, its T frames left to right (up to max_frames, evenly chosen): ON
+    events red, OFF blue (event_image), the colour scale shared by the row's frames.
+    samples: event counts (T, 2, H, W) each."""
+    plt = _pyplot()
+    T = samples[0].shape[0]
+    steps = sorted({round(i * (T - 1) / max(1, min(T, max_frames) - 1)) for i in range(min(T, max_frames))})
+    fig, axes = plt.subplots(len(samples), len(steps), squeeze=False,
+                             figsize=(max(4.0, 1.3 * len(steps) + 0.8), 1.45 * len(samples) + 0.8))
+    for r, frames in enumerate(samples):
+        pictures = event_image(frames)                                      # (T, 3, H, W)
+        for c, t in enumerate(steps):
+            ax = axes[r][c]
+            ax.imshow(pictures[t].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t = {t + 1}", fontsize=8)
+            if c == 0 and titles:
+                ax.set_ylabel(titles[r], fontsize=7)
+    fig.suptitle("Event frames (counts per pixel and frame):\nON events red, OFF events blue",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def raster_layer(model: nn.Module) -> str:
     """The layer shown in the spike raster: the neuron of stage 1's first MLP layer when there
     is one, else the first neuron of the model."""
@@ -628,8 +679,10 @@ def mask_layers(model: nn.Module) -> list:
 
 @torch.no_grad()
 def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: dict, out_dir: str,
-                  mean=None, std=None, class_names=None, raster=None) -> list:
-    """Write the four pictures for a few (already prepared) test `images`; returns their paths."""
+                  mean=None, std=None, class_names=None, raster=None, display=None) -> list:
+    """Write the four pictures for a few (already prepared) test `images`; returns their paths.
+    display: what the token masks are drawn over, (B, 3, H, W) in [0, 1] (default: `images`,
+    un-normalised with mean and std; event data passes event_image of its frames)."""
     model.eval()
     device = next(model.parameters()).device
     raster = raster or raster_layer(model)
@@ -645,8 +698,9 @@ def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: 
     paths.append(path)
     if masks:
         path = os.path.join(out_dir, "token_masks.png")
-        plot_token_masks(images.cpu(), {attn.replace(".attn", ""): token_masks(rec.kept[n][0])
-                                        for n, attn in masks.items()}, path, mean, std)
+        shown = images.cpu() if display is None else display.cpu()
+        plot_token_masks(shown, {attn.replace(".attn", ""): token_masks(rec.kept[n][0])
+                                 for n, attn in masks.items()}, path, mean, std)
         paths.append(path)
     path = os.path.join(out_dir, "confusion_matrix.png")
     plot_confusion(results["confusion"], path, class_names)
@@ -680,7 +734,8 @@ def print_report(metrics: dict):
         rate = "" if r["input_rate"] is None else f"{r['input_rate']:.4f}"
         print(f"  {r['name']:<52}{r['kind']:>5}{r['macs']:>14,.0f}{rate:>10}{r['ops']:>15,.0f}"
               f"{r['energy_pJ'] * 1e-6:>9.3f}")
-    print(f"  MAC layers (real-valued input): {', '.join(e['mac_layers'])}; every other row is AC.")
+    print(f"  MAC layers (real-valued input): {', '.join(e['mac_layers']) or 'none (event counts)'}; "
+          f"every other row is AC.")
     print(f"  SNN: {e['SOPs']:,.0f} SOPs + {e['MACs_first_layer']:,} MACs -> E = {e['E_snn_mJ']:.4f} mJ")
     print(f"  ANN of the same shape: {e['ANN_MACs']:,} MACs -> E = {e['E_ann_mJ']:.4f} mJ "
           f"({e['ann_over_snn']:.1f} x the SNN)")
@@ -702,6 +757,9 @@ def build_parser():
                    help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
     p.add_argument("--T", type=int, help="evaluate with this many time steps instead of the "
                                          "checkpoint's (the paper's Table 7 / Table 2 T=1 rows)")
+    p.add_argument("--dvs-split", choices=data.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
+                   "whose test part is evaluated (default: the checkpoint's run's, else official: per "
+                   "class the last 10%% of the recordings in sorted file order)")
     p.add_argument("--pictures", type=int, default=4, help="test images shown in the token masks "
                                                             "and the spike raster (0: no pictures)")
     return p
@@ -744,33 +802,47 @@ def run_evaluation(args) -> dict:
 
     # The test split at the model's image size (a dataset of fixed-size images refuses
     # another size with a DataError, before reading any file).
+    # Event data: frames for the model's T, and the test part of the training run's split.
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    options = dict(T=cfg.T, dvs_split=args.dvs_split or saved.get("dvs_split"))
     test_set = data.build_test_set(args.dataset, args.data_dir, img_size=cfg.img_size,
-                                   test_subset=args.limit, download_missing=False)
+                                   test_subset=args.limit, download_missing=False, **options)
     loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers)
     model.to(device)
 
     def prepare(images):                      # uint8 pixels -> normalised floats, on the device
-        return data.normalize(images, spec.mean, spec.std)
+        return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))
 
     results, recorder = evaluate(model, loader, cfg.num_classes, device, prepare,
                                  limit=args.limit, total=len(loader))
     rates = recorder.firing_rates()
     # After the evaluation: the FLOP count runs the neurons' reference loops (layer_macs).
-    energy = energy_report(model, recorder, results["images"], cfg.T, layer_macs(model))
+    events = spec.input_kind == "event counts"
+    energy = energy_report(model, recorder, results["images"], cfg.T, layer_macs(model),
+                           mac_layers=[] if events else None)       # events: no MAC layer
+    if events:
+        energy["notes"] = energy["notes"] + [EVENT_INPUT_NOTE]
     class_names = list(spec.class_names_from(args.data_dir))
     metrics = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=spec.name,
                    class_names=class_names,
                    images=results["images"], T=cfg.T, top1=results["top1"], top5=results["top5"],
                    top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
-                   official_quirks=cfg.official_quirks,
+                   official_quirks=cfg.official_quirks, input_kind=spec.input_kind,
+                   input_counting=EVENT_INPUT_NOTE if events else ENERGY_NOTES[2],
                    firing_rates=rates, stage_firing_rates=stage_firing_rates(recorder),
                    table4=table4(model, recorder), input_rates=recorder.input_rates(),
                    energy=energy, confusion=results["confusion"].tolist(), pictures=[])
     if args.pictures > 0:
-        first = [test_set[i][0] for i in range(min(args.pictures, len(test_set)))]
+        shown = [test_set[i] for i in range(min(args.pictures, len(test_set)))]
+        first = [x for x, _ in shown]
         images = prepare(torch.stack(first).to(device))
+        display = torch.stack([event_image(x.sum(0)) for x in first]) if events else None
         metrics["pictures"] = draw_pictures(model, images, results, rates, out, spec.mean,
-                                            spec.std, class_names)
+                                            spec.std, class_names, display=display)
+        if events:                                  # a sample's T frames, ON and OFF events
+            path = os.path.join(out, "event_frames.png")
+            plot_event_frames(first, path, [class_names[label] for _, label in shown])
+            metrics["pictures"].append(path)
     print_report(metrics)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
