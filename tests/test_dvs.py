@@ -507,3 +507,110 @@ def test_dvs_parity_with_official_code(name):
 def test_official_family_rejects_unknown_embeddings():
     with pytest.raises(ValueError, match="no official QKFormer family"):
         official_family({"patch_embed1.proj7_conv.weight": torch.zeros(1), "head.weight": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+def test_event_batches_pass_the_per_batch_steps_and_reach_the_model_time_first():
+    spec = data.get_dataset("cifar10dvs")
+    batch = torch.randint(0, 5, (3, 4, 2, 8, 8), dtype=torch.uint8)       # (B, T, 2, H, W) counts
+    x = data.normalize(batch, spec.mean, spec.std)                         # no normalisation
+    assert x.shape == (3, 8, 8, 8) and x.dtype == torch.float32
+    model_input = spec.model_input(x)
+    assert model_input.shape == (4, 3, 2, 8, 8)                            # (T, B, 2, H, W)
+    for t in range(4):
+        for b in range(3):
+            assert torch.equal(model_input[t, b], batch[b, t].float())
+    # mixup blends whole samples: every frame of sample b with the same frames of sample B-1-b
+    torch.manual_seed(0)
+    mixed, targets = data.Mixup(0.5, prob=1.0, num_classes=10)(x, torch.tensor([0, 1, 2]))
+    lam = targets[0, 0].item()
+    assert 0 < lam < 1
+    torch.testing.assert_close(spec.model_input(mixed),
+                               lam * model_input + (1 - lam) * model_input.flip(1))
+    # prob 0: never mixed
+    same, targets = data.Mixup(0.5, prob=0.0, num_classes=10)(x, torch.tensor([0, 1, 2]))
+    assert torch.equal(same, x) and targets.max() == 1
+
+
+def test_official_dvs_recipes_are_train_defaults():
+    import train
+    a = train.resolve_args(train.parse_args(["--dataset", "cifar10dvs"]))
+    assert (a.model, a.T, a.batch_size, a.lr, a.min_lr, a.weight_decay) == ("cifar10dvs", 16, 16, 5e-3, 1e-5, 0.06)
+    assert (a.epochs, a.cooldown_epochs, a.warmup_epochs, a.warmup_lr, a.warmup_prefix) == (96, 10, 10, 1e-5, False)
+    assert (a.smoothing, a.mixup, a.mixup_prob, a.cutmix, a.mixup_off_epoch) == (0.1, 0.5, 0.5, 0.0, 75)
+    assert (a.reprob, a.aa, a.hflip, a.dvs_split, a.amp, a.seed) == (0.0, None, 0.5, "official", "auto", 2021)
+    g = train.resolve_args(train.parse_args(["--dataset", "dvs128gesture"]))
+    assert (g.model, g.epochs, g.lr, g.min_lr, g.T) == ("dvs128gesture", 192, 1e-3, 2e-5, 16)
+    # the CIFAR recipe keeps timm's default: every batch mixed
+    assert train.resolve_args(train.parse_args(["--dataset", "cifar10"])).mixup_prob == 1.0
+
+
+NARROW = ["--embed-dim", "32", "--T", "2", "--epochs", "1", "--warmup-epochs", "0", "--device", "cpu",
+          "--workers", "0", "--no-download"]
+
+
+def test_cifar10dvs_trains_one_epoch_and_evaluates(tmp_path, capsys):
+    import evaluate
+    import train
+    write_cifar10dvs_tree(tmp_path / "data", per_class=11, events=200)
+    run = tmp_path / "run"
+    train.main(["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--subset", "20",
+                "--batch-size", "4", "--output", str(run)] + NARROW)
+    assert os.path.isdir(tmp_path / "data" / "CIFAR10-DVS" / "frames_T2")   # --T 2: its own cache
+    with open(run / "log.jsonl") as f:
+        (record,) = [json.loads(line) for line in f]
+    assert np.isfinite(record["train_loss"]) and record["top1"] is not None
+    with open(run / "args.json") as f:
+        assert json.load(f)["dvs_split"] == "official"
+
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(run / "last.pt"), "--dataset", "cifar10dvs", "--data-dir",
+                          str(tmp_path / "data"), "--device", "cpu", "--batch-size", "5",
+                          "--pictures", "2", "--output", str(out)]) == 0
+    with open(out / "metrics.json") as f:
+        m = json.load(f)
+    assert m["images"] == 10 and m["T"] == 2 and m["input_kind"] == "event counts"   # 1 test recording per class
+    assert "event counts" in m["input_counting"]
+    e = m["energy"]
+    assert e["mac_layers"] == [] and e["MACs_first_layer"] == 0 and evaluate.EVENT_INPUT_NOTE in e["notes"]
+    first = e["layers"][0]
+    assert first["name"] == "stages.0.embed.stem.0.conv" and first["kind"] == "AC"
+    # the first conv's rate is the mean event count per input element of the test frames
+    _, test = data.build_dvs_datasets("cifar10dvs", tmp_path / "data", T=2)
+    mean_count = torch.stack([test[i][0] for i in range(len(test))]).mean().item()
+    assert first["input_rate"] == pytest.approx(mean_count, rel=1e-6)
+    assert first["ops"] == pytest.approx(mean_count * 2 * first["macs"], rel=1e-6)
+    picture = out / "event_frames.png"
+    assert str(picture) in m["pictures"] and (out / "token_masks.png").is_file()
+    from PIL import Image
+    with Image.open(picture) as img:
+        assert img.format == "PNG" and img.size[0] > 100
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    assert ((pixels[..., 0] > 150) & (pixels[..., 2] < 80)).any()      # ON events in red ...
+    assert ((pixels[..., 2] > 150) & (pixels[..., 0] < 80)).any()      # ... OFF events in blue
+
+
+def test_dvs128gesture_trains_one_epoch(tmp_path):
+    import train
+    write_gesture_tree(tmp_path / "data")
+    run = tmp_path / "run"
+    train.main(["--dataset", "dvs128gesture", "--data-dir", str(tmp_path / "data"), "--batch-size", "3",
+                "--output", str(run)] + NARROW)
+    with open(run / "log.jsonl") as f:
+        (record,) = [json.loads(line) for line in f]
+    assert np.isfinite(record["train_loss"]) and record["top1"] is not None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--aa", "rand-m9-n1-mstd0.4-inc1"], "RandAugment works on photographs"),
+    (["--dataset", "dvs128gesture", "--dvs-split", "random"], "own train/test split"),
+])
+def test_dvs_options_that_do_not_apply_are_refused(tmp_path, capsys, extra, message):
+    import train
+    write_cifar10dvs_tree(tmp_path / "data", per_class=11, events=20, classes=None)
+    write_gesture_tree(tmp_path / "data")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--batch-size", "2",
+                    "--output", str(tmp_path / "run")] + NARROW + extra)
+    assert e.value.code == 2 and message in capsys.readouterr().err
