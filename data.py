@@ -1489,8 +1489,10 @@ def dvs128gesture_trials(folder, split):
 # ---- the frame cache
 
 def _save_npz_atomic(path, **arrays):
-    """np.savez_compressed to path via a temporary name, so no half-written file ever bears the name."""
-    part = path + ".part"
+    """np.savez_compressed to path via a temporary name, so no half-written file ever bears the name.
+    The name is the process's own: with several processes (DDP) building the cache at once, each
+    writes its own file and the renames replace whole files."""
+    part = f"{path}.{os.getpid()}.part"
     with open(part, "wb") as f:
         np.savez_compressed(f, **arrays)
     os.replace(part, path)
@@ -1579,7 +1581,7 @@ def build_dvs_cache(name, data_dir, T, download_missing=True):
                 _save_npz_atomic(os.path.join(cache, f), frames=_compact(events_to_frames(events, T, H, W)))
         samples += [dict(file=f, label=int(label), group=group) for f, label in zip(files, labels)]
     index = dict(version=_FRAMES_VERSION, dataset=name, T=T, size=[H, W], samples=samples)
-    part = index_path + ".part"
+    part = f"{index_path}.{os.getpid()}.part"  # the process's own (see _save_npz_atomic)
     with open(part, "w", encoding="utf-8") as f:
         json.dump(index, f)
     os.replace(part, index_path)
