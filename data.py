@@ -1806,14 +1806,16 @@ CIFAR10DVS_RECIPE = dict(
                                  # rate once per epoch; train.py every update (ours)
     accum_iter=1, clip_grad=None,
     smoothing=0.1,               # timm: smoothed mixup targets + SoftTargetCrossEntropy (the same numbers)
-    mixup=0.5, cutmix=0.0,
+    mixup=0.5, cutmix=0.0,       # timm's Mixup in 'batch' mode, after the per-sample augmentation
     mixup_prob=0.5,              # a batch is mixed with probability 0.5
     mixup_off_epoch=75,          # the official scripts switch mixup off from epoch 75 on
     # No RandAugment, random erasing or crop: the official augmentation of event frames is
     # data.EventAugment (horizontal flip, then one of identity / shear x / translate x, y /
     # rotate / cutout per sample, the same for all its frames), always on in training.
     reprob=0.0, remode="const", crop_padding=0, hflip=0.5,
-    amp="auto",                  # the official runs use AMP (on GPUs; a CPU run says it is ignored)
+    amp="auto",                  # AMP on GPUs (a CPU run says it is ignored). The official runs use fp16
+                                 # with a grad scaler; "auto" picks bf16 where the GPU has it (ours):
+                                 # --amp fp16 for theirs
     seed=2021,                   # the official scripts' seed
     eval_every=1,                # the paper's 84.0 % is the best test accuracy over the epochs
 )
