@@ -1805,6 +1805,8 @@ CIFAR10DVS_RECIPE = dict(
     warmup_prefix=False,         # timm's cosine over epochs 0..96 (see train.lr_at). timm steps the
                                  # rate once per epoch; train.py every update (ours)
     accum_iter=1, clip_grad=None,
+    # (the official scripts pass drop_path_rate=0.1 to the model, whose blocks never apply it:
+    # no stochastic depth, here neither)
     smoothing=0.1,               # timm: smoothed mixup targets + SoftTargetCrossEntropy (the same numbers)
     mixup=0.5, cutmix=0.0,       # timm's Mixup in 'batch' mode, after the per-sample augmentation
     mixup_prob=0.5,              # a batch is mixed with probability 0.5
