@@ -73,11 +73,13 @@ class DatasetSpec:
         fetch(spec, data_dir, download_missing)  make sure the data is on disk
             (download it if allowed) or raise DataError saying where to put it;
             run once, by one process, before any process reads the data.
-        reader(spec, data_dir, train, img_size, subset, augment, download_missing)
+        reader(spec, data_dir, train, img_size, subset, augment, download_missing, **options)
             -> Dataset of (uint8 image (in_channels, H, W), label) pairs: the
             training split with augment's per-image augmentations (an
             Augmentation) or the test split without; subset: keep about N
-            images (None: all).
+            images (None: all); options: the run settings named in
+            spec.options (event data: T and dvs_split; its samples are float
+            event counts (T, in_channels, H, W)).
 
     Use them through the methods prepare(), build() and class_names_from().
     """
