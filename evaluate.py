@@ -804,7 +804,7 @@ def run_evaluation(args) -> dict:
     # another size with a DataError, before reading any file).
     # Event data: frames for the model's T, and the test part of the training run's split.
     saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    options = dict(T=cfg.T, dvs_split=args.dvs_split or saved.get("dvs_split"))
+    options = dict(T=cfg.T, dvs_split=args.dvs_split or saved.get("dvs_split") or "official")
     test_set = data.build_test_set(args.dataset, args.data_dir, img_size=cfg.img_size,
                                    test_subset=args.limit, download_missing=False, **options)
     loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers)
@@ -828,6 +828,7 @@ def run_evaluation(args) -> dict:
                    images=results["images"], T=cfg.T, top1=results["top1"], top5=results["top5"],
                    top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
                    official_quirks=cfg.official_quirks, input_kind=spec.input_kind,
+                   data_options={k: options[k] for k in spec.options},   # event data: T and split
                    input_counting=EVENT_INPUT_NOTE if events else ENERGY_NOTES[2],
                    firing_rates=rates, stage_firing_rates=stage_firing_rates(recorder),
                    table4=table4(model, recorder), input_rates=recorder.input_rates(),

@@ -614,3 +614,24 @@ def test_dvs_options_that_do_not_apply_are_refused(tmp_path, capsys, extra, mess
         train.main(["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--batch-size", "2",
                     "--output", str(tmp_path / "run")] + NARROW + extra)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_evaluate_uses_the_split_the_checkpoint_was_trained_with(tmp_path):
+    import evaluate
+    write_cifar10dvs_tree(tmp_path / "data", per_class=11, events=30)
+    model = create_model("cifar10dvs", embed_dim=32, T=2)
+    path = tmp_path / "random.pt"
+    import dataclasses
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
+                "args": {"dvs_split": "random"}}, path)
+    common = ["--checkpoint", str(path), "--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"),
+              "--device", "cpu", "--pictures", "0", "--batch-size", "10"]
+    losses = []
+    for extra, split in (([], "random"), (["--dvs-split", "official"], "official")):
+        out = tmp_path / split
+        assert evaluate.main(common + extra + ["--output", str(out)]) == 0
+        with open(out / "metrics.json") as f:
+            m = json.load(f)
+        assert m["data_options"] == {"T": 2, "dvs_split": split} and m["images"] == 10
+        losses.append(m["loss"])
+    assert losses[0] != losses[1]            # other test recordings
