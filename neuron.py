@@ -268,7 +268,8 @@ def make_neuron(kind: str, v_threshold: float, tau: float = 2.0, alpha: float = 
 # through time); CompiledOrEager, which runs such a kernel torch.compile'd or eagerly
 # (set_backend); TimeByNeurons, the (T, M) layout the kernels see; LIFFunction / lif_fast
 # and PLIFFunction / plif_fast, the autograd nodes with hand-written backward passes; the
-# fused batch norm + LIF of training (BatchNormLIF, batch_norm_lif); apply_memory_policy.
+# fused batch norm + LIF of training (BatchNormLIF, batch_norm_lif); the device settings
+# (autocast_dtype, apply_device_settings); apply_memory_policy.
 # ========================================================================================
 
 def lif_membrane(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> list:
@@ -615,6 +616,59 @@ def batch_norm_lif(x_seq: torch.Tensor, bn: nn.BatchNorm2d, lif: LIFNode) -> tor
     gradients and running statistics as bn, then lif, run one after the other."""
     T = x_seq.shape[0]
     return BatchNormLIF.apply(x_seq.flatten(0, 1), bn.weight, bn.bias, bn, lif, T)
+
+
+# ----------------------------------------------------------------------------------------
+# Process-wide device settings: mixed precision and the GPU's fast paths (called by the
+# entry scripts, so that train.py, evaluate.py and benchmark.py follow one rule)
+
+AMP_CHOICES = ("off", "auto", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast should use on `device` for the --amp choice `amp`, or None
+    for no autocast.
+
+        "off"    None everywhere.
+        "bf16"   torch.bfloat16 on a GPU.
+        "fp16"   torch.float16 on a GPU; it needs a torch.amp.GradScaler in training (fp16's
+                 narrow range rounds small gradients to zero without loss scaling).
+        "auto"   bf16 where the GPU computes it natively (compute capability 8.0 and newer:
+                 Ampere, Hopper, ...; ROCm), else fp16. Older GPUs emulate bf16 slowly.
+    On any device other than CUDA the answer is None for every choice: mixed precision is
+    used on GPUs only (the CPU's bf16 autocast is slower than fp32 on most CPUs and not
+    what the official runs used). A caller that was asked for something else tells the
+    user that it was ignored (`amp != "off" and autocast_dtype(...) is None`).
+    """
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "auto":
+        # device.index None: the current device (an int keeps torch.cuda.device from
+        # initialising CUDA just to resolve it).
+        with torch.cuda.device(-1 if device.index is None else device.index):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        amp = "bf16" if native else "fp16"
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def apply_device_settings(device: torch.device, fast: bool = True):
+    """The GPU's fast but not bit-stable settings, on (fast=True, for training, evaluation
+    and benchmarks) or off (fast=False, for comparisons that must be reproducible to the
+    bit, such as parity tests against the CPU). On CUDA:
+      * torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms at the first
+        call of each shape and keeps the fastest; results may differ in the last bits from
+        run to run.
+      * TF32 for float32 matrix products and convolutions (Ampere and newer; the flags have
+        no effect on older GPUs): a 10-bit mantissa in the products, fp32 accumulation.
+    Process-wide; nothing happens for other devices (the CPU has no such settings).
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
 
 
 # ----------------------------------------------------------------------------------------

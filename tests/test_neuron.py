@@ -311,3 +311,50 @@ def test_importing_changes_no_process_setting():
     root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], cwd=root or ".", capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Device settings (neuron.py part 2): the one rule train.py, evaluate.py and benchmark.py use
+
+def test_autocast_dtype_rule(monkeypatch):
+    from neuron import autocast_dtype
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amp in ("off", "auto", "bf16", "fp16"):
+        assert autocast_dtype(cpu, amp) is None           # GPUs only; the caller says so
+    assert autocast_dtype(cuda, "off") is None
+    assert autocast_dtype(cuda, "bf16") is torch.bfloat16
+    assert autocast_dtype(cuda, "fp16") is torch.float16
+    asked = []
+
+    def native_only(including_emulation=True):            # "auto" must ask for native bf16
+        asked.append(including_emulation)
+        return supported
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", native_only)
+    supported = True                                      # Ampere and newer
+    assert autocast_dtype(cuda, "auto") is torch.bfloat16
+    supported = False                                     # Volta, Turing: fp16 + GradScaler
+    assert autocast_dtype(cuda, "auto") is torch.float16
+    assert asked == [False, False]
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        autocast_dtype(cpu, "fp8")
+
+
+def test_apply_device_settings_touches_only_cuda(monkeypatch):
+    from neuron import apply_device_settings
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        apply_device_settings(torch.device("cpu"), fast=True)
+        apply_device_settings(torch.device("cpu"), fast=False)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32) == flags
+        # The flags themselves exist without a GPU: check what CUDA would get.
+        apply_device_settings(torch.device("cuda"), fast=True)
+        assert (torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+                and torch.backends.cudnn.allow_tf32)
+        apply_device_settings(torch.device("cuda", 1), fast=False)
+        assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32
+                    or torch.backends.cudnn.allow_tf32)
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
