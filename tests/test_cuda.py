@@ -76,7 +76,7 @@ def test_lif_on_cuda_equals_reference_on_cpu(backend, tau):
     assert torch.allclose(gx.cpu(), gr, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
     """float32: the same spikes, exactly; bf16 (computed in float32 on both, see neuron.py):
     at most 1e-4 of the spikes differ (none expected). Gradients to float rounding."""
@@ -239,7 +239,7 @@ def _small_model(seed=0, **overrides):
     return create_model("cifar10", **{**settings, **overrides})
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dtypes_under_autocast(dtype):
     """Under autocast: spikes in the activations' half dtype, logits in it too, the input's
     gradient in float32 (the input is float32), every parameter's gradient in float32."""
