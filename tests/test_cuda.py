@@ -42,9 +42,18 @@ CUDA = torch.device("cuda")
 BF16_RTOL = 2 ** -6
 
 
+def _fresh_compiler():
+    """Forget what torch.compile compiled before: each setting (tau, threshold), dtype and
+    T compiles a kernel of its own, and past the compiler's recompile limit it would run the
+    rest eagerly (the kernels then say "eager"; the tests of this file ask for "compiled")."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(params=["eager", "compiled"])
 def backend(request):
     previous = neuron.get_backend()
+    if request.param == "compiled":
+        _fresh_compiler()
     neuron.set_backend(request.param)
     yield request.param
     neuron.set_backend(previous)
@@ -205,6 +214,8 @@ def test_golden_parity_on_cuda(name, kernels, exact):
     if not os.path.exists(path):
         pytest.skip(f"no golden file {os.path.basename(path)}")
     previous = neuron.get_backend()
+    if kernels == "compiled":
+        _fresh_compiler()
     neuron.set_backend(kernels)
     try:
         golden, config, x = _golden_case(name)

@@ -481,3 +481,22 @@ def test_compiled_or_eager_reports_what_ran_per_device_and_dtype(backend_set):
     kernel.compiled = lambda x: x * 2   # the compiler ran it eagerly, without an error
     kernel(x)
     assert kernel.used == "eager"
+
+
+def test_compiler_running_eagerly_is_reported(backend_set, monkeypatch):
+    """Past its recompile limit torch.compile runs a function eagerly without an error: the
+    kernel then says "eager", and keeps "compiled" for what did compile."""
+    import torch._dynamo
+    import neuron
+    backend_set("auto")
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    try:
+        x = torch.randn(3, 50) + 0.8
+        LIFNode()(x)
+        assert neuron.lif_spikes_kernel.used == "compiled"
+        LIFNode()(x.double())                       # another dtype: a second compile, refused
+        assert neuron.lif_spikes_kernel.used == "eager"
+        assert neuron.lif_spikes_kernel.state == {(x.device, torch.float32): "compiled"}
+    finally:
+        torch._dynamo.reset()
