@@ -249,10 +249,9 @@ def data_phase(args) -> dict:
 def model_facts(args) -> dict:
     """Parameters, FLOPs per image (forward, all T steps) and the firing rate on random input.
 
-    The model here runs its neurons on their reference loops: FlopCounterMode intercepts every
-    operation, and a torch.compile'd kernel whose first call happens under it is marked by
-    the compiler as one to skip for good, so the timed phases (on a GPU, in this process)
-    would run eagerly. The reference loops give the same spikes without compiled kernels."""
+    The model here runs its neurons on their reference loops (the same spikes): FlopCounterMode
+    intercepts every operation, and nothing compiled should run under it (neuron.CompiledOrEager
+    also refuses to compile under such a mode, which the compiler would remember for good)."""
     model = build(args).eval()
     use_reference_loops(model)
     cfg = model.config
