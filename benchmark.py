@@ -1,7 +1,9 @@
-"""Speed and memory of QKFormer: training and inference images per second, peak memory.
+"""Speed and memory of QKFormer: training and inference images per second, peak memory;
+and how fast the training data loader delivers images.
 
     python benchmark.py --model cifar10 --batch-size 16 --T 4 --device cpu
     python benchmark.py --model imagenet_10_384 --batch-size 128 --device cuda --amp
+    python benchmark.py --phases data --dataset cifar10 --data-dir data --batch-size 64
 
 Measures, for one preset, batch size and T on one device:
   * training: forward, cross-entropy, backward and an AdamW step, in train mode;
@@ -13,13 +15,24 @@ and the peak memory: on the CPU the peak resident memory of a fresh process per 
 Results are printed and written as JSON (`--output`). Inputs are random images: the
 cost of a step does not depend on the pixel values, only on how many neurons spike,
 which random inputs exercise at rates close to trained networks (printed alongside).
+The device is set up as train.py sets it up: mixed precision by the same rule
+(`--amp`: neuron.autocast_dtype), cuDNN autotuning and TF32 on a GPU unless --no-tf32
+(neuron.apply_device_settings).
+
+The data phase (`--phases data`, or add it to train,inference) reads the training split
+of --dataset with its official recipe's per-image augmentations (RandAugment included)
+through train.py's DataLoader (data.make_loader), for each worker count of
+--data-workers, and reports images per second: a GPU that trains faster than its
+loader delivers waits for data.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
 NeurIPS 2024. The FLOP count uses torch.utils.flop_counter (2 FLOPs per multiply-add).
 """
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -29,8 +42,12 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from neuron import SpikingNeuron, apply_memory_policy
+import data
+from neuron import (AMP_CHOICES, SpikingNeuron, apply_device_settings, apply_memory_policy,
+                    autocast_dtype)
 from qkformer import PRESETS, create_model, fold_batchnorm
+
+PHASES = ("train", "inference", "data")
 
 
 def parse_args(argv=None):
@@ -40,10 +57,24 @@ def parse_args(argv=None):
     p.add_argument("--T", type=int, default=None, help="time steps (default: the preset's)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=AMP_CHOICES,
+                   help="mixed precision on GPU, as train.py: --amp alone picks bf16 where the GPU "
+                        "computes it natively (Ampere and newer), else fp16 (with a grad scaler)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: cuDNN autotuning and TF32 matrix products, as train.py (--no-tf32: "
+                        "bit-stable float32)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--phases", default="train,inference", help="comma-separated subset")
+    p.add_argument("--phases", default="train,inference",
+                   help=f"comma-separated, of {', '.join(PHASES)}")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(data.DATASETS),
+                   help="data phase: the dataset whose training loader is timed")
+    p.add_argument("--data-dir", default="data", help="data phase: the folder holding it")
+    p.add_argument("--data-workers", default=None,
+                   help="data phase: comma-separated worker counts (default: 0, 1, 2, 4, ... up "
+                        "to the CPUs this process may use)")
+    p.add_argument("--data-batches", type=int, default=10,
+                   help="data phase: batches timed per worker count (after the first)")
     p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="training on the CPU: return freed activation memory to the system, as "
                         "train.py does by default (neuron.apply_memory_policy)")
@@ -55,9 +86,35 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but PyTorch sees no GPU here; use --device cpu")
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.data_batches < 1:
+        p.error("--batch-size, --steps and --data-batches must be >= 1, --warmup >= 0")
+    args.phases = args.phases.split(",")
+    unknown = [ph for ph in args.phases if ph not in PHASES]
+    if unknown:
+        p.error(f"unknown phase {unknown[0]!r}: use {', '.join(PHASES)}")
+    try:
+        args.data_workers = (default_worker_counts() if args.data_workers is None
+                             else [int(w) for w in args.data_workers.split(",")])
+    except ValueError:
+        p.error(f"--data-workers must be comma-separated numbers, got {args.data_workers!r}")
+    if any(w < 0 for w in args.data_workers):
+        p.error("--data-workers must be >= 0")
     return args
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a job scheduler or
+    taskset gave it), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_worker_counts() -> list:
+    """0 (the main process loads), then 1, 2, 4, ... up to the usable CPUs."""
+    counts, w = [0], 1
+    while w < usable_cpus():
+        counts.append(w)
+        w *= 2
+    return counts + [usable_cpus()]
 
 
 def build(args):
@@ -89,11 +146,13 @@ def run_phase(args, phase: str) -> dict:
     apply_memory_policy(return_freed_memory=phase == "train" and args.low_memory)
     torch.manual_seed(0)
     device = args.device
+    amp_dtype = autocast_dtype(torch.device(device), args.amp)
+    apply_device_settings(torch.device(device), fast=args.tf32)
     model = build(args).to(device)
     cfg = model.config
     x = torch.randn(args.batch_size, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp)
+    autocast = torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -101,13 +160,16 @@ def run_phase(args, phase: str) -> dict:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.06)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+        # fp16 needs loss scaling, as in train.py (bf16 has float32's range: no scaler).
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype == torch.float16)
 
         def step():
             with autocast:
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     else:
         model = fold_batchnorm(model.eval())
 
@@ -154,13 +216,42 @@ def measure(args, phase: str) -> dict:
     return result
 
 
+def data_phase(args) -> dict:
+    """Images per second of the training loader of --dataset, per worker count: its
+    official recipe's per-image augmentations (data.DATASETS[...].recipe), batches of
+    --batch-size through data.make_loader, as train.py builds them. The first batch of
+    each count is not timed (it includes starting the workers)."""
+    spec = data.get_dataset(args.dataset)
+    recipe = spec.recipe
+    augment = data.Augmentation(recipe.get("crop_padding", 0), recipe.get("hflip", 0.5),
+                                recipe.get("aa", "none"))
+    needed = args.batch_size * (args.data_batches + 1)
+    train_set = spec.build(args.data_dir, True, args.img_size or recipe.get("img_size"),
+                           needed, augment, download_missing=False)
+    if len(train_set) < needed:
+        raise data.DataError(f"the data phase needs {needed} training images "
+                             f"(--batch-size x (--data-batches + 1)); {args.data_dir} has {len(train_set)}")
+    results = {}
+    for workers in args.data_workers:
+        loader = data.make_loader(train_set, args.batch_size, train=True, workers=workers)
+        batches = iter(loader)
+        next(batches)                                    # workers start, first batch
+        start = time.perf_counter()
+        for _ in range(args.data_batches):
+            next(batches)
+        seconds = time.perf_counter() - start
+        del batches
+        results[str(workers)] = args.batch_size * args.data_batches / seconds
+    return {"dataset": args.dataset, "augmentation": dataclasses.asdict(augment),
+            "images": len(train_set), "images_per_s_by_workers": results}
+
+
 def model_facts(args) -> dict:
     """Parameters, FLOPs per image (forward, all T steps) and the firing rate on random input.
 
-    The model here runs its neurons on their reference loops: FlopCounterMode intercepts every
-    operation, and a torch.compile'd kernel whose first call happens under it is marked by
-    the compiler as one to skip for good, so the timed phases (on a GPU, in this process)
-    would run eagerly. The reference loops give the same spikes without compiled kernels."""
+    The model here runs its neurons on their reference loops (the same spikes): FlopCounterMode
+    intercepts every operation, and nothing compiled should run under it (neuron.CompiledOrEager
+    also refuses to compile under such a mode, which the compiler would remember for good)."""
     model = build(args).eval()
     use_reference_loops(model)
     cfg = model.config
@@ -185,24 +276,47 @@ def model_facts(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    facts = model_facts(args)
+    device = torch.device(args.device)
+    amp_dtype = autocast_dtype(device, args.amp)
+    if args.amp != "off" and amp_dtype is None:
+        print(f"note: --amp {args.amp} ignored: mixed precision is used on GPUs only")
     report = {"model": args.model, "batch_size": args.batch_size, "device": args.device,
-              "device_name": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+              "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                               else f"CPU, {torch.get_num_threads()} threads"),
-              "amp_bf16": args.amp, "reference_neuron": args.reference_neuron,
-              "low_memory": args.low_memory,
-              "torch": torch.__version__, **facts}
-    print(f"{args.model}: {facts['parameters']:,} parameters, T={facts['T']}, "
-          f"{facts['img_size']}px, {facts['forward_GFLOP_per_image']:.2f} GFLOP per image (forward)")
-    for phase in args.phases.split(","):
-        if phase not in ("train", "inference"):
-            sys.exit(f"error: unknown phase {phase!r}: use train and/or inference")
+              "amp": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off"),
+              "tf32": args.tf32 and device.type == "cuda", "reference_neuron": args.reference_neuron,
+              "low_memory": args.low_memory, "usable_cpus": usable_cpus(), "torch": torch.__version__}
+    if "train" in args.phases or "inference" in args.phases:
+        facts = model_facts(args)
+        report.update(facts)
+        print(f"{args.model}: {facts['parameters']:,} parameters, T={facts['T']}, "
+              f"{facts['img_size']}px, {facts['forward_GFLOP_per_image']:.2f} GFLOP per image "
+              f"(forward); amp {report['amp']}")
+    for phase in args.phases:
+        if phase == "data":
+            try:
+                result = data_phase(args)
+            except data.DataError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            report[phase] = result
+            print(f"data: the {args.dataset} training loader, its recipe's augmentations "
+                  f"{result['augmentation']}, batches of {args.batch_size}")
+            for workers, rate in result["images_per_s_by_workers"].items():
+                each = f"({rate / int(workers):.1f} per worker)" if int(workers) else "(main process)"
+                print(f"{workers:>4} workers: {rate:8.1f} images/s {each}")
+            continue
         result = measure(args, phase)
         report[phase] = result
-        flops = facts["forward_GFLOP_per_image"] * (3 if phase == "train" else 1)
+        flops = report["forward_GFLOP_per_image"] * (3 if phase == "train" else 1)
         print(f"{phase:>9}: {result['images_per_s']:8.2f} images/s   "
               f"({result['images_per_s'] * flops:6.1f} GFLOP/s)   "
               f"peak memory {result['peak_memory_GB']:.2f} GB")
+    if "train" in report and "data" in report:
+        best = max(report["data"]["images_per_s_by_workers"].items(), key=lambda kv: kv[1])
+        verdict = "keeps up with" if best[1] >= report["train"]["images_per_s"] else "is slower than"
+        print(f"the loader ({best[1]:.1f} images/s with {best[0]} workers) {verdict} training "
+              f"({report['train']['images_per_s']:.1f} images/s)")
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.output}")

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import data
 import qkformer
-from neuron import SpikingNeuron, apply_memory_policy
+from neuron import (AMP_CHOICES, SpikingNeuron, apply_device_settings, apply_memory_policy,
+                    autocast_dtype)
 from qkformer import QKAttention, SpikeAttention
 
 # Energy per operation on a 45 nm chip (Horowitz 2014), as the paper uses them (Appendix 6.6).
@@ -239,12 +240,14 @@ def table4(model: nn.Module, recorder: SpikeRecorder) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=None,
-             limit=None, total=None, desc="evaluate"):
+             limit=None, total=None, desc="evaluate", amp_dtype=None):
     """Run `model` over an iterable of (images, labels) batches and measure everything.
 
     prepare: optional function applied to each image batch on the device (e.g. turning
              uint8 pixels into normalised floats).
     limit:   stop after this many images (the last batch is cut).
+    amp_dtype: run the model under autocast with this dtype (neuron.autocast_dtype), or
+             None for float32.
     Returns (results, recorder): results holds images, top1, top5 (percent), loss (mean
     cross-entropy) and the confusion matrix (rows: true class, columns: predicted class); the
     recorder holds the spike and input counts. Counts stay on the device until the end.
@@ -265,7 +268,9 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
             images, labels = images.to(device), torch.as_tensor(labels).to(device)
             if prepare is not None:
                 images = prepare(images)
-            logits = model(images)
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype,
+                                enabled=amp_dtype is not None):
+                logits = model(images)
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"the model predicts {logits.shape[-1]} classes but the data has "
                                  f"{num_classes}")
@@ -752,9 +757,17 @@ def build_parser():
     p.add_argument("--limit", type=int, help="evaluate only N test images (spread evenly over the "
                                              "test set, as data.py picks them)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data loading processes")
+    p.add_argument("--workers", type=int, help="data loading processes (default: 0 on the CPU, "
+                                               "where the model needs every core; on a GPU one per "
+                                               "CPU this process may use, at most 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
+    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=AMP_CHOICES,
+                   help="mixed precision on GPU, as train.py: --amp alone picks bf16 where the GPU "
+                        "computes it natively (Ampere and newer), else fp16")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: cuDNN autotuning and TF32 matrix products, as train.py (--no-tf32: "
+                        "bit-stable float32)")
     p.add_argument("--T", type=int, help="evaluate with this many time steps instead of the "
                                          "checkpoint's (the paper's Table 7 / Table 2 T=1 rows)")
     p.add_argument("--dvs-split", choices=data.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
@@ -779,12 +792,31 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def default_workers(device: torch.device) -> int:
+    """Loader processes: none on the CPU (the model needs every core, and preparing a test
+    image is about 1 % of its cost there); on a GPU, which waits for data unless workers
+    prepare the next batches meanwhile, one per CPU this process may use (its affinity
+    mask), at most 8. The rule of train.py."""
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
+
+
 def run_evaluation(args) -> dict:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     device = check_device(args.device)
+    amp_dtype = autocast_dtype(device, args.amp)
+    if args.amp != "off" and amp_dtype is None:
+        print(f"note: --amp {args.amp} ignored: mixed precision is used on GPUs only")
+    apply_device_settings(device, fast=args.tf32)
+    if args.workers is None:
+        args.workers = default_workers(device)
     spec = data.get_dataset(args.dataset)
     checkpoint = qkformer.load_checkpoint(args.checkpoint)
     overrides = {} if args.T is None else dict(T=args.T)
@@ -814,7 +846,7 @@ def run_evaluation(args) -> dict:
         return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))
 
     results, recorder = evaluate(model, loader, cfg.num_classes, device, prepare,
-                                 limit=args.limit, total=len(loader))
+                                 limit=args.limit, total=len(loader), amp_dtype=amp_dtype)
     rates = recorder.firing_rates()
     # After the evaluation: the FLOP count runs the neurons' reference loops (layer_macs).
     events = spec.input_kind == "event counts"

@@ -38,8 +38,21 @@ The file has two parts.
      classes call it, or the fast path of part 2, which computes the same numbers.
   2. Speed machinery: the same loops with hand-written backward passes that store only
      what the backward needs, run as torch.compile'd kernels; batch norm fused into the
-     neuron for training; the process's memory policy. Tests check that part 2 gives the
-     same spikes and gradients as part 1.
+     neuron for training; the process's device and memory settings. Tests check that
+     part 2 gives the same spikes and gradients as part 1.
+
+Precision, one rule for every path (reference loops, eager and compiled kernels, training
+and evaluation, the fused batch norm, the attention neurons): the neuron computes in
+float32 at least. A bf16 or fp16 input (what autocast gives) is widened to float32; the
+membrane potential, the spike decision and the backward pass are float32; the spikes (0
+and 1, exact in every dtype) and the input's gradient come back in the input's dtype.
+float32 and float64 inputs are computed in their own dtype, without a copy.
+"The same" below means: on one device, the fast path gives exactly the reference loop's
+spikes (tested in float32 and float64, on the CPU and on CUDA) and its gradients up to
+float rounding (the hand-written backward adds in another order). Across devices, and
+between compiled and eager code, the arithmetic may be ordered or fused differently (a
+GPU does a multiply-add in one rounding), so H can differ in its last bit and a spike can
+flip where H lies that close to V_th: rare in float32, not seen in float64 in the tests.
 """
 import ctypes
 import math
@@ -49,6 +62,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 # ========================================================================================
@@ -63,6 +77,13 @@ def sigmoid_surrogate_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """d/dx sigmoid(alpha * x) = alpha * sigmoid(alpha x) * (1 - sigmoid(alpha x))."""
     sg = torch.sigmoid(alpha * x)
     return alpha * sg * (1.0 - sg)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the neuron computes in for inputs of `dtype`: float32 at least (bf16 and
+    fp16, what autocast gives, widen to float32; float32 and float64 stay as they are).
+    See "Precision" in the docstring of the file."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class _SurrogateHeaviside(torch.autograd.Function):
@@ -82,7 +103,10 @@ class _SurrogateHeaviside(torch.autograd.Function):
 
 def lif_reference(x_seq: torch.Tensor, tau: Optional[float] = 2.0, v_threshold: float = 1.0,
                   alpha: float = 4.0, v_reset: float = 0.0) -> torch.Tensor:
-    """(N1)-(N3) as a plain loop over time (dim 0); tau=None is the IF neuron (no leak)."""
+    """(N1)-(N3) as a plain loop over time (dim 0); tau=None is the IF neuron (no leak).
+    Computes in float32 at least, returns spikes in x_seq's dtype (see "Precision")."""
+    dtype = x_seq.dtype
+    x_seq = x_seq.to(compute_dtype(dtype))                     # bf16/fp16 -> fp32, else as is
     v = torch.full_like(x_seq[0], v_reset)                     # V[-1] = V_reset
     spikes = []
     for x in x_seq:
@@ -94,14 +118,16 @@ def lif_reference(x_seq: torch.Tensor, tau: Optional[float] = 2.0, v_threshold: 
         s_const = s.detach()                                   # detached reset
         v = h * (1.0 - s_const) + v_reset * s_const            # (N3) hard reset
         spikes.append(s)
-    return torch.stack(spikes)
+    return torch.stack(spikes).to(dtype)
 
 
 def plif_reference(x_seq: torch.Tensor, w: torch.Tensor, v_threshold: float = 1.0,
                    alpha: float = 4.0) -> torch.Tensor:
     """The parametric LIF neuron as a plain loop: (N1) with 1/tau = sigmoid(w), written as
     SpikingJelly's ParametricLIFNode computes it; (N2) and (N3) as in `lif_reference`.
-    Autograd differentiates it for x_seq and for w."""
+    Autograd differentiates it for x_seq and for w. Precision as `lif_reference`."""
+    dtype = x_seq.dtype
+    x_seq = x_seq.to(compute_dtype(dtype))                     # bf16/fp16 -> fp32, else as is
     decay = torch.sigmoid(w).to(x_seq.dtype)                   # 1/tau, between 0 and 1
     v = torch.zeros_like(x_seq[0])                             # V[-1] = V_reset = 0
     spikes = []
@@ -110,7 +136,7 @@ def plif_reference(x_seq: torch.Tensor, w: torch.Tensor, v_threshold: float = 1.
         s = _SurrogateHeaviside.apply(h - v_threshold, alpha)  # (N2) fire
         v = h * (1.0 - s.detach())                             # (N3) detached hard reset
         spikes.append(s)
-    return torch.stack(spikes)
+    return torch.stack(spikes).to(dtype)
 
 
 class SpikingNeuron(nn.Module):
@@ -268,12 +294,15 @@ def make_neuron(kind: str, v_threshold: float, tau: float = 2.0, alpha: float = 
 # through time); CompiledOrEager, which runs such a kernel torch.compile'd or eagerly
 # (set_backend); TimeByNeurons, the (T, M) layout the kernels see; LIFFunction / lif_fast
 # and PLIFFunction / plif_fast, the autograd nodes with hand-written backward passes; the
-# fused batch norm + LIF of training (BatchNormLIF, batch_norm_lif); apply_memory_policy.
+# fused batch norm + LIF of training (BatchNormLIF, batch_norm_lif); the device settings
+# (autocast_dtype, apply_device_settings); apply_memory_policy.
 # ========================================================================================
 
 def lif_membrane(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) -> list:
     """Run (N1)-(N3) over all steps (V_reset = 0): the list of H[t], the membrane potential
-    before each reset, one tensor per step; the spikes follow from it by (N2)."""
+    before each reset, one tensor per step, in compute_dtype; the spikes follow from it
+    by (N2)."""
+    x_seq = x_seq.to(compute_dtype(x_seq.dtype))          # no copy for float32 and float64
     v = torch.zeros_like(x_seq[0])                        # V[-1] = 0
     h_steps = []
     for t in range(x_seq.shape[0]):
@@ -286,12 +315,13 @@ def lif_membrane(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) 
 
 
 def lif_fire(h_steps, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
-    """(N2) for every step: S[t] = 1 where H[t] >= V_th."""
+    """(N2) for every step: S[t] = 1 where H[t] >= V_th, in `dtype` (the input's)."""
     return torch.stack([(h >= v_threshold).to(dtype) for h in h_steps])
 
 
 def lif_forward(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float):
-    """The spikes (N2) and H over all steps: all the backward needs."""
+    """The spikes (N2), in x_seq's dtype, and H over all steps, in compute_dtype (the
+    precision the spikes were decided in): all the backward needs."""
     h_steps = lif_membrane(x_seq, tau, v_threshold)
     return lif_fire(h_steps, v_threshold, x_seq.dtype), torch.stack(h_steps)
 
@@ -303,7 +333,8 @@ def lif_spikes(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float) ->
 
 def lif_backward_steps(h_steps, grad_spikes: torch.Tensor, tau: Optional[float],
                        v_threshold: float, alpha: float) -> list:
-    """Backpropagation through time of (N1)-(N3) (see LIFFunction): dL/dX[t], one per step."""
+    """Backpropagation through time of (N1)-(N3) (see LIFFunction): dL/dX[t], one per step,
+    in H's dtype (a bf16 grad_spikes widens to it)."""
     grad_v = torch.zeros_like(h_steps[0])                 # dL/dV[T-1] = 0
     grad_x = []
     for t in range(len(h_steps) - 1, -1, -1):
@@ -322,8 +353,10 @@ def lif_backward_steps(h_steps, grad_spikes: torch.Tensor, tau: Optional[float],
 
 def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[float],
                  v_threshold: float, alpha: float) -> torch.Tensor:
-    """`lif_backward_steps` with H given as one (T, ...) tensor and dL/dX returned as one."""
-    return torch.stack(lif_backward_steps(list(h_seq), grad_spikes, tau, v_threshold, alpha))
+    """`lif_backward_steps` with H given as one (T, ...) tensor and dL/dX returned as one,
+    in grad_spikes' dtype (= the input's: the cast is part of the kernel)."""
+    grad_x = lif_backward_steps(list(h_seq), grad_spikes, tau, v_threshold, alpha)
+    return torch.stack(grad_x).to(grad_spikes.dtype)
 
 
 # The kernels above are loops of small elementwise operations: in eager PyTorch each line
@@ -332,23 +365,30 @@ def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[f
 # Triton on a GPU) that reads each input once and writes each output once. Compiling
 # takes a while once per process (tens of seconds; dynamic shapes: one kernel serves every
 # layer), needs a C++ compiler, and is skipped where it fails. For short sessions
-# (a tutorial, quick experiments) set_backend("eager") skips it: the same results.
+# (a tutorial, quick experiments) set_backend("eager") skips it: the same spikes.
 # The environment variable QKFORMER_LIF, when set, gives the starting backend (the test
 # suite sets it to "eager" for its many short processes); nobody needs it otherwise.
 _BACKEND = os.environ.get("QKFORMER_LIF", "auto")        # "auto", "compiled" or "eager"
 _KERNELS = []                                            # every CompiledOrEager, for set_backend
 
+# The compiler unrolls the loop over time: its work grows with T, and each new T is a new
+# kernel. Sequences longer than this always run eagerly. 16 is the largest T of the presets
+# (the DVS models'); longer ones come from official_quirks, whose SSA neuron runs over
+# T*B steps (T*B = 256 took 100 s to compile on a CPU, and again for every new batch size).
+MAX_COMPILED_STEPS = 16
+
 
 def set_backend(name: str):
     """Choose how the kernels of part 2 run: "eager" (plain PyTorch), "compiled"
     (torch.compile, error if it fails) or "auto" (the default: compiled, eager where
-    compiling fails). All three give the same results."""
+    compiling fails). Either way, sequences of more than MAX_COMPILED_STEPS steps and calls
+    under a dispatch mode (FlopCounterMode) run eagerly. All give the same spikes."""
     global _BACKEND
     if name not in ("auto", "compiled", "eager"):
         raise ValueError(f"LIF backend must be 'auto', 'compiled' or 'eager', got {name!r}")
     _BACKEND = name
     for kernel in _KERNELS:
-        kernel.compiled, kernel.used = None, None
+        kernel.reset()
 
 
 def get_backend() -> str:
@@ -357,31 +397,71 @@ def get_backend() -> str:
 
 
 class CompiledOrEager:
-    """A function of whole tensors, run as one torch.compile'd kernel or eagerly, as the
-    backend says (see set_backend). Both give the same results; `used` tells which ran."""
+    """A function of whole tensors (time first), run as one torch.compile'd kernel or
+    eagerly, as the backend says (see set_backend).
+
+    Compiled and eager compute the same spikes (exactly, in every dtype: both follow the
+    precision rule of the file); gradients agree up to float rounding, because the compiler
+    may reorder the arithmetic. Whether compiling works is kept per (device, dtype) in
+    `state`: a compiler that fails for CUDA leaves the CPU compiled. `used` tells what ran
+    at the last call, "compiled" only if the compiled code itself ran: torch.compile can
+    also run a function eagerly without an error (its recompile limit, or frames it
+    decided to skip), which counts as "eager" here.
+    """
 
     def __init__(self, fn):
-        self.fn, self.compiled, self.used = fn, None, None
+        self.fn = fn
+        self.reset()
         _KERNELS.append(self)
 
+    def reset(self):
+        self.compiled, self.used, self.state = None, None, {}
+        self._ran_compiled = False
+
+    def _compiler(self, graph, example_inputs):
+        """torch.compile's backend: inductor (the default backend), with a note each time
+        the compiled code runs."""
+        from torch._inductor.compile_fx import compile_fx
+        inner = compile_fx(graph, example_inputs)
+
+        def run(*args):
+            self._ran_compiled = True
+            return inner(*args)
+        run._boxed_call = getattr(inner, "_boxed_call", False)   # same calling convention
+        return run
+
+    def _eager(self, args):
+        self.used = "eager"
+        return self.fn(*args)
+
     def __call__(self, *args):
-        if _BACKEND == "eager" or self.used == "eager":
-            self.used = "eager"
-            return self.fn(*args)
+        x = args[0]
+        key = (x.device, x.dtype)
+        if (_BACKEND == "eager" or x.shape[0] > MAX_COMPILED_STEPS
+                or self.state.get(key) == "eager" or torch.compiler.is_compiling()):
+            return self._eager(args)
+        # Under a dispatch mode (FlopCounterMode, ...) the compiler would mark the function
+        # as one to skip for good, and every later call would run eagerly.
+        if is_in_torch_dispatch_mode():
+            return self._eager(args)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
-        if self.used == "compiled":                      # compiled and ran before: no fallback
-            return self.compiled(*args)
-        try:                                             # the first call compiles
+            self.compiled = torch.compile(self.fn, dynamic=True, backend=self._compiler)
+        self._ran_compiled = False
+        try:
             out = self.compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:
             if _BACKEND == "compiled":
                 raise
-            warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}); "
-                          f"running it eagerly (slower, same results)")
-            self.used = "eager"
-            return self.fn(*args)
-        self.used = "compiled"
+            warnings.warn(f"torch.compile of {self.fn.__name__} failed on {x.device.type} "
+                          f"for {x.dtype} ({type(e).__name__}); running it eagerly there "
+                          f"(slower, same spikes)")
+            self.state[key] = "eager"
+            return self._eager(args)
+        self.used = "compiled" if self._ran_compiled else "eager"
+        if self.used == "compiled":
+            self.state[key] = "compiled"
         return out
 
 
@@ -423,7 +503,9 @@ class LIFFunction(torch.autograd.Function):
 
     Autograd on the reference loop records about ten tensors per step. The backward
     below needs only H[t] (for the surrogate and for 1 - S[t]), so that is all the
-    forward saves; the spikes are recomputed from H in the backward.
+    forward saves; the spikes are recomputed from H in the backward. H is saved in the
+    dtype it was computed in (float32 for a bf16 input, see "Precision"), so that the
+    backward sees the very spikes the forward decided.
 
     Backward through time, with gS[t] = dL/dS[t] arriving from the layers above and
     gV[t] = dL/dV[t] arriving from step t+1 (zero after the last step):
@@ -461,19 +543,23 @@ def lif_fast(x_seq: torch.Tensor, tau: Optional[float], v_threshold: float,
 
 
 def plif_forward(x_seq: torch.Tensor, decay: torch.Tensor, v_threshold: float):
-    """PLIF's (N1)-(N3) over all steps, 1/tau = decay: the spikes and H, for the backward."""
+    """PLIF's (N1)-(N3) over all steps, 1/tau = decay (in compute_dtype): the spikes, in
+    x_seq's dtype, and H, in compute_dtype, for the backward."""
+    dtype = x_seq.dtype
+    x_seq = x_seq.to(compute_dtype(dtype))
     v = torch.zeros_like(x_seq[0])
     h_steps = []
     for t in range(x_seq.shape[0]):
         h = v + (x_seq[t] - v) * decay                    # (N1), as plif_reference
         h_steps.append(h)
         v = torch.where(h < v_threshold, h, 0.0)          # (N2)-(N3)
-    return lif_fire(h_steps, v_threshold, x_seq.dtype), torch.stack(h_steps)
+    return lif_fire(h_steps, v_threshold, dtype), torch.stack(h_steps)
 
 
 def plif_backward(x_seq: torch.Tensor, h_seq: torch.Tensor, grad_spikes: torch.Tensor,
                   decay: torch.Tensor, v_threshold: float, alpha: float):
-    """Backpropagation through time of PLIF (see PLIFFunction): dL/dX and dL/d(decay)."""
+    """Backpropagation through time of PLIF (see PLIFFunction): dL/dX, in x_seq's dtype,
+    and dL/d(decay), computed in H's dtype."""
     grad_v = torch.zeros_like(h_seq[0])                   # dL/dV[T-1] = 0
     grad_decay = torch.zeros((), dtype=h_seq.dtype, device=h_seq.device)
     grad_x = []
@@ -486,7 +572,7 @@ def plif_backward(x_seq: torch.Tensor, h_seq: torch.Tensor, grad_spikes: torch.T
         grad_decay = grad_decay + (grad_h * (x_seq[t] - v_prev)).sum()   # dH/d(decay) = X - V
         grad_x.append(grad_h * decay)
         grad_v = grad_h * (1.0 - decay)
-    return torch.stack(grad_x[::-1]), grad_decay
+    return torch.stack(grad_x[::-1]).to(x_seq.dtype), grad_decay
 
 
 class PLIFFunction(torch.autograd.Function):
@@ -517,17 +603,24 @@ class PLIFFunction(torch.autograd.Function):
 def plif_fast(x_seq: torch.Tensor, w: torch.Tensor, v_threshold: float,
               alpha: float) -> torch.Tensor:
     """The same spikes and gradients as `plif_reference`, through PLIFFunction."""
-    return PLIFFunction.apply(x_seq, torch.sigmoid(w).to(x_seq.dtype), v_threshold, alpha)
+    decay = torch.sigmoid(w).to(compute_dtype(x_seq.dtype))
+    return PLIFFunction.apply(x_seq, decay, v_threshold, alpha)
 
 
 # ----------------------------------------------------------------------------------------
 # Batch norm and neuron fused, for training (SpikingNeuron.forward with norm=batch norm)
 
+def bn_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """BN(Y) as the per-channel affine map y * scale + shift (the form PyTorch's own CPU
+    batch norm computes), in float32 at least, rounded to Y's dtype: what nn.BatchNorm2d
+    hands to the neuron when the two run as separate layers (under autocast: bf16/fp16)."""
+    return (y * scale + shift).to(y.dtype)
+
+
 def bn_lif_forward(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                    tau: Optional[float], v_threshold: float) -> torch.Tensor:
-    """SN(BN(Y)) for Y of shape (T, P, C): batch norm as the per-channel affine map
-    y * scale + shift (the form PyTorch's own CPU batch norm computes), then (N1)-(N3)."""
-    return lif_fire(lif_membrane(y * scale + shift, tau, v_threshold), v_threshold, y.dtype)
+    """SN(BN(Y)) for Y of shape (T, P, C): `bn_affine`, then (N1)-(N3)."""
+    return lif_fire(lif_membrane(bn_affine(y, scale, shift), tau, v_threshold), v_threshold, y.dtype)
 
 
 def bn_lif_backward(y, grad_spikes, mean, invstd, scale, shift, tau: Optional[float],
@@ -539,9 +632,10 @@ def bn_lif_backward(y, grad_spikes, mean, invstd, scale, shift, tau: Optional[fl
         dL/dY = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))   batch statistics
         dL/dY = gamma * invstd * g                                        running statistics
     The two extra terms of the first line are the gradient through the batch mean and
-    variance, which depend on Y.
+    variance, which depend on Y. Computed in float32 at least; dL/dY is returned in Y's
+    dtype, dL/dgamma and dL/dbeta in the parameters' (scale's).
     """
-    h_steps = lif_membrane(y * scale + shift, tau, v_threshold)
+    h_steps = lif_membrane(bn_affine(y, scale, shift), tau, v_threshold)
     g = lif_backward_steps(h_steps, grad_spikes, tau, v_threshold, alpha)   # T tensors (P, C)
     xhat = [(y[t] - mean) * invstd for t in range(len(g))]
     grad_shift = sum(g).sum(dim=0)                         # over the steps, then over P
@@ -549,7 +643,8 @@ def bn_lif_backward(y, grad_spikes, mean, invstd, scale, shift, tau: Optional[fl
     if batch_stats:
         n = y.shape[0] * y.shape[1]
         g = [g_t - grad_shift / n - x_t * (grad_weight / n) for g_t, x_t in zip(g, xhat)]
-    return torch.stack([g_t * scale for g_t in g]), grad_weight, grad_shift
+    grad_y = torch.stack([g_t * scale for g_t in g]).to(y.dtype)
+    return grad_y, grad_weight.to(scale.dtype), grad_shift.to(scale.dtype)
 
 
 bn_lif_forward_kernel = CompiledOrEager(bn_lif_forward)
@@ -562,7 +657,7 @@ def batch_norm_statistics(bn: nn.BatchNorm2d, y: torch.Tensor):
     if not bn.training and bn.running_mean is not None:
         return bn.running_mean, bn.running_var, False
     if bn.running_mean is None:                                  # track_running_stats=False
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        var, mean = torch.var_mean(y.to(compute_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
         return mean, var, True
     bn.num_batches_tracked.add_(1)
     momentum = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
@@ -615,6 +710,59 @@ def batch_norm_lif(x_seq: torch.Tensor, bn: nn.BatchNorm2d, lif: LIFNode) -> tor
     gradients and running statistics as bn, then lif, run one after the other."""
     T = x_seq.shape[0]
     return BatchNormLIF.apply(x_seq.flatten(0, 1), bn.weight, bn.bias, bn, lif, T)
+
+
+# ----------------------------------------------------------------------------------------
+# Process-wide device settings: mixed precision and the GPU's fast paths (called by the
+# entry scripts, so that train.py, evaluate.py and benchmark.py follow one rule)
+
+AMP_CHOICES = ("off", "auto", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast should use on `device` for the --amp choice `amp`, or None
+    for no autocast.
+
+        "off"    None everywhere.
+        "bf16"   torch.bfloat16 on a GPU.
+        "fp16"   torch.float16 on a GPU; it needs a torch.amp.GradScaler in training (fp16's
+                 narrow range rounds small gradients to zero without loss scaling).
+        "auto"   bf16 where the GPU computes it natively (compute capability 8.0 and newer:
+                 Ampere, Hopper, ...; ROCm), else fp16. Older GPUs emulate bf16 slowly.
+    On any device other than CUDA the answer is None for every choice: mixed precision is
+    used on GPUs only (the CPU's bf16 autocast is slower than fp32 on most CPUs and not
+    what the official runs used). A caller that was asked for something else tells the
+    user that it was ignored (`amp != "off" and autocast_dtype(...) is None`).
+    """
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "auto":
+        # device.index None: the current device (an int keeps torch.cuda.device from
+        # initialising CUDA just to resolve it).
+        with torch.cuda.device(-1 if device.index is None else device.index):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        amp = "bf16" if native else "fp16"
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def apply_device_settings(device: torch.device, fast: bool = True):
+    """The GPU's fast but not bit-stable settings, on (fast=True, for training, evaluation
+    and benchmarks) or off (fast=False, for comparisons that must be reproducible to the
+    bit, such as parity tests against the CPU). On CUDA:
+      * torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms at the first
+        call of each shape and keeps the fastest; results may differ in the last bits from
+        run to run.
+      * TF32 for float32 matrix products and convolutions (Ampere and newer; the flags have
+        no effect on older GPUs): a 10-bit mantissa in the products, fp32 accumulation.
+    Process-wide; nothing happens for other devices (the CPU has no such settings).
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
 
 
 # ----------------------------------------------------------------------------------------

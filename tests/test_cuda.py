@@ -1,23 +1,73 @@
-"""Code paths only a GPU runs: the neuron kernels and the fused batch norm + LIF on CUDA
-(Triton when compiled) against the reference loops on the CPU. Skipped without CUDA."""
+"""Code paths only a GPU runs, checked on the first GPU. Skipped without CUDA.
+
+  * the neuron kernels (eager and Triton-compiled) on CUDA against the reference loops and
+    the eager kernels on the CPU: float64 and float32 exactly (spikes), bf16 within a
+    stated tolerance (see neuron.py, "Precision");
+  * the fused batch norm + LIF against the separate layers, in float64 and under bf16;
+  * the golden parity with the official code (tests/golden/) on CUDA, float64, 1e-9;
+  * dtypes under bf16 and fp16 autocast; a float32 training step against the CPU (TF32
+    off); bf16 and fp16 steps with the grad scaler;
+  * train.py with the official recipe on a tiny fake CIFAR-10 (bf16, stop, resume; fp16
+    with clipping); two NCCL processes when there are two GPUs;
+  * benchmark.py --device cuda --amp, and evaluate.py on CUDA.
+
+scripts/gpu_check.py runs this file (and the CPU checks) and prints PASS/FAIL per test.
+The device settings: parity tests run with neuron.apply_device_settings(fast=False)
+(no cuDNN autotuning, no TF32) so that float32 comparisons are bit-stable.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import neuron
-from neuron import LIFNode, ParametricLIFNode, SpikingNeuron, lif_reference, plif_reference
-from qkformer import create_model
+from neuron import (LIFNode, ParametricLIFNode, SpikingNeuron, apply_device_settings,
+                    lif_reference, plif_reference)
+from qkformer import (QKFormer, QKFormerConfig, convert_official_state_dict, create_model,
+                      load_official_state_dict)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+CUDA = torch.device("cuda")
+# bf16 rounds to an 8-bit mantissa: gradients computed in float32 from bf16 inputs and
+# returned in bf16 agree to a few units of that.
+BF16_RTOL = 2 ** -6
+
+
+def _fresh_compiler():
+    """Forget what torch.compile compiled before: each setting (tau, threshold), dtype and
+    T compiles a kernel of its own, and past the compiler's recompile limit it would run the
+    rest eagerly (the kernels then say "eager"; the tests of this file ask for "compiled")."""
+    torch._dynamo.reset()
 
 
 @pytest.fixture(params=["eager", "compiled"])
 def backend(request):
     previous = neuron.get_backend()
+    if request.param == "compiled":
+        _fresh_compiler()
     neuron.set_backend(request.param)
     yield request.param
     neuron.set_backend(previous)
 
+
+@pytest.fixture
+def exact():
+    """Bit-stable float32 on the GPU for the block (no TF32, no cuDNN autotuning)."""
+    apply_device_settings(CUDA, fast=False)
+    yield
+    apply_device_settings(CUDA, fast=True)
+
+
+# ---------------------------------------------------------------- neuron kernels
 
 @pytest.mark.parametrize("tau", [2.0, None])
 def test_lif_on_cuda_equals_reference_on_cpu(backend, tau):
@@ -33,6 +83,37 @@ def test_lif_on_cuda_equals_reference_on_cpu(backend, tau):
     gx, = torch.autograd.grad(fast, xc, grad.cuda())
     gr, = torch.autograd.grad(ref, xr, grad)
     assert torch.allclose(gx.cpu(), gr, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
+    """float32: the same spikes, exactly; bf16 (computed in float32 on both, see neuron.py):
+    at most 1e-4 of the spikes differ (none expected). Gradients to float rounding."""
+    torch.manual_seed(5)
+    x = (torch.randn(4, 8, 1000) * 1.5 + 0.7).to(dtype)
+    grad = torch.randn(x.shape).to(dtype)
+    previous = neuron.get_backend()
+    neuron.set_backend("eager")                       # the CPU side: eager kernels
+    try:
+        xr = x.clone().requires_grad_()
+        ref = LIFNode()(xr)
+        gr, = torch.autograd.grad(ref, xr, grad)
+    finally:
+        neuron.set_backend(previous)
+    xc = x.cuda().requires_grad_()
+    out = LIFNode()(xc)
+    gx, = torch.autograd.grad(out, xc, grad.cuda())
+    if backend == "compiled":
+        assert neuron.lif_forward_kernel.used == neuron.lif_backward_kernel.used == "compiled"
+    assert out.dtype == gx.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(out.cpu(), ref)
+        assert torch.allclose(gx.cpu(), gr, rtol=1e-5, atol=1e-6)
+    else:
+        assert (out.cpu() != ref).float().mean().item() <= 1e-4
+        assert torch.allclose(gx.cpu().float(), gr.float(), rtol=BF16_RTOL, atol=1e-3)
+    with torch.no_grad():                              # inference: the spikes-only kernel
+        assert torch.equal(LIFNode()(x.cuda()).cpu(), out.detach().cpu())
 
 
 def test_plif_on_cuda_equals_reference_on_cpu():
@@ -51,6 +132,19 @@ def test_plif_on_cuda_equals_reference_on_cpu():
     assert torch.allclose(gw.cpu(), rw, rtol=1e-12, atol=1e-14)
 
 
+def test_long_sequences_run_eagerly_on_cuda():
+    """official_quirks' T*B steps: eager, not compiled, and the same spikes as the reference."""
+    previous = neuron.get_backend()
+    neuron.set_backend("auto")
+    try:
+        x = torch.randn(256, 100, device="cuda") + 0.8
+        out = LIFNode()(x)
+        assert neuron.lif_spikes_kernel.used == "eager"
+        assert torch.equal(out.cpu(), lif_reference(x.cpu(), 2.0))
+    finally:
+        neuron.set_backend(previous)
+
+
 def test_fused_batch_norm_lif_on_cuda(backend):
     torch.manual_seed(2)
     x = torch.rand(3, 2, 4, 6, 6, dtype=torch.float64, device="cuda") * 2
@@ -63,11 +157,166 @@ def test_fused_batch_norm_lif_on_cuda(backend):
     fused = LIFNode()(xa, norm=bn_a)
     plain = LIFNode(reference=True)(bn_b(xb.flatten(0, 1)).unflatten(0, (3, 2)))
     assert torch.equal(fused, plain)
+    if backend == "compiled":
+        assert neuron.bn_lif_forward_kernel.used == "compiled"
     ga = torch.autograd.grad(fused, (xa, bn_a.weight, bn_a.bias), grad)
     gb = torch.autograd.grad(plain, (xb, bn_b.weight, bn_b.bias), grad)
     for a, b in zip(ga, gb):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert torch.allclose(bn_a.running_var, bn_b.running_var, rtol=0, atol=1e-15)
+
+
+def test_fused_batch_norm_lif_under_bf16_autocast(backend):
+    """Under autocast the convolution's output is bf16; cuDNN's batch norm and the fused
+    kernel compute BN(Y) in float32 in another order before rounding it to bf16, so a
+    spike may rarely differ: at most 1e-3 of them."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False).cuda()
+    bn_a, bn_b = nn.BatchNorm2d(16).cuda(), nn.BatchNorm2d(16).cuda()
+    bn_a.weight.data.uniform_(1, 3)
+    bn_b.load_state_dict(bn_a.state_dict())
+    x = torch.randn(8, 8, 16, 16, device="cuda")                  # (T*B, C, H, W), T = 4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = conv(x)
+        assert y.dtype == torch.bfloat16
+        ya, yb = y.detach().requires_grad_(), y.detach().requires_grad_()
+        fused = LIFNode()(ya.unflatten(0, (4, 2)), norm=bn_a)
+        plain = LIFNode(reference=True)(bn_b(yb).unflatten(0, (4, 2)))
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    assert (fused != plain).float().mean().item() <= 1e-3 and 0.05 < fused.float().mean() < 0.95
+    g = torch.randn(fused.shape, device="cuda").bfloat16()
+    ga, = torch.autograd.grad(fused, ya, g)
+    gb, = torch.autograd.grad(plain, yb, g)
+    assert ga.dtype == torch.bfloat16
+    cos = F.cosine_similarity(ga.float().flatten(), gb.float().flatten(), dim=0)
+    assert cos > 0.99, cos
+
+
+# ---------------------------------------------------------------- golden parity on CUDA
+
+def _golden_case(name):
+    golden = torch.load(os.path.join(GOLDEN, f"official_{name}_small.pt"), weights_only=True)
+    settings = {k: v for k, v in golden["config"].items() if k != "input_layout"}
+    x = golden["input"]
+    if name in ("cifar10dvs", "dvs128gesture"):        # official (B, T, 2, H, W) -> (T, B, ...)
+        settings["depths"] = 2
+        x = x.transpose(0, 1)
+    return golden, QKFormerConfig(**settings), x
+
+
+@pytest.mark.parametrize("name,kernels", [("cifar", "eager"), ("cifar", "compiled"),
+                                          ("imagenet", "eager"), ("cifar10dvs", "eager"),
+                                          ("dvs128gesture", "eager")])
+def test_golden_parity_on_cuda(name, kernels, exact):
+    """Eval logits, train logits, loss and every gradient match the official code to 1e-9
+    (float64) on the GPU, official_quirks included (the SSA neuron over T*B steps)."""
+    path = os.path.join(GOLDEN, f"official_{name}_small.pt")
+    if not os.path.exists(path):
+        pytest.skip(f"no golden file {os.path.basename(path)}")
+    previous = neuron.get_backend()
+    if kernels == "compiled":
+        _fresh_compiler()
+    neuron.set_backend(kernels)
+    try:
+        golden, config, x = _golden_case(name)
+        model = QKFormer(config).double()
+        load_official_state_dict(model, golden["official_state_dict"])
+        assert model.config.official_quirks
+        model.cuda()
+        x, target = x.cuda(), golden["target"].cuda()
+        model.eval()
+        with torch.no_grad():
+            assert torch.allclose(model(x).cpu(), golden["logits_eval"], rtol=0, atol=1e-9)
+        model.train()
+        logits = model(x)
+        loss = F.cross_entropy(logits, target)
+        loss.backward()
+        assert torch.allclose(logits.detach().cpu(), golden["logits_train"], rtol=0, atol=1e-9)
+        assert abs(loss.item() - golden["loss_train"].item()) < 1e-9
+        grads = convert_official_state_dict(golden["grads"])
+        params = dict(model.named_parameters())
+        assert grads.keys() == params.keys()
+        for key, grad in grads.items():
+            assert torch.allclose(params[key].grad.cpu(), grad, rtol=0, atol=1e-9), key
+    finally:
+        neuron.set_backend(previous)
+
+
+# ---------------------------------------------------------------- mixed precision and steps
+
+def _small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(embed_dim=32, depths=3, num_heads=2, T=2)
+    return create_model("cifar10", **{**settings, **overrides})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dtypes_under_autocast(dtype):
+    """Under autocast: spikes in the activations' half dtype, logits in it too, the input's
+    gradient in float32 (the input is float32), every parameter's gradient in float32."""
+    model = _small_model().cuda().train()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, SpikingNeuron):
+            m.register_forward_hook(lambda mod, i, out: seen.append(out.dtype))
+    x = torch.randn(2, 3, 32, 32, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        logits = model(x)
+    assert logits.dtype == dtype
+    assert set(seen) == {dtype}, set(seen)
+    F.cross_entropy(logits.float(), torch.tensor([1, 2], device="cuda")).backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_float32_training_step_on_cuda_equals_cpu(exact):
+    """One AdamW step of a small cifar10 model, float32, TF32 off: the GPU and the CPU give
+    the same loss and gradients up to float rounding (convolutions add in another order;
+    a rare spike can flip, hence the cosine for the gradients)."""
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _small_model(seed=1).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.06)
+        torch.manual_seed(2)
+        x = torch.randn(4, 3, 32, 32).to(device)
+        y = torch.tensor([0, 3, 5, 9]).to(device)
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().cpu() for p in model.parameters()])
+        opt.step()
+        with torch.no_grad():
+            after = F.cross_entropy(model(x), y).item()
+        results.append((loss.item(), grads, after))
+    (l_cpu, g_cpu, a_cpu), (l_gpu, g_gpu, a_gpu) = results
+    assert abs(l_cpu - l_gpu) < 1e-4 * max(1.0, abs(l_cpu))
+    assert F.cosine_similarity(g_cpu, g_gpu, dim=0) > 0.999
+    assert abs(a_cpu - a_gpu) < 1e-2 * max(1.0, abs(a_cpu))
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps_with_the_scaler(amp):
+    """A few steps on one batch under autocast, with the grad scaler for fp16 (as train.py):
+    finite losses that fall."""
+    dtype = neuron.autocast_dtype(CUDA, amp)
+    assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    model = _small_model(seed=3).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    torch.manual_seed(4)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    if dtype == torch.float16:
+        assert 0 < scaler.get_scale() < float("inf")
 
 
 @pytest.mark.parametrize("kind", ["lif", "plif"])
@@ -80,3 +329,119 @@ def test_training_step_on_cuda_fires_every_hook(kind):
     model(torch.randn(2, 3, 32, 32, device="cuda")).sum().backward()
     assert len(calls) == len(neurons)
     assert all(set(out.unique().tolist()) <= {0.0, 1.0} for out in calls)
+
+
+# ---------------------------------------------------------------- the scripts on CUDA
+
+TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "2"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from _fakedata import write_cifar
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=8, n_test=16)           # 40 training images, 16 test images
+    return str(root)
+
+
+def _train(cifar, out, *extra):
+    """train.py in a fresh process (its device settings stay there), the official cifar10
+    recipe but a tiny model; returns the process."""
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10",
+            "--data-dir", cifar, "--no-download", "--output", str(out), *TINY,
+            "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0.5", "--device", "cuda", *extra]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_py_bf16_stop_and_resume(cifar, tmp_path):
+    whole = tmp_path / "whole"
+    _train(cifar, whole, "--amp", "bf16")
+    split = tmp_path / "split"
+    _train(cifar, split, "--amp", "bf16", "--stop-after", "1")
+    assert torch.load(split / "last.pt", weights_only=True)["epoch"] == 1
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
+                           str(split / "last.pt")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _log(whole), _log(split)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):          # GPU kernels need not be bit-reproducible: close, finite
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 0.05 * abs(ra["train_loss"]) + 1e-3
+    ckpt = torch.load(whole / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_train_py_fp16_with_clipping(cifar, tmp_path):
+    out = tmp_path / "fp16"
+    proc = _train(cifar, out, "--amp", "fp16", "--clip-grad", "1.0")
+    assert "fp16" in proc.stdout
+    log = _log(out)
+    assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_train_py_two_nccl_processes(cifar, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                           os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", cifar,
+                           "--no-download", *TINY, "--batch-size", "8", "--epochs", "1",
+                           "--device", "cuda", "--amp", "bf16", "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_benchmark_on_cuda_with_amp(tmp_path, amp):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--model", "tiny",
+                           "--batch-size", "4", "--T", "2", "--steps", "2", "--warmup", "1",
+                           "--device", "cuda", "--amp", amp, "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    expected = "fp16" if amp == "fp16" else (
+        "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
+    assert report["amp"] == expected and report["tf32"] is True
+    for phase in ("train", "inference"):
+        assert report[phase]["images_per_s"] > 0 and report[phase]["peak_memory_GB"] > 0
+
+
+def test_evaluate_on_cuda_equals_cpu(cifar, tmp_path):
+    import evaluate as ev
+    torch.manual_seed(0)
+    model = create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=2)
+    ckpt = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "config": dict(vars(model.config)),
+                "args": {"model": "cifar10"}, "epoch": 0}, ckpt)
+    runs = {}
+    for name, extra in (("cpu", ["--device", "cpu"]),
+                        ("cuda", ["--device", "cuda", "--no-tf32", "--workers", "2"]),
+                        ("cuda-bf16", ["--device", "cuda", "--amp", "bf16"])):
+        out = tmp_path / name
+        assert ev.main(["--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", cifar,
+                        "--batch-size", "8", "--pictures", "1", "--output", str(out), *extra]) == 0
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    apply_device_settings(CUDA, fast=True)
+    assert runs["cpu"]["images"] == runs["cuda"]["images"] == runs["cuda-bf16"]["images"] == 16
+    assert abs(runs["cpu"]["loss"] - runs["cuda"]["loss"]) < 1e-3
+    assert abs(runs["cpu"]["loss"] - runs["cuda-bf16"]["loss"]) < 0.1
+    rates_cpu, rates_gpu = runs["cpu"]["firing_rates"], runs["cuda"]["firing_rates"]
+    assert rates_cpu.keys() == rates_gpu.keys()
+    assert all(abs(rates_cpu[k] - rates_gpu[k]) < 1e-2 for k in rates_cpu)

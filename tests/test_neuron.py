@@ -103,10 +103,10 @@ def test_invalid_tau():
         LIFNode(tau=0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_compiled_kernels_equal_reference(dtype):
     """The torch.compile'd kernels (the default outside the tests) give the same spikes and
-    gradients as the plain loop."""
+    gradients as the plain loop; bf16 too (both compute in float32)."""
     import neuron
     previous = neuron.get_backend()
     neuron.set_backend("compiled")
@@ -122,8 +122,9 @@ def test_compiled_kernels_equal_reference(dtype):
             assert torch.equal(fast, ref)
             gx, = torch.autograd.grad(fast, x, grad_out)
             gr, = torch.autograd.grad(ref, x_ref, grad_out)
-            tol = 1e-12 if dtype == torch.float64 else 1e-5
-            assert torch.allclose(gx, gr, rtol=tol, atol=tol)
+            assert gx.dtype == dtype
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -7}[dtype]
+            assert torch.allclose(gx.double(), gr.double(), rtol=tol, atol=tol)
     finally:
         neuron.set_backend(previous)
 
@@ -311,3 +312,191 @@ def test_importing_changes_no_process_setting():
     root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], cwd=root or ".", capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Device settings (neuron.py part 2): the one rule train.py, evaluate.py and benchmark.py use
+
+def test_autocast_dtype_rule(monkeypatch):
+    from neuron import autocast_dtype
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amp in ("off", "auto", "bf16", "fp16"):
+        assert autocast_dtype(cpu, amp) is None           # GPUs only; the caller says so
+    assert autocast_dtype(cuda, "off") is None
+    assert autocast_dtype(cuda, "bf16") is torch.bfloat16
+    assert autocast_dtype(cuda, "fp16") is torch.float16
+    asked = []
+
+    def native_only(including_emulation=True):            # "auto" must ask for native bf16
+        asked.append(including_emulation)
+        return supported
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", native_only)
+    supported = True                                      # Ampere and newer
+    assert autocast_dtype(cuda, "auto") is torch.bfloat16
+    supported = False                                     # Volta, Turing: fp16 + GradScaler
+    assert autocast_dtype(cuda, "auto") is torch.float16
+    assert asked == [False, False]
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        autocast_dtype(cpu, "fp8")
+
+
+def test_apply_device_settings_touches_only_cuda(monkeypatch):
+    from neuron import apply_device_settings
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        apply_device_settings(torch.device("cpu"), fast=True)
+        apply_device_settings(torch.device("cpu"), fast=False)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32) == flags
+        # The flags themselves exist without a GPU: check what CUDA would get.
+        apply_device_settings(torch.device("cuda"), fast=True)
+        assert (torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+                and torch.backends.cudnn.allow_tf32)
+        apply_device_settings(torch.device("cuda", 1), fast=False)
+        assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32
+                    or torch.backends.cudnn.allow_tf32)
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
+
+
+# ----------------------------------------------------------------------------------------
+# Precision ("Precision" in neuron.py's docstring) and what CompiledOrEager runs
+
+@pytest.fixture
+def backend_set():
+    """set_backend for one test, restored (with fresh kernel states) afterwards."""
+    import neuron
+    previous = neuron.get_backend()
+    yield neuron.set_backend
+    neuron.set_backend(previous)
+
+
+def _bf16_input(seed=3, shape=(4, 3, 200)):
+    torch.manual_seed(seed)
+    return (torch.randn(*shape) * 1.5 + 0.7).bfloat16()
+
+
+@pytest.mark.parametrize("kind", ["lif", "if", "plif"])
+def test_bf16_input_computes_in_float32(kind):
+    """A bf16 input (autocast) gives the spikes of its float32 value on every path, in bf16;
+    the gradient comes back in bf16 and equals the float32 one rounded to bf16."""
+    x = _bf16_input()
+    g = torch.randn(x.shape).bfloat16()
+    results = []
+    for reference in (False, True):
+        node = make_neuron(kind, 1.0)
+        node.reference = reference
+        xb = x.clone().requires_grad_()
+        out = node(xb)
+        gx, = torch.autograd.grad(out, xb, g)
+        assert out.dtype == gx.dtype == torch.bfloat16
+        results.append((out, gx))
+        x32 = x.float().requires_grad_()
+        out32 = make_neuron(kind, 1.0)(x32)
+        g32, = torch.autograd.grad(out32, x32, g.float())
+        assert torch.equal(out.float(), out32) and 0.1 < out32.mean() < 0.9
+        assert torch.allclose(gx.float(), g32, rtol=2 ** -7, atol=1e-6)   # bf16: 8-bit mantissa
+    assert torch.equal(results[0][0], results[1][0])
+
+
+def test_lif_saves_membrane_in_the_precision_of_its_decision():
+    x = _bf16_input().requires_grad_()
+    out = LIFNode()(x)
+    h_seq, = out.grad_fn.saved_tensors
+    assert h_seq.dtype == torch.float32 and out.grad_fn.name() == "LIFFunctionBackward"
+
+
+def test_fused_batch_norm_lif_under_bf16_equals_the_separate_layers():
+    """Fused, BN(Y) is rounded to bf16 before the neuron, as nn.BatchNorm2d hands it over."""
+    torch.manual_seed(4)
+    y = (torch.randn(3, 2, 4, 6, 6) * 2).bfloat16()                    # (T, B, C, H, W)
+    bn_a = nn.BatchNorm2d(4)
+    bn_a.weight.data.uniform_(1, 4)
+    bn_b = nn.BatchNorm2d(4)
+    bn_b.load_state_dict(bn_a.state_dict())
+    ya, yb = y.clone().requires_grad_(), y.clone().requires_grad_()
+    fused = LIFNode()(ya, norm=bn_a)
+    assert fused.grad_fn.name() == "BatchNormLIFBackward"
+    plain = LIFNode()(bn_b(yb.flatten(0, 1)).unflatten(0, (3, 2)))
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
+    g = torch.randn(fused.shape).bfloat16()
+    ga = torch.autograd.grad(fused, (ya, bn_a.weight, bn_a.bias), g)
+    gb = torch.autograd.grad(plain, (yb, bn_b.weight, bn_b.bias), g)
+    assert [t.dtype for t in ga] == [torch.bfloat16, torch.float32, torch.float32]
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a.float(), b.float(), rtol=2 ** -6, atol=1e-3)
+
+
+def test_long_sequences_never_go_to_the_compiler(backend_set):
+    """official_quirks runs the SSA neuron over T*B steps: such sequences run eagerly
+    (compiling a 256-step unrolled loop takes minutes, and again for every batch size)."""
+    import neuron
+    backend_set("compiled")
+
+    def no_compiler(*args):
+        raise AssertionError("the compiler was asked")
+    for kernel in (neuron.lif_forward_kernel, neuron.lif_backward_kernel, neuron.lif_spikes_kernel):
+        kernel.compiled = no_compiler
+    x = (torch.randn(256, 40) + 0.8).requires_grad_()                  # T*B = 64 * 4 steps
+    out = LIFNode()(x)
+    assert neuron.lif_forward_kernel.used == "eager"
+    out.sum().backward()
+    assert neuron.lif_backward_kernel.used == "eager"
+    LIFNode()(x.detach())
+    assert neuron.lif_spikes_kernel.used == "eager"
+    assert torch.equal(out, lif_reference(x.detach(), 2.0))
+    assert x.shape[0] > neuron.MAX_COMPILED_STEPS >= 16               # every preset's T compiles
+
+
+def test_compiled_or_eager_reports_what_ran_per_device_and_dtype(backend_set):
+    """`used` is "compiled" only when compiled code ran; a compiler failure for one dtype
+    leaves the others compiled; under a dispatch mode nothing is handed to the compiler."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from neuron import CompiledOrEager
+    backend_set("auto")
+    kernel = CompiledOrEager(lambda x: x * 2)
+    calls = []
+
+    def fake_compiled(x):                # "compiles" float32, fails for bf16
+        calls.append(x.dtype)
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("no bf16 here")
+        kernel._ran_compiled = True
+        return x * 2
+    kernel.compiled = fake_compiled
+    x = torch.ones(4, 3)
+    assert torch.equal(kernel(x), x * 2) and kernel.used == "compiled"
+    with pytest.warns(UserWarning, match="cpu for torch.bfloat16"):
+        assert torch.equal(kernel(x.bfloat16()), x.bfloat16() * 2)
+    assert kernel.used == "eager"
+    assert kernel.state == {(x.device, torch.float32): "compiled", (x.device, torch.bfloat16): "eager"}
+    kernel(x.bfloat16())                 # not asked again for bf16
+    kernel(x)
+    assert kernel.used == "compiled" and calls == [torch.float32, torch.bfloat16, torch.float32]
+    with FlopCounterMode(display=False):
+        kernel(x)
+    assert kernel.used == "eager" and len(calls) == 3
+    kernel.compiled = lambda x: x * 2   # the compiler ran it eagerly, without an error
+    kernel(x)
+    assert kernel.used == "eager"
+
+
+def test_compiler_running_eagerly_is_reported(backend_set, monkeypatch):
+    """Past its recompile limit torch.compile runs a function eagerly without an error: the
+    kernel then says "eager", and keeps "compiled" for what did compile."""
+    import torch._dynamo
+    import neuron
+    backend_set("auto")
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    try:
+        x = torch.randn(3, 50) + 0.8
+        LIFNode()(x)
+        assert neuron.lif_spikes_kernel.used == "compiled"
+        LIFNode()(x.double())                       # another dtype: a second compile, refused
+        assert neuron.lif_spikes_kernel.used == "eager"
+        assert neuron.lif_spikes_kernel.state == {(x.device, torch.float32): "compiled"}
+    finally:
+        torch._dynamo.reset()
