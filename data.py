@@ -835,7 +835,7 @@ def _list_imagenet_classes(spec, data_dir):
     """Rule for ImageNet's class names: label i is the i-th class folder of val/ in sorted order
     (the folder names are WordNet ids such as n01440764)."""
     split_dir = os.path.join(imagenet_root(data_dir, ("val",)), "val")
-    return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+    return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name)))
 
 
 def _read_imagenet(spec, data_dir, train, img_size, subset, augment, download_missing):
@@ -843,11 +843,7 @@ def _read_imagenet(spec, data_dir, train, img_size, subset, augment, download_mi
     root = imagenet_root(data_dir, (split,))
     classes, samples = find_images(os.path.join(root, split))
     if train and os.path.isdir(os.path.join(root, "val")):
-        val_classes = spec.class_names_from(root)
-        if tuple(val_classes) != tuple(classes):
-            raise DataError(f"{root}/train and {root}/val hold different class folders "
-                            f"({len(classes)} and {len(val_classes)}); the validation images must be "
-                            f"sorted into the same class folders as the training images")
+        check_same_classes(classes, spec.class_names_from(root), root)
     # the first N files in sorted order would all belong to a few classes: take
     # an evenly spaced selection instead
     samples = evenly_spaced(samples, subset)
@@ -930,6 +926,9 @@ DATASETS = {spec.name: spec for spec in (
 
 def prepare(name, data_dir, download_missing=True):
     """Make sure a dataset is on disk (downloading CIFAR if allowed) before any process reads it."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder: point --data-dir at the folder "
+                        f"that holds (or is to hold) the dataset")
     get_dataset(name).prepare(data_dir, download_missing)
 
 
