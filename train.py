@@ -1352,6 +1352,9 @@ def apply_process_settings(cli):
     return value, source
 
 
+PEER_GONE = "Connection closed by peer"  # gloo's words when another process has died
+
+
 def main(argv=None):
     """Command-line entry: problems the user can fix are printed as one message
     (exit code 2), not as a traceback."""
@@ -1370,9 +1373,12 @@ def main(argv=None):
         if rank == 0 or not getattr(e, "shared", False):
             print(f"{f'rank {rank}: ' if world > 1 else ''}error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2)
-    except dist.DistError as e:
+    except RuntimeError as e:
         # Another process died (its error is printed above, with its rank) or hung past
-        # --dist-timeout: this process says so in one line instead of a traceback.
+        # --dist-timeout: this process says so in one line instead of a traceback. (gloo
+        # reports a peer that is gone as a plain RuntimeError.)
+        if not (isinstance(e, dist.DistError) or PEER_GONE in str(e)):
+            raise
         rank = int(os.environ.get("RANK", "0"))
         print(f"rank {rank}: error: stopped because another process failed or did not answer within "
               f"--dist-timeout (see its message above): {str(e).strip().splitlines()[0]}",
