@@ -966,14 +966,17 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_siz
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
                                  seed=seed, drop_last=train)
-    # Workers are started afresh each epoch (no persistent_workers): each start
-    # seeds them from torch's generator, which the checkpoint saves, so the
-    # augmentations of a resumed epoch are the same as in an uninterrupted run.
+    # Training workers are started afresh each epoch (no persistent_workers): each
+    # start seeds them from torch's generator, which the checkpoint saves, so the
+    # augmentations of a resumed epoch are the same as in an uninterrupted run
+    # (persistent workers would carry random states that no checkpoint holds).
+    # Evaluation draws no random numbers: its workers persist between evaluations.
     # The evaluation loader gets a generator of its own: evaluating more or less
     # often then leaves the random numbers of training untouched.
     generator = None if train else torch.Generator().manual_seed(0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=train, pin_memory=pin_memory, generator=generator)
+                      drop_last=train, pin_memory=pin_memory, generator=generator,
+                      persistent_workers=not train and workers > 0)
 
 
 # ----------------------------------------------------------------------------

@@ -1163,9 +1163,9 @@ def train_epoch(s, epoch):
     s.train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
     try:
         stats = train_one_epoch(s.ctx, s.train_loader, epoch, mixup_for_epoch(s.mixup, s.args, epoch))
-    except NonFiniteLoss as e:
-        raise TrainError(f"training stopped: {e}; {kept_checkpoint(s)}. Try a lower --lr (now "
-                         f"{s.args.lr:.3g}), --clip-grad 1.0, or without --amp.") from None
+    except NonFiniteLoss as e:  # every process stops at the same step (losses and gradients are shared)
+        raise shared_error(TrainError, f"training stopped: {e}; {kept_checkpoint(s)}. Try a lower --lr "
+                           f"(now {s.args.lr:.3g}), --clip-grad 1.0, or without --amp.") from None
     if stats["skipped_updates"]:
         s.say(f"note: {stats['skipped_updates']} updates of epoch {epoch + 1} were skipped: their loss "
               f"or gradients were not finite")
@@ -1224,17 +1224,17 @@ def finish_epoch(s, record, checkpoint):
     if "top1" in record:
         line += f"; test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
     s.say(line)
-    try:
-        append_log(s.log_path, record)
-    except OSError as e:
-        raise TrainError(f"cannot append to {s.log_path} ({e.strerror or e}; a full disk?): "
-                         f"{kept_checkpoint(s)}. Free space and continue with --resume {s.out_dir}") from None
     if checkpoint["best_top1"] != s.best_top1:
         checkpoint["best_top1"] = s.best_top1
         write_checkpoint(s, checkpoint, "last.pt")
     if record.get("best"):
         write_checkpoint(s, checkpoint, "best.pt")
-    plot_curves(read_log(s.log_path), os.path.join(s.out_dir, "curves.png"))
+    try:
+        append_log(s.log_path, record)  # a torn line (full disk) is repaired by the next resume
+        plot_curves(read_log(s.log_path), os.path.join(s.out_dir, "curves.png"))
+    except OSError as e:
+        raise TrainError(f"cannot write {s.log_path} or curves.png ({e.strerror or e}; a full disk?): "
+                         f"{kept_checkpoint(s)}. Free space and continue with --resume {s.out_dir}") from None
 
 
 def run_epochs(s):
@@ -1244,9 +1244,10 @@ def run_epochs(s):
     args = s.args
     for epoch in range(s.start_epoch, s.total_epochs):
         record = {"epoch": epoch + 1, **train_epoch(s, epoch)}
-        bad = non_finite_state(s.raw_model, s.ctx.optimizer)  # every process: they all stop alike
+        # rank 0's weights are the ones saved; its verdict stops every process alike
+        (bad,) = from_rank0(s.world, non_finite_state(s.raw_model, s.ctx.optimizer) if s.rank == 0 else None)
         if bad:
-            raise TrainError(f"training stopped: after epoch {epoch + 1} the weights or optimizer state hold "
+            raise shared_error(TrainError, f"training stopped: after epoch {epoch + 1} the weights or optimizer state hold "
                              f"inf/NaN ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}), not saved; "
                              f"{kept_checkpoint(s)}. Try a lower --lr (now {args.lr:.3g}) or "
                              f"--clip-grad 1.0.")
