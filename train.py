@@ -1167,8 +1167,9 @@ def train_epoch(s, epoch):
         raise shared_error(TrainError, f"training stopped: {e}; {kept_checkpoint(s)}. Try a lower --lr "
                            f"(now {s.args.lr:.3g}), --clip-grad 1.0, or without --amp.") from None
     if stats["skipped_updates"]:
-        s.say(f"note: {stats['skipped_updates']} updates of epoch {epoch + 1} were skipped: their loss "
-              f"or gradients were not finite")
+        n = stats["skipped_updates"]
+        s.say(f"note: {n} update{'s' if n > 1 else ''} of epoch {epoch + 1} skipped: the loss or the "
+              f"gradients were not finite")
     return stats
 
 
