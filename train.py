@@ -11,12 +11,19 @@ this script differs from them it says so next to the setting.
     python train.py --resume runs/<run>/last.pt        # continue a run where it stopped
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-dir /data/imagenet
 
-Every epoch: a progress bar with loss, learning rate and images/s; top-1/top-5
-accuracy on the test set; a line in <run>/log.jsonl; the curves redrawn in
-<run>/curves.png; <run>/last.pt overwritten atomically (and <run>/best.pt
-when top-1 improves). A run can be split into sessions (--stop-after,
---resume) and, on the CPU, gives bit for bit the parameters of an
-uninterrupted run.
+Every epoch: a progress bar with loss, learning rate and images/s; <run>/last.pt
+overwritten atomically (before the evaluation, so a failing evaluation loses no
+training); top-1/top-5 accuracy on the test set; a line in <run>/log.jsonl; the
+curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves. A run can
+be split into sessions (--stop-after, --resume) and, on the CPU, gives bit for
+bit the parameters of an uninterrupted run.
+
+When things go wrong nothing is lost and nothing is silent (tests/test_faults.py):
+updates with non-finite losses or gradients are skipped on the device and a run
+whose steps stay non-finite stops; weights with inf/NaN are never saved; the run
+folder is locked (<run>/.lock) for the life of the run; a full disk keeps the
+previous checkpoint; every problem the user can fix is one line and exit code 2,
+on whichever DDP process it happens.
 
 Distributed data parallel (DDP): torchrun starts one process per GPU (or
 several on a CPU, with the gloo backend); each process sees its own share of
@@ -203,7 +210,7 @@ def add_run_options(g):
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction,
                    help="GPU: TF32 matrix products and cuDNN's autotuned convolutions (default on: "
                         "faster, not bit-reproducible); --no-tf32 for exact fp32 arithmetic")
-    g.add_argument("--dist-timeout", type=float,
+    g.add_argument("--dist-timeout", type=float, metavar="MINUTES",
                    help="DDP: minutes a process waits for the others before the run stops with an "
                         "error (default 15; PyTorch's own is 60). A process that hangs or died stops "
                         "the rest after this long; the other processes wait for rank 0's evaluation "
