@@ -242,6 +242,14 @@ def test_the_checkpoint_is_written_before_the_evaluation(cifar, tmp_path, capsys
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_train_and_val_class_folders_must_match_and_are_named(tmp_path):
+    root = write_imagenet(str(tmp_path / "imagenet"), per_class=1)
+    write_imagenet(str(tmp_path / "extra"), classes=("n04",), per_class=1)
+    os.rename(str(tmp_path / "extra" / "val" / "n04"), os.path.join(root, "val", "n04"))
+    with pytest.raises(data.DataError, match=r"\(3 and 4; only in val: n04\)"):
+        data.build_datasets("imagenet", root, 32, download_missing=False)
+
+
 # ---------------------------------------------------------------- 8. temporary files of killed runs
 
 def test_temporary_files_of_killed_runs_are_removed(cifar, tmp_path):
