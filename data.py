@@ -854,7 +854,7 @@ def _list_imagenet_classes(spec, data_dir):
     """Rule for ImageNet's class names: label i is the i-th class folder of val/ in sorted order
     (the folder names are WordNet ids such as n01440764)."""
     split_dir = os.path.join(imagenet_root(data_dir, ("val",)), "val")
-    return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+    return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name)))
 
 
 def _read_imagenet(spec, data_dir, train, img_size, subset, augment, download_missing):
@@ -862,11 +862,7 @@ def _read_imagenet(spec, data_dir, train, img_size, subset, augment, download_mi
     root = imagenet_root(data_dir, (split,))
     classes, samples = find_images(os.path.join(root, split))
     if train and os.path.isdir(os.path.join(root, "val")):
-        val_classes = spec.class_names_from(root)
-        if tuple(val_classes) != tuple(classes):
-            raise DataError(f"{root}/train and {root}/val hold different class folders "
-                            f"({len(classes)} and {len(val_classes)}); the validation images must be "
-                            f"sorted into the same class folders as the training images")
+        check_same_classes(classes, spec.class_names_from(root), root)
     # the first N files in sorted order would all belong to a few classes: take
     # an evenly spaced selection instead
     samples = evenly_spaced(samples, subset)
@@ -949,6 +945,9 @@ DATASETS = {spec.name: spec for spec in (
 
 def prepare(name, data_dir, download_missing=True):
     """Make sure a dataset is on disk (downloading CIFAR if allowed) before any process reads it."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder: point --data-dir at the folder "
+                        f"that holds (or is to hold) the dataset")
     get_dataset(name).prepare(data_dir, download_missing)
 
 
@@ -988,14 +987,17 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_siz
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
                                  seed=seed, drop_last=train)
-    # Workers are started afresh each epoch (no persistent_workers): each start
-    # seeds them from torch's generator, which the checkpoint saves, so the
-    # augmentations of a resumed epoch are the same as in an uninterrupted run.
+    # Training workers are started afresh each epoch (no persistent_workers): each
+    # start seeds them from torch's generator, which the checkpoint saves, so the
+    # augmentations of a resumed epoch are the same as in an uninterrupted run
+    # (persistent workers would carry random states that no checkpoint holds).
+    # Evaluation draws no random numbers: its workers persist between evaluations.
     # The evaluation loader gets a generator of its own: evaluating more or less
     # often then leaves the random numbers of training untouched.
     generator = None if train else torch.Generator().manual_seed(0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=train, pin_memory=pin_memory, generator=generator)
+                      drop_last=train, pin_memory=pin_memory, generator=generator,
+                      persistent_workers=not train and workers > 0)
 
 
 # ----------------------------------------------------------------------------

@@ -887,6 +887,11 @@ def save_checkpoint(obj: dict, path: str):
             os.remove(tmp)
 
 
+# The names this project's QKFormer gives its weights start so (the official ones: patch_embed,
+# stage, head): a bare state dict of our model, without its config, is told apart by them.
+OWN_KEY_PREFIXES = ("stages.",)
+
+
 def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
     """Rebuild a model from a checkpoint dict: this project's own ({"model", "config", ...},
     as train.py writes them) or an official QKFormer checkpoint (converted, official_quirks on).
@@ -907,5 +912,9 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
                              f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape")
         return model
     state = unwrap_state_dict(checkpoint)
+    if any(k.startswith(OWN_KEY_PREFIXES) for k in state) and not any(_EMBED_KEY.match(k) for k in state):
+        raise ValueError("this file holds the weights of this project's QKFormer without the config that "
+                         "rebuilds the model (a bare state dict): use a checkpoint written by train.py "
+                         "(last.pt or best.pt: weights and config)")
     model = QKFormer(official_config(state, **overrides))
     return load_official_state_dict(model, state)

@@ -11,12 +11,19 @@ this script differs from them it says so next to the setting.
     python train.py --resume runs/<run>/last.pt        # continue a run where it stopped
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-dir /data/imagenet
 
-Every epoch: a progress bar with loss, learning rate and images/s; top-1/top-5
-accuracy on the test set; a line in <run>/log.jsonl; the curves redrawn in
-<run>/curves.png; <run>/last.pt overwritten atomically (and <run>/best.pt
-when top-1 improves). A run can be split into sessions (--stop-after,
---resume) and, on the CPU, gives bit for bit the parameters of an
-uninterrupted run.
+Every epoch: a progress bar with loss, learning rate and images/s; <run>/last.pt
+overwritten atomically (before the evaluation, so a failing evaluation loses no
+training); top-1/top-5 accuracy on the test set; a line in <run>/log.jsonl; the
+curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves. A run can
+be split into sessions (--stop-after, --resume) and, on the CPU, gives bit for
+bit the parameters of an uninterrupted run.
+
+When things go wrong nothing is lost and nothing is silent (tests/test_faults.py):
+updates with non-finite losses or gradients are skipped on the device and a run
+whose steps stay non-finite stops; weights with inf/NaN are never saved; the run
+folder is locked (<run>/.lock) for the life of the run; a full disk keeps the
+previous checkpoint; every problem the user can fix is one line and exit code 2,
+on whichever DDP process it happens.
 
 Distributed data parallel (DDP): torchrun starts one process per GPU (or
 several on a CPU, with the gloo backend); each process sees its own share of
@@ -37,11 +44,15 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -53,7 +64,7 @@ from tqdm import tqdm
 
 import data
 from data import DataError
-from neuron import NEURONS, apply_memory_policy
+from neuron import NEURONS, apply_device_settings, apply_memory_policy, autocast_dtype
 from qkformer import (count_parameters, create_model, load_checkpoint, missing_training_keys,
                       save_checkpoint, training_checkpoint)
 
@@ -90,7 +101,8 @@ CPU_RECIPE = dict(
 # Settings with no recipe dependence.
 DEFAULTS = dict(
     dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None, resume=None,
-    device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True,
+    device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True, tf32=True,
+    dist_timeout=15,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
     mixup_prob=1.0, dvs_split=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None,
@@ -98,7 +110,7 @@ DEFAULTS = dict(
 
 # Options that belong to one invocation: never taken over from a resumed run.
 # (--device too: a run may continue on another machine.)
-PER_INVOCATION = ("resume", "stop_after", "output", "device")
+PER_INVOCATION = ("resume", "stop_after", "output", "device", "dist_timeout")
 
 # The layers of settings, later ones winning: the names the settings table shows.
 RESUMED, TYPED = "resumed run", "command line"
@@ -198,8 +210,17 @@ def add_run_options(g):
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (auto: CUDA when present); chosen "
                    "anew by each invocation, also on --resume")
     g.add_argument("--amp", nargs="?", const="auto", choices=["off", "auto", "bf16", "fp16"],
-                   help="mixed precision on GPU: --amp alone picks bf16 where supported, else fp16 "
-                        "(with a grad scaler)")
+                   help="mixed precision on GPU: --amp alone picks bf16 where the GPU computes it "
+                        "natively (Ampere and newer), else fp16 (with a grad scaler)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction,
+                   help="GPU: TF32 matrix products and cuDNN's autotuned convolutions (default on: "
+                        "faster, not bit-reproducible); --no-tf32 for exact fp32 arithmetic")
+    g.add_argument("--dist-timeout", type=float, metavar="MINUTES",
+                   help="DDP: minutes a process waits for the others before the run stops with an "
+                        "error (default 15; PyTorch's own is 60). A process that hangs or died stops "
+                        "the rest after this long; the other processes wait for rank 0's evaluation "
+                        "and checkpoint writing, which must fit in it (raise it for a slow disk or a "
+                        "large test set)")
     g.add_argument("--low-memory", action=argparse.BooleanOptionalAction,
                    help="CPU: return the memory of freed large tensors (8 MiB and more) to the "
                         "operating system (default on; off in --recipe cpu). Keeps the resident "
@@ -332,6 +353,8 @@ def check_args(a):
     need(0 <= a.mixup_prob <= 1, f"--mixup-prob is a probability in [0, 1], got {a.mixup_prob}")
     need(a.crop_padding >= 0, "--crop-padding must be >= 0")
     need(a.clip_grad is None or a.clip_grad > 0, "--clip-grad must be positive")
+    need(isinstance(a.T, int) and a.T >= 1, f"--T must be a positive integer, got {a.T}")
+    need(a.dist_timeout is None or a.dist_timeout > 0, "--dist-timeout must be a positive number of minutes")
 
 
 # ----------------------------------------------------------------------------
@@ -343,9 +366,10 @@ def wants_cuda(device_arg):
     return device_arg == "auto" and torch.cuda.is_available() or device_arg.startswith("cuda")
 
 
-def setup_distributed(device_arg):
+def setup_distributed(device_arg, timeout_min=DEFAULTS["dist_timeout"]):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK;
-    without them this is one process. NCCL talks between GPUs, gloo between CPU processes."""
+    without them this is one process. NCCL talks between GPUs, gloo between CPU processes.
+    timeout_min: how long a collective waits for a process that hangs or died (--dist-timeout)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = wants_cuda(device_arg)
@@ -359,8 +383,17 @@ def setup_distributed(device_arg):
     else:
         raise TrainError(f"unknown --device {device_arg!r}: use auto, cpu, cuda or cuda:N")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+        dist.init_process_group("nccl" if want_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return rank, world, device
+
+
+def shared_error(cls, message):
+    """An error that every process raises alike (rank 0's verdict, broadcast by from_rank0):
+    main() prints it once, on rank 0, instead of once per process."""
+    error = cls(message)
+    error.shared = True
+    return error
 
 
 def from_rank0(world, *values):
@@ -449,7 +482,9 @@ def build_optimizer(model, args):
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr)
+    # fused: one kernel for the whole update, which takes a device flag (found_inf) that
+    # skips the update on the device, without the host waiting for it (train_one_epoch)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
 def lr_at(epoch, args):
@@ -484,6 +519,20 @@ def build_scheduler(optimizer, args, updates_per_epoch):
         optimizer, lambda update: lr_at(update / updates_per_epoch, args) / args.lr)
 
 
+def place_scheduler(scheduler, args, epoch, updates_per_epoch):
+    """Put the schedule at the start of `epoch` (epochs done) for this run's peak --lr and
+    updates per epoch. The schedule is a function of the training progress in epochs
+    (lr_at), so a run resumed with another batch size, number of processes or --lr
+    follows the same curve from where it stopped. (The saved update count and base rates
+    of the scheduler are not used: they count updates of the old batch geometry.)"""
+    scheduler.base_lrs = [args.lr] * len(scheduler.optimizer.param_groups)
+    scheduler.last_epoch = epoch * updates_per_epoch
+    lr = args.lr * (lr_at(epoch, args) / args.lr)  # as LambdaLR computes it: the same bits
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"], group["lr"] = args.lr, lr
+    scheduler._last_lr = [lr] * len(scheduler.optimizer.param_groups)
+
+
 # ----------------------------------------------------------------------------
 # One epoch of training
 # ----------------------------------------------------------------------------
@@ -506,11 +555,20 @@ def reduce_mean(value, world):
 
 
 class NonFiniteLoss(TrainError):
-    """The loss of a step is NaN or infinite: training cannot go on from these weights."""
+    """The loss (or the gradients) stayed NaN or infinite for a whole logging interval:
+    training cannot go on from these weights. Their updates were skipped."""
 
-    def __init__(self, epoch, step, value):
-        self.epoch, self.step, self.value = epoch, step, value
-        super().__init__(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}")
+    def __init__(self, epoch, step, count):
+        self.epoch, self.step, self.count = epoch, step, count
+        super().__init__(f"the loss or the gradients were not finite in {count} steps in a row (up to "
+                         f"epoch {epoch + 1}, step {step + 1}); their updates were skipped")
+
+
+# Statistics stay on the device and are read every LOG_EVERY steps (and at the end of an
+# epoch): reading a number from a GPU makes the host wait for all queued work. A run
+# whose loss or gradients were non-finite in LOG_EVERY steps in a row (or in every step
+# of a shorter epoch) stops with NonFiniteLoss.
+LOG_EVERY = 20
 
 
 @dataclasses.dataclass
@@ -519,7 +577,8 @@ class StepContext:
     world > 1), its optimizer, schedule and loss, the settings (args: accum_iter,
     clip_grad, reprob, remode), the device and the dataset's normalisation, and how
     steps run: autocast and the grad scaler (mixed precision), the number of
-    processes, and whether this process shows progress bars."""
+    processes, and whether this process shows progress bars. bad_streak: the number
+    of non-finite steps in a row so far (a device tensor, carried across epochs)."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -534,22 +593,62 @@ class StepContext:
     world: int = 1
     show: bool = True
     model_input: object = lambda x: x  # the dataset's last step before the model (DatasetSpec.model_input)
+    bad_streak: torch.Tensor = None
+
+
+def optimizer_update(ctx, bad_loss):
+    """One optimizer update from the accumulated gradients, skipped on the device when
+    they (or a loss of the accumulation window: bad_loss, a 0/1 device tensor) are not
+    finite. Returns the skip flag (0/1 device tensor); no host synchronisation.
+
+    The fused AdamW takes the flag (found_inf) and leaves the weights, its moments and
+    its step count untouched when it is 1, as a grad scaler does. With fp16 the grad
+    scaler itself checks the (unscaled) gradients and skips such updates."""
+    optimizer, args = ctx.optimizer, ctx.args
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if ctx.scaler.is_enabled():
+        ctx.scaler.unscale_(optimizer)
+    found = bad_loss.clone()
+    if grads:  # sets found to 1 if any gradient holds inf or NaN (multiplies them by 1)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
+    if args.clip_grad:
+        nn.utils.clip_grad_norm_(ctx.model.parameters(), args.clip_grad)
+    if ctx.scaler.is_enabled():
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    elif optimizer.defaults.get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, found
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not found.item():  # an optimizer that cannot skip on the device: ask the host
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return found
 
 
 def train_one_epoch(ctx, loader, epoch, mixup=None):
-    """Train over one pass of `loader`; returns the epoch's mean loss, top-1 on the
-    (augmented) training batches, images/s and the last learning rate.
+    """Train over one pass of `loader`; returns the epoch's mean loss (over its finite
+    steps), top-1 on the (augmented) training batches, images/s, the last learning
+    rate and the number of updates skipped for non-finite losses or gradients.
 
     Gradient accumulation: the loss of each of accum_iter consecutive batches is
     divided by accum_iter and back-propagated, the gradients add up, and one
     optimizer update follows. With DDP the gradient all-reduce is skipped
-    (no_sync) on all but the last of those batches. Stops with a TrainError,
-    before the bad loss reaches the weights, when the loss is NaN or infinite.
+    (no_sync) on all but the last of those batches. No update with a non-finite
+    loss or gradient reaches the weights (optimizer_update); the statistics are
+    kept on the device and read every LOG_EVERY steps.
     """
     model, optimizer, args, world = ctx.model, ctx.optimizer, ctx.args, ctx.world
     model.train()
     accum, steps = args.accum_iter, len(loader)
-    total_loss, correct, seen, start = 0.0, 0.0, 0, time.time()
+    zero = torch.zeros((), device=ctx.device)
+    total_loss, finite_steps, correct, skipped, window_bad = zero.clone(), zero.clone(), zero.clone(), \
+        zero.clone(), zero.clone()
+    if ctx.bad_streak is None:
+        ctx.bad_streak = zero.clone()
+    seen, start = 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not ctx.show, dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(bar):
@@ -567,28 +666,35 @@ def train_one_epoch(ctx, loader, epoch, mixup=None):
             with ctx.autocast():
                 logits = model(ctx.model_input(x))
             loss = ctx.criterion(logits.float(), targets)
-            mean_loss = reduce_mean(loss.detach(), world).item()
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(epoch, i, mean_loss)
+            mean_loss = reduce_mean(loss.detach(), world)
+            bad = (~torch.isfinite(mean_loss)).float()            # 0/1, on the device
             ctx.scaler.scale(loss / accum).backward()
+        window_bad = torch.maximum(window_bad, bad)
         if update:
-            if args.clip_grad:
-                ctx.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            ctx.scaler.step(optimizer)
-            ctx.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            ctx.scheduler.step()
-        total_loss += mean_loss
-        correct += (logits.argmax(1) == labels).sum().item()
+            skip = optimizer_update(ctx, window_bad)
+            skipped += skip
+            bad = torch.maximum(bad, skip)
+            window_bad = zero.clone()
+            ctx.scheduler.step()  # the schedule follows the progress, updates skipped or not
+        ctx.bad_streak = (ctx.bad_streak + 1) * bad                # non-finite steps in a row
+        total_loss += torch.where(bad > 0, zero, mean_loss)
+        finite_steps += 1 - bad
+        correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-        if ctx.show:
-            bar.set_postfix(loss=f"{total_loss / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen * world / (time.time() - start):.0f}", refresh=False)
+        if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:             # the only host reads
+            streak = int(ctx.bad_streak.item())
+            if streak >= min(LOG_EVERY, steps):
+                raise NonFiniteLoss(epoch, i, streak)
+            if ctx.show:
+                bar.set_postfix(loss=f"{total_loss.item() / max(finite_steps.item(), 1):.4f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{seen * world / (time.time() - start):.0f}", refresh=False)
     bar.close()
     elapsed = time.time() - start
-    return dict(train_loss=total_loss / max(steps, 1), train_top1=100.0 * correct / max(seen, 1),
-                lr=optimizer.param_groups[0]["lr"], img_per_s=seen * world / elapsed, train_time_s=elapsed)
+    finite = finite_steps.item()
+    return dict(train_loss=total_loss.item() / finite if finite else float("nan"),
+                train_top1=100.0 * correct.item() / max(seen, 1), lr=optimizer.param_groups[0]["lr"],
+                img_per_s=seen * world / elapsed, train_time_s=elapsed, skipped_updates=int(skipped.item()))
 
 
 # ----------------------------------------------------------------------------
@@ -658,12 +764,43 @@ def append_log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def read_log(path):
+def read_log(path, warn=None):
+    """The records of log.jsonl. A line that is not a whole JSON record (the torn last line
+    of a run killed while appending, or of a full disk) is left out, and warn(message)
+    says so; setup_run_folder then writes the log back without it."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [{OLD_METRIC_NAMES.get(k, k): v for k, v in r.items()} for r in records]
+    records, torn = [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "epoch" in record:
+                records.append({OLD_METRIC_NAMES.get(k, k): v for k, v in record.items()})
+            else:
+                torn.append(number)
+    if torn and warn is not None:
+        warn(f"warning: {path}: line {', '.join(map(str, torn))} is not a whole record (torn by a kill "
+             f"or a full disk while it was written): left out, the {len(records)} good records are kept")
+    return records
+
+
+def write_atomically(path, text):
+    """Write a small text file by a uniquely named temporary file and os.replace: a kill
+    leaves the old file or the new one, and two writers never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_curves(records, path):
@@ -689,10 +826,15 @@ def plot_curves(records, path):
     ax2.set_ylabel("accuracy (%)")
     ax2.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="curves.", suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------
@@ -723,6 +865,7 @@ class Session:
     start_epoch: int = 0
     best_top1: float = None
     out_dir: str = None
+    lock: object = None               # the open lock file of the run folder (rank 0)
 
     def say(self, *a, **k):
         if self.rank == 0:
@@ -738,26 +881,29 @@ class Session:
 
 
 def setup_device(s):
-    """Mixed precision and device checks. autocast runs matrix products in 16 bits;
+    """Mixed precision and device settings. autocast runs matrix products in 16 bits;
     fp16's narrow range needs the grad scaler (the loss is scaled up so small gradients
-    do not round to zero, and updates with inf/NaN gradients are skipped)."""
+    do not round to zero, and updates with inf/NaN gradients are skipped). The choice of
+    bf16 or fp16 and the GPU's fast-math switches are neuron.py's (one rule for every script)."""
     amp = s.args.amp
-    if amp != "off" and s.device.type != "cuda":
+    amp_dtype = autocast_dtype(s.device, amp)
+    if amp != "off" and amp_dtype is None:
         s.notes.append(f"note: --amp {amp} ignored: mixed precision is used on GPUs only")
         amp = "off"
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif amp_dtype is not None:
+        amp = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
     if amp != s.args.amp:
         s.effective["amp"] = (amp, f"{s.sources['amp']}: --amp {s.args.amp} on {s.device.type}")
     s.amp = amp
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(s.device.type, enabled=amp == "fp16")
-    if s.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fastest conv algorithms (not bit-reproducible)
+    apply_device_settings(s.device, fast=s.args.tf32)  # cuDNN autotuning and TF32 (--no-tf32: off)
     if s.args.sync_bn and s.device.type != "cuda":
         raise TrainError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation. "
                          "Without it each process normalises with its own batch statistics.")
+    if s.args.sync_bn and s.world > 1:
+        s.notes.append("note: --sync-bn: SyncBatchNorm is not a BatchNorm2d, so the fused batch norm + "
+                       "LIF step (neuron.py) is off: more memory, the same results")
     return autocast, scaler
 
 
@@ -765,6 +911,7 @@ def setup_model(s):
     """The model, with the resumed checkpoint's weights: built before any data is read,
     so that a bad configuration is reported at once."""
     model = build_model(s.args, s.spec.num_classes, s.spec.in_channels)
+    check_memory(s, model)
     if s.ckpt is None:
         return model
     saved_config, config = s.ckpt["config"], dataclasses.asdict(model.config)
@@ -781,27 +928,83 @@ def setup_model(s):
     return model
 
 
+def device_memory(device):
+    """The memory of the device in bytes (a GPU's, or the machine's RAM), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(s, model):
+    """Refuse options that can only exhaust memory, where the limit is obvious: the output
+    of the first convolution for one batch (T x batch x channels x H x W floats, kept for
+    the backward pass) alone would not fit in the device's memory."""
+    args = s.args
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    side = math.ceil(args.img_size / conv.stride[0])
+    batch = max(args.batch_size, args.eval_batch_size or 0)
+    need = args.T * batch * conv.out_channels * side * side * 4
+    have = device_memory(s.device)
+    if have and need > have:
+        raise TrainError(f"--T {args.T} with a batch of {batch} images of {args.img_size}x{args.img_size} "
+                         f"needs {need / 2 ** 30:.0f} GiB for the first layer's output alone, more than "
+                         f"the {have / 2 ** 30:.0f} GiB of {s.device}: lower --T, --batch-size or --img-size")
+
+
+def class_count(dataset):
+    """The number of classes a dataset's labels use: its class folders (ImageFiles) or its
+    largest label + 1 (images in memory)."""
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and len(labels):
+        return int(max(int(l) for l in labels)) + 1
+    return None
+
+
 def setup_data(s):
-    """Datasets and loaders. Rank 0 fetches the data if needed (CIFAR: a download);
-    the others wait for its verdict. Then the batch and learning rate they imply."""
+    """Datasets and loaders. Rank 0 fetches the data if needed (CIFAR: a download) and
+    checks that the evaluation images can be read (their headers: cheap); the others wait
+    for its verdict. The classes must fit the model. Then the batch and learning rate
+    they imply."""
     args = s.args
     problem = None
     if s.rank == 0:
         try:
-            s.spec.prepare(args.data_dir, download_missing=args.download)
+            data.prepare(args.dataset, args.data_dir, download_missing=args.download)
         except DataError as e:
             problem = str(e)
     (problem,) = from_rank0(s.world, problem)
     if problem:
-        raise DataError(problem)
+        raise shared_error(DataError, problem)
     train_set, test_set = data.build_datasets(
         args.dataset, args.data_dir, args.img_size, args.crop_padding, args.hflip, args.aa,
         args.subset, args.test_subset, download_missing=False, T=args.T, dvs_split=args.dvs_split)
+    num_classes = s.spec.num_classes
+    for name, dataset in (("training", train_set), ("test", test_set)):
+        found = class_count(dataset)
+        if found is not None and found > num_classes:
+            raise TrainError(f"the {name} images of {args.data_dir} have {found} classes, but the "
+                             f"{s.spec.title} model has {num_classes} outputs: remove the extra class "
+                             f"folders (every folder is a class), or point --data-dir at {s.spec.title}")
+    problem = None
+    if s.rank == 0 and hasattr(test_set, "samples"):  # image files: a bad one is found now, not after an epoch
+        try:
+            data.verify_images(test_set.samples, desc="checking the test images")
+        except DataError as e:
+            problem = str(e)
+    (problem,) = from_rank0(s.world, problem)
+    if problem:
+        raise shared_error(DataError, problem)
     workers = args.workers
     if workers is None:
         # On a CPU the model needs every core and the per-image work is small next
         # to it (about 1 %), so the main process loads. A GPU waits for data unless
-        # worker processes prepare the next batches in parallel.
+        # worker processes prepare the next batches in parallel: as many as the CPUs
+        # this process may use (its affinity) allow, shared by the processes of the node.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = 0 if s.device.type == "cpu" else min(8, max(1, cores // local))
@@ -827,6 +1030,11 @@ def setup_optimization(s, model, autocast, scaler):
     if args.sync_bn and s.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     s.raw_model = model.to(s.device)
+    if s.device.type == "cuda":
+        # the weights in the layout of the activations (channels-last, see qkformer.py), before
+        # DDP registers its gradient buckets on them
+        s.raw_model = s.raw_model.to(memory_format=torch.channels_last)
+    model = s.raw_model
     if s.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
@@ -840,14 +1048,19 @@ def setup_optimization(s, model, autocast, scaler):
 
 def restore_state(s):
     """Optimizer, schedule, scaler and random generators: from the resumed checkpoint
-    (where it stopped), or seeded afresh (augmentations differ between processes)."""
+    (where it stopped), or seeded afresh (augmentations differ between processes).
+    The schedule is placed by the epochs done (place_scheduler), so another batch size,
+    number of processes or --lr continues the same curve; the grad scaler's state is
+    loaded only when both the checkpoint and this run use one (fp16)."""
     if s.ckpt is None:
         seed_everything(s.args.seed + s.rank)
         return
     s.ctx.optimizer.load_state_dict(s.ckpt["optimizer"])
     s.ctx.scheduler.load_state_dict(s.ckpt["scheduler"])
-    s.ctx.scaler.load_state_dict(s.ckpt["scaler"])
     s.start_epoch, s.best_top1 = s.ckpt["epoch"], s.ckpt["best_top1"]
+    place_scheduler(s.ctx.scheduler, s.args, s.start_epoch, s.updates_per_epoch)
+    if s.ckpt["scaler"] and s.ctx.scaler.is_enabled():
+        s.ctx.scaler.load_state_dict(s.ckpt["scaler"])
     if len(s.ckpt["rng"]) == s.world:
         set_rng_state(s.ckpt["rng"][s.rank])
     else:
@@ -856,32 +1069,75 @@ def restore_state(s):
         seed_everything(s.args.seed + 1000 * s.start_epoch + s.rank)
 
 
+# Temporary files of this script in a run folder (save_checkpoint, write_atomically,
+# plot_curves): unique names; those of a killed run are removed at the next start.
+STALE_TEMPORARY = ("last.pt.*.tmp", "best.pt.*.tmp", "log.jsonl.*.tmp", "log.jsonl.tmp", "args.json.*.tmp",
+                   "curves.*.tmp.png")
+
+
+def lock_run_folder(out_dir):
+    """Lock the run folder for the life of this process: an exclusive flock on
+    out_dir/.lock, which the operating system releases when the process ends, however it
+    ends. Returns the open lock file, or None if another process holds it."""
+    lock = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def claim_run_folder(s, out_dir):
+    """Rank 0: create and lock the run folder, check that a new run overwrites nothing,
+    and remove the temporary files of killed runs. Returns a problem (text) or None."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"--output {out_dir} is a file, not a folder: choose another --output"
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise OSError(errno.EACCES, "not writable")
+        s.lock = lock_run_folder(out_dir)
+    except OSError as e:
+        return (f"cannot write to the run folder {out_dir} ({e.strerror or e}): choose a writable "
+                f"--output")
+    if s.lock is None:
+        return (f"another train.py is running in {out_dir} (it holds {os.path.join(out_dir, '.lock')}): "
+                f"wait for it to end, or choose another --output")
+    if s.ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
+        return (f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
+                f"or choose another --output")
+    for pattern in STALE_TEMPORARY:  # nobody else writes here: we hold the lock
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            os.remove(stale)
+    return None
+
+
 def setup_run_folder(s):
-    """The run folder (rank 0's choice for all), its args.json and log.jsonl. A new run
-    may not overwrite an old one; a resumed run continues in its own folder."""
+    """The run folder (rank 0's choice for all), locked for the life of the run, its
+    args.json and log.jsonl. A new run may not overwrite an old one; a resumed run
+    continues in its own folder."""
     args = s.args
     if s.ckpt is not None:
         out_dir = args.output or os.path.dirname(os.path.abspath(s.resume_path))
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = args.output or os.path.join("runs", f"{args.dataset}-{args.model}-{stamp}")
-    problem = None
-    if s.rank == 0 and s.ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
-        problem = (f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
-                   f"or choose another --output")
+    problem = claim_run_folder(s, out_dir) if s.rank == 0 else None
+    if problem is None and s.rank == 0:
+        try:
+            write_atomically(os.path.join(out_dir, "args.json"), json.dumps(vars(args), indent=1))
+            # A fresh run starts an empty log; a resumed one forgets the lines of epochs
+            # after its checkpoint (written before a kill, and about to be redone) and a
+            # torn last line.
+            records = [r for r in read_log(os.path.join(out_dir, "log.jsonl"), s.notes.append)
+                       if r["epoch"] <= s.start_epoch] if s.ckpt else []
+            write_atomically(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+        except OSError as e:
+            problem = f"cannot write to the run folder {out_dir} ({e.strerror or e}): choose a writable --output"
     s.out_dir, problem = from_rank0(s.world, out_dir, problem)
     if problem:
-        raise TrainError(problem)
-    if s.rank == 0:
-        os.makedirs(s.out_dir, exist_ok=True)
-        with open(os.path.join(s.out_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        # A fresh run starts an empty log; a resumed one forgets the lines of epochs
-        # after its checkpoint (written before a kill, and about to be redone).
-        records = [r for r in read_log(s.log_path) if r["epoch"] <= s.start_epoch] if s.ckpt else []
-        with open(s.log_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(s.log_path + ".tmp", s.log_path)
+        raise shared_error(TrainError, problem)
 
 
 def print_banner(s):
@@ -904,21 +1160,46 @@ def print_banner(s):
         say(f"this run is already complete ({s.total_epochs} epochs); give a larger --epochs to train on")
 
 
+def kept_checkpoint(s):
+    """What a stopped run leaves to continue from, in words."""
+    last = os.path.join(s.out_dir, "last.pt")
+    if not os.path.exists(last):
+        return "no checkpoint was written yet"
+    try:
+        epoch = load_checkpoint(last)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return f"{last} is kept"
+    return f"the last good checkpoint, {last} (after epoch {epoch}), is kept"
+
+
 def train_epoch(s, epoch):
-    """One epoch of training; a NaN loss ends the run with a message saying what is kept."""
+    """One epoch of training; a loss or gradients that stay non-finite end the run with a
+    message saying what is kept. Updates skipped for them are reported."""
     s.train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
     try:
-        return train_one_epoch(s.ctx, s.train_loader, epoch, mixup_for_epoch(s.mixup, s.args, epoch))
-    except NonFiniteLoss as e:
-        last = os.path.join(s.out_dir, "last.pt")
-        kept = (f"the last good checkpoint, {last} (after epoch {epoch}), is kept"
-                if os.path.exists(last) else "no checkpoint was written yet")
-        raise TrainError(f"training stopped: {e}; {kept}. Try a lower --lr (now {s.args.lr:.3g}), "
-                         f"--clip-grad 1.0, or without --amp.") from None
+        stats = train_one_epoch(s.ctx, s.train_loader, epoch, mixup_for_epoch(s.mixup, s.args, epoch))
+    except NonFiniteLoss as e:  # every process stops at the same step (losses and gradients are shared)
+        raise shared_error(TrainError, f"training stopped: {e}; {kept_checkpoint(s)}. Try a lower --lr "
+                           f"(now {s.args.lr:.3g}), --clip-grad 1.0, or without --amp.") from None
+    if stats["skipped_updates"]:
+        n = stats["skipped_updates"]
+        s.say(f"note: {n} update{'s' if n > 1 else ''} of epoch {epoch + 1} skipped: the loss or the "
+              f"gradients were not finite")
+    return stats
+
+
+def non_finite_state(model, optimizer):
+    """Names of the parameters, buffers and optimizer states that hold inf or NaN."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    for i, state in optimizer.state_dict()["state"].items():
+        bad += [f"optimizer state {i}.{k}" for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
 
 
 def evaluate_epoch(s, record):
-    """Rank 0 evaluates (the other processes wait in gather_rng_states) and keeps the best top-1."""
+    """Rank 0 evaluates (the other processes wait in a barrier) and keeps the best top-1."""
     if s.rank != 0:
         return
     start = time.time()
@@ -930,38 +1211,86 @@ def evaluate_epoch(s, record):
         record["best"] = True
 
 
+def write_checkpoint(s, checkpoint, name):
+    """save_checkpoint into the run folder; a full disk or another write error is a
+    TrainError saying that the previous file is kept (the write is atomic)."""
+    path = os.path.join(s.out_dir, name)
+    try:
+        save_checkpoint(checkpoint, path)
+    except OSError as e:
+        kept = kept_checkpoint(s) if name == "last.pt" else f"the previous {path} is kept"
+        raise TrainError(f"cannot write {path} ({e.strerror or e}; a full disk?): {kept}, nothing "
+                         f"half-written. Free space and continue with --resume {s.out_dir}") from None
+
+
 def save_epoch(s, record, rngs):
-    """Rank 0: the epoch's line, log.jsonl, last.pt (and best.pt), curves.png."""
+    """Rank 0, before the evaluation: last.pt, so that a failing evaluation loses no
+    training. Returns the checkpoint (finish_epoch writes it again with the new best)."""
+    checkpoint = training_checkpoint(s.raw_model, s.ctx.optimizer, s.ctx.scheduler, s.ctx.scaler,
+                                     record["epoch"], rngs, vars(s.args), s.best_top1)
+    write_checkpoint(s, checkpoint, "last.pt")
+    return checkpoint
+
+
+def finish_epoch(s, record, checkpoint):
+    """Rank 0, after the evaluation: the epoch's line, log.jsonl, last.pt again when the
+    best top-1 changed (and best.pt), curves.png."""
     line = (f"epoch {record['epoch']}/{s.total_epochs}: loss {record['train_loss']:.4f}, "
             f"lr {record['lr']:.2e}, {record['img_per_s']:.0f} img/s, {record['train_time_s']:.0f} s")
     if "top1" in record:
         line += f"; test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
     s.say(line)
-    append_log(s.log_path, record)
-    checkpoint = training_checkpoint(s.raw_model, s.ctx.optimizer, s.ctx.scheduler, s.ctx.scaler,
-                                     record["epoch"], rngs, vars(s.args), s.best_top1)
-    save_checkpoint(checkpoint, os.path.join(s.out_dir, "last.pt"))
+    if checkpoint["best_top1"] != s.best_top1:
+        checkpoint["best_top1"] = s.best_top1
+        write_checkpoint(s, checkpoint, "last.pt")
     if record.get("best"):
-        save_checkpoint(checkpoint, os.path.join(s.out_dir, "best.pt"))
-    plot_curves(read_log(s.log_path), os.path.join(s.out_dir, "curves.png"))
+        write_checkpoint(s, checkpoint, "best.pt")
+    try:
+        append_log(s.log_path, record)  # a torn line (full disk) is repaired by the next resume
+        plot_curves(read_log(s.log_path), os.path.join(s.out_dir, "curves.png"))
+    except OSError as e:
+        raise TrainError(f"cannot write {s.log_path} or curves.png ({e.strerror or e}; a full disk?): "
+                         f"{kept_checkpoint(s)}. Free space and continue with --resume {s.out_dir}") from None
 
 
 def run_epochs(s):
-    """The epoch loop: train, evaluate every --eval-every epochs and after the last,
-    log and checkpoint; ends early after --stop-after epochs."""
+    """The epoch loop: train, checkpoint, evaluate every --eval-every epochs and after the
+    last, log; ends early after --stop-after epochs. Weights or optimizer state that hold
+    inf/NaN are never saved: the run stops with the previous checkpoint kept."""
     args = s.args
     for epoch in range(s.start_epoch, s.total_epochs):
         record = {"epoch": epoch + 1, **train_epoch(s, epoch)}
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == s.total_epochs:
-            evaluate_epoch(s, record)
-        record["best_top1"] = s.best_top1
-        # The generator states are taken after the evaluation and before anything
-        # else can draw from them, so a resumed run starts from exactly here.
+        # rank 0's weights are the ones saved; its verdict stops every process alike
+        (bad,) = from_rank0(s.world, non_finite_state(s.raw_model, s.ctx.optimizer) if s.rank == 0 else None)
+        if bad:
+            raise shared_error(TrainError, f"training stopped: after epoch {epoch + 1} the weights or optimizer state hold "
+                             f"inf/NaN ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}), not saved; "
+                             f"{kept_checkpoint(s)}. Try a lower --lr (now {args.lr:.3g}) or "
+                             f"--clip-grad 1.0.")
+        # The generator states are taken before anything else can draw from them (the
+        # evaluation has generators of its own), so a resumed run starts from exactly here.
         rngs = gather_rng_states(s.world)
+        problem, checkpoint = None, None
         if s.rank == 0:
-            save_epoch(s, record, rngs)
-        if s.world > 1:
-            dist.barrier()  # nobody starts the next epoch before the checkpoint is written
+            try:
+                checkpoint = save_epoch(s, record, rngs)
+            except TrainError as e:
+                problem = str(e)
+        (problem,) = from_rank0(s.world, problem)
+        if problem:
+            raise shared_error(TrainError, problem)
+        if s.rank == 0:
+            try:
+                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == s.total_epochs:
+                    evaluate_epoch(s, record)
+                record["best_top1"] = s.best_top1
+                finish_epoch(s, record, checkpoint)
+            except (DataError, TrainError) as e:
+                problem = f"{e} (the checkpoint of epoch {epoch + 1} was written before the evaluation)"
+        # nobody starts the next epoch before rank 0 has evaluated and saved (--dist-timeout)
+        (problem,) = from_rank0(s.world, problem)
+        if problem:
+            raise shared_error(TrainError, problem)
         if args.stop_after and epoch + 1 >= args.stop_after and epoch + 1 < s.total_epochs:
             s.say(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with "
                   f"python train.py --resume {os.path.join(s.out_dir, 'last.pt')}")
@@ -990,8 +1319,20 @@ def print_summary(s, session_start):
 def train(cli, low_memory=None):
     """One training session, phase by phase; returns the run folder.
     low_memory: (value, source) of --low-memory as main() decided and applied it."""
-    rank, world, device = setup_distributed(cli.device or DEFAULTS["device"])
+    timeout = cli.dist_timeout if cli.dist_timeout is not None else DEFAULTS["dist_timeout"]
+    if not timeout > 0:
+        raise TrainError("--dist-timeout must be a positive number of minutes")
+    rank, world, device = setup_distributed(cli.device or DEFAULTS["device"], timeout)
     s = Session(rank, world, device)
+    try:
+        return run_session(s, cli, low_memory)
+    finally:
+        if s.lock is not None:  # (the operating system releases it too when the process dies)
+            s.lock.close()
+
+
+def run_session(s, cli, low_memory):
+    """The phases of a session, in order (see train)."""
     if cli.resume:
         s.ckpt, s.resume_path = read_training_checkpoint(cli.resume)
     settings = resolve_settings(cli, s.ckpt["args"] if s.ckpt else None)
@@ -1028,6 +1369,9 @@ def apply_process_settings(cli):
     return value, source
 
 
+PEER_GONE = "Connection closed by peer"  # gloo's words when another process has died
+
+
 def main(argv=None):
     """Command-line entry: problems the user can fix are printed as one message
     (exit code 2), not as a traceback."""
@@ -1040,8 +1384,22 @@ def main(argv=None):
         # traceback; its last line is the message.
         if "Traceback" in message:
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {message}", file=sys.stderr)
+        # Every process prints its own errors (with DDP prefixed by its rank: torchrun
+        # shows only exit codes); an error all processes share is printed by rank 0 alone.
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0 or not getattr(e, "shared", False):
+            print(f"{f'rank {rank}: ' if world > 1 else ''}error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    except RuntimeError as e:
+        # Another process died (its error is printed above, with its rank) or hung past
+        # --dist-timeout: this process says so in one line instead of a traceback. (gloo
+        # reports a peer that is gone as a plain RuntimeError.)
+        if not (isinstance(e, dist.DistError) or PEER_GONE in str(e)):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"rank {rank}: error: stopped because another process failed or did not answer within "
+              f"--dist-timeout (see its message above): {str(e).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
         raise SystemExit(2)
     finally:
         if dist.is_available() and dist.is_initialized():

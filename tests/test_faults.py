@@ -1,0 +1,384 @@
+"""What goes wrong in a training run, and what is kept (issue 12, "Nothing lost, nothing silent").
+
+Diverged runs, resumes with another batch geometry, torn logs, two runs on one folder, bad
+images, killed runs' temporary files, unusable --output / --data-dir, full disks, errors on
+another DDP rank, options that cannot fit in memory. Each test makes the fault happen (a
+monkeypatched torch.save raising ENOSPC stands for a full disk, a patched os.access for a
+read-only folder: the tests run as root, whom chmod does not stop) and checks the one-line
+message, the exit code 2 and the files left behind.
+
+Tiny models (embed_dim 32, T=1), 16-40 fake images, one thread, one or two epochs.
+"""
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import qkformer
+import train
+from _fakedata import write_cifar, write_imagenet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=8, n_test=16)  # 40 training images (5 steps of 8), 16 test images
+    return str(root)
+
+
+def run(cifar, out, *extra):
+    """train.py's main() in this process on the fake CIFAR-10; returns the run folder."""
+    return train.main(["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                       "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0.5", "--no-low-memory",
+                       "--aa", "none", "--reprob", "0", "--mixup", "0", *extra])
+
+
+def fails(capsys, *argv, runner=train.main):
+    """Run, expect exit code 2 and one line on stderr (after the progress bars): return it."""
+    with pytest.raises(SystemExit) as e:
+        runner(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def finite(ckpt):
+    tensors = [v for v in ckpt["model"].values() if v.is_floating_point()]
+    tensors += [v for state in ckpt["optimizer"]["state"].values() for v in state.values()
+                if torch.is_tensor(v) and v.is_floating_point()]
+    return all(torch.isfinite(t).all() for t in tensors)
+
+
+# ---------------------------------------------------------------- 1. diverging runs
+
+def test_an_update_with_nan_gradients_never_reaches_the_weights():
+    a = train.resolve_args(train.parse_args([*TINY, "--lr", "1e-2", "--epochs", "2", "--warmup-epochs", "0"]))
+    model = train.build_model(a, 10)
+    opt = train.build_optimizer(model, a)
+    sched = train.build_scheduler(opt, a, updates_per_epoch=4)
+    spec = data.get_dataset("cifar10")
+    ctx = train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(), a, torch.device("cpu"),
+                            spec.mean, spec.std, show=False)
+    images, labels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4)
+    train.train_one_epoch(ctx, [(images, labels)], 0)         # one good update: Adam has state
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
+    head = model.head.weight
+    head.register_hook(lambda g: g * float("nan"))             # the gradients turn NaN, the loss does not
+    with pytest.raises(train.NonFiniteLoss, match="not finite in 3 steps in a row"):  # a whole (short) epoch
+        train.train_one_epoch(ctx, [(images, labels)] * 3, 0)
+    assert sched.last_epoch == 4                                # skipped, but the schedule moved on
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, before[k]), k
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, adam[i][k]), (i, k)
+
+
+def test_item_host_reads_are_few(monkeypatch):
+    """Statistics stay on the device: the host reads them every LOG_EVERY steps, not every step."""
+    a = train.resolve_args(train.parse_args([*TINY, "--lr", "1e-3", "--epochs", "2", "--warmup-epochs", "0"]))
+    model = train.build_model(a, 10)
+    opt = train.build_optimizer(model, a)
+    spec = data.get_dataset("cifar10")
+    ctx = train.StepContext(model, opt, train.build_scheduler(opt, a, 40), torch.nn.CrossEntropyLoss(), a,
+                            torch.device("cpu"), spec.mean, spec.std, show=False)
+    batch = (torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.arange(2))
+    reads, item = [0], torch.Tensor.item
+
+    def counting(self):
+        reads[0] += 1
+        return item(self)
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    train.train_one_epoch(ctx, [batch] * 40, 0)
+    monkeypatch.undo()
+    assert reads[0] <= 3 * 40 // train.LOG_EVERY + 6, reads[0]  # was 2 per step (loss, accuracy)
+
+
+def test_diverged_weights_are_never_saved_as_good(cifar, tmp_path, capsys):
+    """--lr 1e6: within epoch 1 the weights' batch-norm statistics reach inf (the loss of its last
+    step too: that update is skipped). No checkpoint with inf/NaN is written: the run stops and says
+    that nothing was kept (test_train's NaN test: a good checkpoint of an earlier epoch is kept)."""
+    out = tmp_path / "run"
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                          "--batch-size", "8", "--workers", "0", "--no-low-memory", "--epochs", "3",
+                          "--lr", "1e6", "--warmup-epochs", "0"])
+    assert "training stopped: after epoch 1 the weights or optimizer state hold inf/NaN" in line
+    assert "not saved; no checkpoint was written yet" in line and "lower --lr" in line
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+# ---------------------------------------------------------------- 2. resume with another geometry
+
+def test_resume_with_another_batch_size_and_lr_follows_the_schedule(cifar, tmp_path, capsys):
+    out = run(cifar, tmp_path / "run", "--epochs", "3", "--lr", "1e-3", "--stop-after", "1")
+    capsys.readouterr()
+    train.main(["--resume", out, "--batch-size", "4", "--lr", "1e-2", "--stop-after", "2"])
+    printed = capsys.readouterr().out
+    assert "peak lr 0.01" in printed and "3 epochs of 10 updates" in printed
+    a = train.resolve_args(train.parse_args(["--epochs", "3", "--lr", "1e-2", "--warmup-epochs", "0.5",
+                                             "--cooldown-epochs", "0"]))
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    # the lr after epoch 2 is the curve's at 2.0 epochs, for the peak that was printed
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["lr"] == pytest.approx(train.lr_at(2, a))
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["scheduler"]["base_lrs"] == [1e-2, 1e-2] and ckpt["scheduler"]["last_epoch"] == 20
+
+
+def test_resume_without_fp16_into_a_run_with_a_grad_scaler():
+    """A run saved without fp16 stores an empty scaler state; a resume that uses one starts it fresh."""
+    a = train.resolve_args(train.parse_args([*TINY, "--lr", "1e-3"]))
+    model = train.build_model(a, 10)
+    opt = train.build_optimizer(model, a)
+    sched = train.build_scheduler(opt, a, 4)
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    ckpt = qkformer.training_checkpoint(model, opt, sched, off, 1, [train.rng_state()], vars(a), None)
+    assert ckpt["scaler"] == {}
+    s = train.Session(0, 1, torch.device("cpu"), ckpt=ckpt, args=a, updates_per_epoch=4)
+    on = torch.amp.GradScaler("cpu", enabled=True)
+    s.ctx = train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(), a, s.device, (0,) * 3, (1,) * 3,
+                              on)
+    train.restore_state(s)
+    assert s.start_epoch == 1 and on.is_enabled() and on.get_scale() == 2.0 ** 16
+
+
+# ---------------------------------------------------------------- 4. more classes than the model
+
+@pytest.fixture
+def imagenet(tmp_path, monkeypatch):
+    """A fake ImageNet of 3 classes (3 images each) with a 3-class model."""
+    monkeypatch.setitem(data.DATASETS, "imagenet", dataclasses.replace(data.DATASETS["imagenet"], num_classes=3))
+    return write_imagenet(str(tmp_path / "imagenet"), per_class=3)
+
+
+def imagenet_argv(root, out, *extra):
+    return ["--dataset", "imagenet", "--data-dir", root, "--output", str(out), *TINY, "--img-size", "32",
+            "--batch-size", "3", "--accum-iter", "1", "--workers", "0", "--no-low-memory", "--epochs", "1",
+            "--warmup-epochs", "0", "--aa", "none", "--reprob", "0", *extra]
+
+
+def test_more_classes_than_the_model_is_refused_before_training(imagenet, tmp_path, capsys):
+    write_imagenet(imagenet, classes=("n01", "n02", "n03", "n04"), per_class=3)  # 4 class folders
+    line = fails(capsys, imagenet_argv(imagenet, tmp_path / "run"))
+    assert "have 4 classes, but the ImageNet-1K model has 3 outputs" in line
+
+
+# ---------------------------------------------------------------- 5. a torn log line
+
+def test_a_torn_last_log_line_is_repaired_on_resume(cifar, tmp_path, capsys):
+    out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--stop-after", "1")
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"epoch": 2, "train_lo')                       # killed while appending
+    capsys.readouterr()
+    train.main(["--resume", out])
+    assert "line 2 is not a whole record" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2]
+
+
+# ---------------------------------------------------------------- 6. two runs on one folder
+
+def test_a_run_folder_in_use_is_refused(cifar, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:                       # another train.py holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                              "--batch-size", "8", "--no-low-memory", "--epochs", "1", "--subset", "8",
+                              "--workers", "0", "--warmup-epochs", "0", "--lr", "1e-3"])
+        assert "another train.py is running in" in line and "choose another --output" in line
+    assert not (out / "last.pt").exists()
+    run(cifar, out, "--epochs", "1", "--lr", "1e-3", "--subset", "8")  # free again: it runs, and lets go
+    lock = train.lock_run_folder(str(out))
+    assert lock is not None
+    lock.close()
+
+
+# ---------------------------------------------------------------- 7. bad test images, evaluation failures
+
+def test_a_bad_test_image_is_found_before_training(imagenet, tmp_path, capsys, monkeypatch):
+    bad = os.path.join(imagenet, "val", "n02", "img_1.JPEG")
+    with open(bad, "wb") as f:
+        f.write(b"not a JPEG")
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the test images were checked")
+    monkeypatch.setattr(train, "train_one_epoch", no_training)
+    line = fails(capsys, imagenet_argv(imagenet, tmp_path / "run"))
+    assert "cannot read image" in line and bad in line
+
+
+def test_the_checkpoint_is_written_before_the_evaluation(cifar, tmp_path, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise data.DataError("cannot read image x.png (broken); replace or delete it")
+    monkeypatch.setattr(train, "evaluate", broken)
+    out = tmp_path / "run"
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                          "--batch-size", "8", "--workers", "0", "--no-low-memory", "--epochs", "1",
+                          "--warmup-epochs", "0", "--lr", "1e-3"])
+    assert "cannot read image x.png" in line and "checkpoint of epoch 1 was written before" in line
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_train_and_val_class_folders_must_match_and_are_named(tmp_path):
+    root = write_imagenet(str(tmp_path / "imagenet"), per_class=1)
+    write_imagenet(str(tmp_path / "extra"), classes=("n04",), per_class=1)
+    os.rename(str(tmp_path / "extra" / "val" / "n04"), os.path.join(root, "val", "n04"))
+    with pytest.raises(data.DataError, match=r"\(3 and 4; only in val: n04\)"):
+        data.build_datasets("imagenet", root, 32, download_missing=False)
+
+
+# ---------------------------------------------------------------- 8. temporary files of killed runs
+
+def test_temporary_files_of_killed_runs_are_removed(cifar, tmp_path):
+    out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--stop-after", "1", "--subset", "16")
+    stale = ["last.pt.k1ll3d.tmp", "best.pt.x7.tmp", "log.jsonl.tmp", "curves.a1.tmp.png"]
+    for name in stale:
+        open(os.path.join(out, name), "wb").write(b"half")
+    open(os.path.join(out, "notes.txt"), "w").write("mine")
+    train.main(["--resume", out])
+    left = set(os.listdir(out))
+    assert not left & set(stale) and "notes.txt" in left
+    assert not [f for f in left if "tmp" in f]
+
+
+# ---------------------------------------------------------------- 9. unusable folders, full disks
+
+def test_output_or_data_dir_that_is_a_file(cifar, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = fails(capsys, ["--data-dir", cifar, "--output", str(afile), *TINY, "--batch-size", "8",
+                          "--no-low-memory"])
+    assert "--output" in line and "is a file, not a folder" in line
+    line = fails(capsys, ["--data-dir", str(afile), "--output", str(tmp_path / "run"), *TINY, "--no-low-memory"])
+    assert "--data-dir" in line and "is a file, not a folder" in line
+    assert afile.read_text() == "x"
+
+
+def test_read_only_output(cifar, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "readonly"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(out) and mode & os.W_OK
+                        else real(p, mode, *a, **k))
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                          "--batch-size", "8", "--no-low-memory", "--epochs", "1", "--subset", "8",
+                          "--workers", "0", "--warmup-epochs", "0", "--lr", "1e-3"])
+    assert f"cannot write to the run folder {out}" in line and "choose a writable --output" in line
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(cifar, tmp_path, capsys, monkeypatch):
+    real = torch.save
+
+    def full_disk_at_epoch_2(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk_at_epoch_2)
+    out = tmp_path / "run"
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                          "--batch-size", "8", "--workers", "0", "--no-low-memory", "--epochs", "2",
+                          "--warmup-epochs", "0", "--lr", "1e-3", "--subset", "16"])
+    assert "No space left on device" in line and "after epoch 1), is kept" in line and "--resume" in line
+    monkeypatch.undo()
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    assert not [f for f in os.listdir(out) if "tmp" in f]
+
+
+# ---------------------------------------------------------------- 10. DDP: errors of other ranks
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_error_on_rank_1_reaches_the_terminal(tmp_path):
+    root = write_imagenet(str(tmp_path / "imagenet"), per_class=4)   # 12 training images, 3 classes
+    # the first image rank 1 reads in epoch 0 (the sampler is seeded: its order is known)
+    train_set, _ = data.build_datasets("imagenet", root, 32, download_missing=False)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=2, rank=1, shuffle=True, seed=0,
+                                                  drop_last=True)
+    sampler.set_epoch(0)
+    bad = train_set.samples[next(iter(sampler))][0]
+    with open(bad, "wb") as f:
+        f.write(b"not a JPEG")
+    argv = ["--dataset", "imagenet", "--data-dir", root, *TINY, "--img-size", "32", "--batch-size", "2",
+            "--accum-iter", "1", "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--aa", "none",
+            "--reprob", "0", "--test-subset", "3", "--output", str(tmp_path / "run"), "--dist-timeout", "2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                           os.path.join(ROOT, "train.py"), *argv],
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"rank 1: error: cannot read image {bad}" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch, capsys):
+    seen = {}
+
+    def init(backend, timeout):
+        seen.update(backend=backend, timeout=timeout)
+        raise train.TrainError("stop here")
+    monkeypatch.setattr(train.dist, "init_process_group", init)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        train.main(["--device", "cpu", "--dist-timeout", "3", "--no-low-memory"])
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 180
+    assert "rank 1: error: stop here" in capsys.readouterr().err
+    assert "--dist-timeout" in train.build_parser().format_help()
+
+
+# ---------------------------------------------------------------- 11. memory, test sets, bare weights
+
+def test_options_that_cannot_fit_in_memory_are_refused(cifar, tmp_path, capsys):
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(tmp_path / "run"),
+                          *TINY[:-2], "--T", "10000000", "--batch-size", "8", "--no-low-memory"])
+    assert "--T 10000000" in line and "GiB" in line and "lower --T" in line
+
+
+def test_imagenet_test_set_needs_val_only(tmp_path):
+    root = write_imagenet(str(tmp_path / "imagenet"), per_class=2)
+    os.rename(os.path.join(root, "train"), os.path.join(root, "elsewhere"))
+    test_set = data.build_test_set("imagenet", root, img_size=32)
+    assert len(test_set) == 6 and test_set.classes == ["n01", "n02", "n03"]
+
+
+def test_a_bare_state_dict_asks_for_the_training_checkpoint():
+    model = qkformer.create_model("tiny", num_classes=10, embed_dim=32, num_heads=1, depths=3, T=1)
+    with pytest.raises(ValueError, match="without the config .* checkpoint written by train.py"):
+        qkformer.model_from_checkpoint(model.state_dict())
+
+
+def test_sync_bn_says_the_fused_path_is_off(monkeypatch):
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    s = train.Session(0, 2, torch.device("cuda", 0))
+    s.args = train.resolve_args(train.parse_args(["--sync-bn", "--no-tf32"]))
+    s.sources = {"amp": "default"}
+    train.setup_device(s)
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert any("--sync-bn" in n and "more memory, the same results" in n for n in s.notes)
