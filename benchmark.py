@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import resource
 import statistics
 import sys
@@ -102,19 +101,13 @@ def parse_args(argv=None):
     return args
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: what a job scheduler or
-    taskset gave it), not all the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_worker_counts() -> list:
     """0 (the main process loads), then 1, 2, 4, ... up to the usable CPUs."""
     counts, w = [0], 1
-    while w < usable_cpus():
+    while w < data.usable_cpus():
         counts.append(w)
         w *= 2
-    return counts + [usable_cpus()]
+    return counts + [data.usable_cpus()]
 
 
 def build(args):
@@ -285,7 +278,7 @@ def main(argv=None):
                               else f"CPU, {torch.get_num_threads()} threads"),
               "amp": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off"),
               "tf32": args.tf32 and device.type == "cuda", "reference_neuron": args.reference_neuron,
-              "low_memory": args.low_memory, "usable_cpus": usable_cpus(), "torch": torch.__version__}
+              "low_memory": args.low_memory, "usable_cpus": data.usable_cpus(), "torch": torch.__version__}
     if "train" in args.phases or "inference" in args.phases:
         facts = model_facts(args)
         report.update(facts)

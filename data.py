@@ -19,6 +19,11 @@ the model:
     tensor of shape (N, 3, 32, 32): 150 MB for the CIFAR training set.
   - ImageNet-1K from ``train/`` and ``val/`` folders with one sub-folder of
     JPEG files per class (what torchvision's ImageFolder reads).
+  - The event-camera datasets of the paper's Table 3, CIFAR10-DVS (AEDAT 2.0
+    files) and DVS128 Gesture (AEDAT 3.1 files cut by their labels files),
+    decoded with numpy, integrated into T frames of event counts per polarity
+    as the official code does with SpikingJelly, and cached per T (the last
+    section of this file, with the official event augmentation).
 * Per-image augmentations, run in DataLoader worker processes on uint8 data
   (cheap: no float conversion until the batch is on the device):
   random crop with zero padding, random resized crop, horizontal flip and
@@ -973,6 +978,24 @@ def build_datasets(name, data_dir, img_size=None, crop_padding=0, hflip=0.5, ran
 def build_test_set(name, data_dir, img_size=None, test_subset=None, download_missing=False, **options):
     """The test split alone (ImageNet: val/ only, train/ need not exist), for evaluation."""
     return get_dataset(name).build(data_dir, False, img_size, test_subset, None, download_missing, **options)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a job scheduler or taskset
+    gave it), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(device_type: str, processes_per_machine: int = 1) -> int:
+    """Loader worker processes when none are asked for (train.py, evaluate.py, benchmark.py).
+
+    On a CPU the model needs every core and preparing an image costs about 1 % of its
+    forward pass, so the main process loads (0). A GPU waits for data unless workers prepare
+    the next batches meanwhile: one per usable CPU, shared by the processes of the machine
+    (torchrun's LOCAL_WORLD_SIZE), at most 8."""
+    if device_type == "cpu":
+        return 0
+    return min(8, max(1, usable_cpus() // processes_per_machine))
 
 
 def make_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_size=1, pin_memory=False):

@@ -361,11 +361,10 @@ def _example_input(model: nn.Module):
 def reference_neurons(model: nn.Module):
     """Run every neuron that has a plain autograd loop (`reference`) on it for the block.
 
-    FlopCounterMode intercepts every operation (a dispatch mode). A torch.compile'd kernel
-    called for the first time under it is marked by the compiler as one to skip, for good:
-    later calls would run eagerly. The reference loops give the same spikes from plain tensor
-    operations, and leave the compiled kernels as they are; neuron.set_backend("eager")
-    would throw them away for the whole process instead."""
+    FLOPs are counted under FlopCounterMode, a dispatch mode that sees every operation:
+    the reference loops show it the neuron's arithmetic as plain tensor operations, and the
+    compiled kernels stay out of it (neuron.CompiledOrEager never compiles under a dispatch
+    mode, and runs such calls eagerly)."""
     switched = [m for m in model.modules()
                 if isinstance(m, SpikingNeuron) and getattr(m, "reference", True) is False]
     for m in switched:
@@ -792,17 +791,6 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def default_workers(device: torch.device) -> int:
-    """Loader processes: none on the CPU (the model needs every core, and preparing a test
-    image is about 1 % of its cost there); on a GPU, which waits for data unless workers
-    prepare the next batches meanwhile, one per CPU this process may use (its affinity
-    mask), at most 8. The rule of train.py."""
-    if device.type == "cpu":
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores)
-
-
 def run_evaluation(args) -> dict:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
@@ -816,7 +804,7 @@ def run_evaluation(args) -> dict:
         print(f"note: --amp {args.amp} ignored: mixed precision is used on GPUs only")
     apply_device_settings(device, fast=args.tf32)
     if args.workers is None:
-        args.workers = default_workers(device)
+        args.workers = data.default_workers(device.type)
     spec = data.get_dataset(args.dataset)
     checkpoint = qkformer.load_checkpoint(args.checkpoint)
     overrides = {} if args.T is None else dict(T=args.T)

@@ -38,7 +38,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from neuron import NEURONS, SpikingNeuron, make_neuron
 

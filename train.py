@@ -1,4 +1,5 @@
-"""Train QKFormer on CIFAR-10, CIFAR-100 or ImageNet-1K, on one CPU or on many GPUs.
+"""Train QKFormer on CIFAR-10, CIFAR-100, ImageNet-1K or the event-camera datasets CIFAR10-DVS and
+DVS128 Gesture (any dataset described in data.DATASETS), on one CPU or on many GPUs.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
 Attention", NeurIPS 2024. The per-dataset defaults below are the official
@@ -10,6 +11,7 @@ this script differs from them it says so next to the setting.
     python train.py --dataset cifar10 --recipe cpu     # about 30 minutes on a 2-core CPU
     python train.py --resume runs/<run>/last.pt        # continue a run where it stopped
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-dir /data/imagenet
+    python train.py --dataset cifar10dvs               # the official CIFAR10-DVS recipe (T=16)
 
 Every epoch: a progress bar with loss, learning rate and images/s; <run>/last.pt
 overwritten atomically (before the evaluation, so a failing evaluation loses no
@@ -105,7 +107,7 @@ DEFAULTS = dict(
     dist_timeout=15,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
     mixup_prob=1.0, dvs_split=None,
-    embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None,
+    embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None, tau=None,
 )
 
 # Options that belong to one invocation: never taken over from a resumed run.
@@ -173,6 +175,8 @@ def add_recipe_options(g):
     g.add_argument("--neuron", choices=list(NEURONS), help="spiking neuron (neuron.NEURONS): lif "
                    "(default); if, integrate-and-fire without leak (the paper's ablation: Table 7); "
                    "plif, LIF with a learned time constant")
+    g.add_argument("--tau", type=float, help="membrane time constant of lif (the initial one of plif); "
+                   "default 2, the official code's value (the paper gives none)")
     g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone on a "
                    "new run, it keeps the recipe's warm-up share and drops its cool-down, and says so)")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "
@@ -453,7 +457,7 @@ def gather_rng_states(world):
 # Model, optimizer and learning-rate schedule
 # ----------------------------------------------------------------------------
 
-MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio", "attention", "neuron")
+MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio", "attention", "neuron", "tau")
 
 
 def model_overrides(args) -> dict:
@@ -1001,13 +1005,7 @@ def setup_data(s):
         raise shared_error(DataError, problem)
     workers = args.workers
     if workers is None:
-        # On a CPU the model needs every core and the per-image work is small next
-        # to it (about 1 %), so the main process loads. A GPU waits for data unless
-        # worker processes prepare the next batches in parallel: as many as the CPUs
-        # this process may use (its affinity) allow, shared by the processes of the node.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        workers = 0 if s.device.type == "cpu" else min(8, max(1, cores // local))
+        workers = data.default_workers(s.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         s.effective["workers"] = (workers, f"default on {s.device.type}")
     pin = s.device.type == "cuda"
     s.train_loader = data.make_loader(train_set, args.batch_size, train=True, workers=workers,
@@ -1155,7 +1153,8 @@ def print_banner(s):
         f"{s.updates_per_epoch} updates" + (f"; resuming after epoch {s.start_epoch}" if s.ckpt else ""))
     if s.device.type == "cpu" and args.recipe != "cpu" and args.model != "tiny" and not args.subset:
         say("note: this is the paper's full-size recipe, meant for GPUs; on a CPU an epoch takes hours. "
-            "For a run that learns on a laptop in about 30 minutes: --recipe cpu")
+            + ("For a run that learns on a laptop in about 30 minutes: --recipe cpu" if s.spec.small else
+               "For a quick look on a CPU: --subset, a small --T and a narrow model (--embed-dim 32)"))
     if s.start_epoch >= s.total_epochs:
         say(f"this run is already complete ({s.total_epochs} epochs); give a larger --epochs to train on")
 

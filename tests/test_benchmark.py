@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+import data
 
 import benchmark
 import evaluate as ev
@@ -75,5 +76,6 @@ def test_data_phase_without_enough_images_is_one_clear_error(cifar, tmp_path):
 def test_evaluate_device_options():
     args = ev.build_parser().parse_args(["--checkpoint", "x.pt", "--amp"])
     assert args.amp == "auto" and args.tf32 and args.workers is None
-    assert ev.default_workers(torch.device("cpu")) == 0
-    assert ev.default_workers(torch.device("cuda")) == min(8, len(os.sched_getaffinity(0)))
+    assert data.default_workers("cpu") == 0                         # the rule of all three scripts
+    assert data.default_workers("cuda") == min(8, len(os.sched_getaffinity(0)))
+    assert data.default_workers("cuda", processes_per_machine=1000) == 1

@@ -384,3 +384,11 @@ def test_resume_errors(cifar, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(cifar, tmp_path / "sync", "--sync-bn")
     assert "--sync-bn needs GPUs" in capsys.readouterr().err
+
+
+def test_tau_option_reaches_every_neuron():
+    args = train.resolve_args(train.parse_args(["--recipe", "cpu", "--tau", "4"]))
+    model = qkformer.create_model(args.model, **train.model_overrides(args))
+    from neuron import LIFNode
+    taus = {m.tau for m in model.modules() if isinstance(m, LIFNode)}
+    assert taus == {4.0} and model.config.tau == 4.0          # stored with the config in checkpoints
