@@ -865,18 +865,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return checkpoint
 
 
-def save_checkpoint(obj: dict, path: str):
-    """torch.save to a temporary file in the same folder, then os.replace it over
-    `path`. os.replace is atomic: a kill at any moment leaves either the old file
-    or the new one, never half of one. The temporary name is unique (mkstemp), so
-    two writers never share one, and it is removed when anything goes wrong."""
+def write_atomically(path: str, write: Callable):
+    """Write a file by `write(f)` (f: a binary file) into a temporary file in the same folder,
+    then os.replace it over `path`. os.replace is atomic: a kill at any moment leaves either
+    the old file or the new one, never half of one. The temporary name is unique (mkstemp,
+    `<name>.<random>.tmp`), so two writers never share one, and it is removed when anything
+    goes wrong. Checkpoints are written so, and train.py's log, settings and plot."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it the usual mode
@@ -884,6 +885,11 @@ def save_checkpoint(obj: dict, path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(obj: dict, path: str):
+    """torch.save, atomically (see write_atomically)."""
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 # The names this project's QKFormer gives its weights start so (the official ones: patch_embed,

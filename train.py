@@ -54,7 +54,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -67,7 +66,7 @@ from tqdm import tqdm
 import data
 from data import DataError
 from neuron import NEURONS, apply_device_settings, apply_memory_policy, autocast_dtype
-from qkformer import (count_parameters, create_model, load_checkpoint, missing_training_keys,
+from qkformer import (count_parameters, create_model, load_checkpoint, missing_training_keys, write_atomically,
                       save_checkpoint, training_checkpoint)
 
 
@@ -793,18 +792,9 @@ def read_log(path, warn=None):
     return records
 
 
-def write_atomically(path, text):
-    """Write a small text file by a uniquely named temporary file and os.replace: a kill
-    leaves the old file or the new one, and two writers never share a temporary file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_text_atomically(path, text):
+    """A small text file (args.json, a repaired log.jsonl), atomically: qkformer.write_atomically."""
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def plot_curves(records, path):
@@ -830,15 +820,10 @@ def plot_curves(records, path):
     ax2.set_ylabel("accuracy (%)")
     ax2.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="curves.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------
@@ -1070,7 +1055,7 @@ def restore_state(s):
 # Temporary files of this script in a run folder (save_checkpoint, write_atomically,
 # plot_curves): unique names; those of a killed run are removed at the next start.
 STALE_TEMPORARY = ("last.pt.*.tmp", "best.pt.*.tmp", "log.jsonl.*.tmp", "log.jsonl.tmp", "args.json.*.tmp",
-                   "curves.*.tmp.png")
+                   "curves.png.*.tmp")
 
 
 def lock_run_folder(out_dir):
@@ -1124,13 +1109,13 @@ def setup_run_folder(s):
     problem = claim_run_folder(s, out_dir) if s.rank == 0 else None
     if problem is None and s.rank == 0:
         try:
-            write_atomically(os.path.join(out_dir, "args.json"), json.dumps(vars(args), indent=1))
+            write_text_atomically(os.path.join(out_dir, "args.json"), json.dumps(vars(args), indent=1))
             # A fresh run starts an empty log; a resumed one forgets the lines of epochs
             # after its checkpoint (written before a kill, and about to be redone) and a
             # torn last line.
             records = [r for r in read_log(os.path.join(out_dir, "log.jsonl"), s.notes.append)
                        if r["epoch"] <= s.start_epoch] if s.ckpt else []
-            write_atomically(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+            write_text_atomically(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
         except OSError as e:
             problem = f"cannot write to the run folder {out_dir} ({e.strerror or e}): choose a writable --output"
     s.out_dir, problem = from_rank0(s.world, out_dir, problem)

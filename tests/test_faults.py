@@ -254,7 +254,7 @@ def test_train_and_val_class_folders_must_match_and_are_named(tmp_path):
 
 def test_temporary_files_of_killed_runs_are_removed(cifar, tmp_path):
     out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--stop-after", "1", "--subset", "16")
-    stale = ["last.pt.k1ll3d.tmp", "best.pt.x7.tmp", "log.jsonl.tmp", "curves.a1.tmp.png"]
+    stale = ["last.pt.k1ll3d.tmp", "best.pt.x7.tmp", "log.jsonl.tmp", "curves.png.a1.tmp"]
     for name in stale:
         open(os.path.join(out, name), "wb").write(b"half")
     open(os.path.join(out, "notes.txt"), "w").write("mine")

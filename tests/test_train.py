@@ -392,3 +392,13 @@ def test_tau_option_reaches_every_neuron():
     from neuron import LIFNode
     taus = {m.tau for m in model.modules() if isinstance(m, LIFNode)}
     assert taus == {4.0} and model.config.tau == 4.0          # stored with the config in checkpoints
+
+
+def test_atomic_writes_are_readable_as_usual_files(tmp_path):
+    """mkstemp makes private files (0600); the checkpoint, log and settings get the usual mode."""
+    path = str(tmp_path / "args.json")
+    qkformer.write_atomically(path, lambda f: f.write(b"{}"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["args.json"]
