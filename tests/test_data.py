@@ -3,12 +3,9 @@
 All data is written by the tests in the official formats (tests/_fakedata.py); nothing is
 read from ../shared or the network (the "download" comes from a server on 127.0.0.1).
 """
-import functools
 import hashlib
-import http.server
 import os
 import pickle
-import threading
 
 import numpy as np
 import pytest
@@ -151,19 +148,6 @@ def test_data_file_cannot_run_code(tmp_path):
 
 # ---------------------------------------------------------------- download, md5, extraction
 
-@pytest.fixture
-def http_server(tmp_path):
-    """Serve the folder tmp_path/www on 127.0.0.1; yields its base URL."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _point_at(monkeypatch, url, md5):

@@ -6,22 +6,19 @@ from ../shared or the network (the "download" comes from a server on 127.0.0.1).
 """
 import functools
 import hashlib
-import http.server
 import io
 import json
 import os
-import threading
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 from data import DataError
-from qkformer import (PRESETS, QKFormer, QKFormerConfig, convert_official_state_dict, count_parameters,
-                      create_model, load_official_state_dict, official_config, official_family)
+from qkformer import (PRESETS, QKFormer, count_parameters, create_model, load_official_state_dict,
+                      official_config, official_family)
 from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
                          write_aedat2, write_aedat31, write_cifar10dvs_tree, write_gesture_tree, write_labels)
 
@@ -205,19 +202,6 @@ def test_damaged_cache_file_gives_clear_error(tmp_path):
         train[0]
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """Serve the folder tmp_path/www on 127.0.0.1; yields its base URL."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _class_zip(cls, n=2, top_folder=True):
@@ -477,31 +461,7 @@ def test_dvs_invalid_configuration(overrides, message):
         create_model("cifar10dvs", **overrides)
 
 
-@pytest.mark.parametrize("name", ["cifar10dvs", "dvs128gesture"])
-def test_dvs_parity_with_official_code(name):
-    """Eval logits, train logits, loss and every gradient match the official code to 1e-9 (float64)."""
-    golden = torch.load(os.path.join(GOLDEN, f"official_{name}_small.pt"), weights_only=True)
-    settings = {k: v for k, v in golden["config"].items() if k != "input_layout"}
-    model = QKFormer(QKFormerConfig(**settings, depths=2)).double()
-    load_official_state_dict(model, golden["official_state_dict"])
-    # the official input is (B, T, 2, H, W) event counts; this model takes (T, B, 2, H, W)
-    x, target = golden["input"].transpose(0, 1), golden["target"]
-
-    model.eval()
-    with torch.no_grad():
-        assert torch.allclose(model(x), golden["logits_eval"], rtol=0, atol=1e-9)
-
-    model.train()
-    logits = model(x)
-    loss = F.cross_entropy(logits, target)
-    loss.backward()
-    assert torch.allclose(logits, golden["logits_train"], rtol=0, atol=1e-9)
-    assert abs(loss.item() - golden["loss_train"].item()) < 1e-9
-    grads = convert_official_state_dict(golden["grads"])
-    params = dict(model.named_parameters())
-    assert grads.keys() == params.keys()
-    for key, grad in grads.items():
-        assert torch.allclose(params[key].grad, grad, rtol=0, atol=1e-9), key
+# The golden parity of both DVS models: tests/test_model.py::test_parity_with_official_code.
 
 
 def test_official_family_rejects_unknown_embeddings():

@@ -21,8 +21,8 @@ import train
 from _fakedata import write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# embed_dim 32: stage widths 8, 16, 32. (With 16, stage 1's width 4 makes oneDNN's AVX2 backward of
-# the stride-2 1x1 convolution in channels-last crash: Conv2d(4, 8, 1, stride=2) alone does.)
+# embed_dim 32: stage widths 8, 16, 32. (Width 4 once crashed oneDNN's AVX2 backward of the strided
+# 1x1 shortcut; qkformer.ConvBNLIF now avoids that path, see test_model.py's strided-shortcut test.)
 TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "1"]
 
 
