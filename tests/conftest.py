@@ -4,7 +4,7 @@ The tests run the LIF neuron's eager kernels by default: compiling the fused ker
 (neuron.py, torch.compile) costs tens of seconds per process, which the many short
 test processes (DDP, CLI runs) would pay again and again. test_neuron.py checks the
 compiled kernels against the reference loop explicitly. Also: a local HTTP server for
-the download tests (CIFAR, CIFAR10-DVS).
+the download tests (CIFAR, CIFAR10-DVS); one thread and a fake CIFAR-10 for the training tests.
 """
 import functools
 import http.server
@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 os.environ.setdefault("QKFORMER_LIF", "eager")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,3 +32,23 @@ def http_server(tmp_path):
     yield www, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny training models are too small to gain from a second thread, and on a busy
+    2-core machine OpenMP threads waiting for each other make them several times slower.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    """A fake CIFAR-10 in the official layout: 40 training images, 16 test images."""
+    from _fakedata import write_cifar
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=8, n_test=16)
+    return str(root)

@@ -336,15 +336,6 @@ def test_training_step_on_cuda_fires_every_hook(kind):
 TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "2"]
 
 
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from _fakedata import write_cifar
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, per_file=8, n_test=16)           # 40 training images, 16 test images
-    return str(root)
-
-
 def _train(cifar, out, *extra):
     """train.py in a fresh process (its device settings stay there), the official cifar10
     recipe but a tiny model; returns the process."""

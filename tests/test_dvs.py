@@ -17,8 +17,7 @@ import torch
 
 import data
 from data import DataError
-from qkformer import (PRESETS, QKFormer, count_parameters, create_model, load_official_state_dict,
-                      official_config, official_family)
+from qkformer import create_model, official_family
 from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
                          write_aedat2, write_aedat31, write_cifar10dvs_tree, write_gesture_tree, write_labels)
 
@@ -402,32 +401,7 @@ def test_event_augment_draws_from_torch_and_flips():
 
 # ---------------------------------------------------------------- the DVS models (qkformer.py, family "dvs")
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-DVS_PARAMS = {"cifar10dvs": 1_504_138, "dvs128gesture": 1_999_371}
-
-
-@pytest.mark.parametrize("name", sorted(DVS_PARAMS))
-def test_dvs_preset_parameter_counts_equal_official(name):
-    assert count_parameters(create_model(name)) == DVS_PARAMS[name]
-
-
-@pytest.mark.parametrize("name", sorted(DVS_PARAMS))
-def test_dvs_official_keys_load_strictly(name):
-    """Every key and shape of both official DVS models maps onto this model."""
-    with open(os.path.join(GOLDEN, "official_state_dict_keys.json")) as f:
-        spec = json.load(f)[name]
-    official = {"module." + k: torch.zeros(shape, dtype=torch.int64 if k.endswith("num_batches_tracked")
-                                             else torch.float32)
-                for k, shape in spec["state_dict"].items()}
-    assert official_family(official) == "dvs"
-    config = official_config({"model": official})
-    preset = PRESETS[name]
-    assert (config.family, config.num_heads, config.mlp_ratio, config.img_size, config.in_channels,
-            config.depths) == ("dvs", 16, preset["mlp_ratio"], 128, 2, 2)
-    model = QKFormer(config)
-    assert count_parameters(model) == spec["num_params"]
-    load_official_state_dict(model, {"model": official})
-    assert model.config.official_quirks
+# Parameter counts, official keys and golden parity of the DVS presets: tests/test_model.py.
 
 
 def test_dvs_layout():

@@ -24,25 +24,11 @@ import torch
 import data
 import qkformer
 import train
-from _fakedata import write_cifar, write_imagenet
+from _fakedata import write_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, per_file=8, n_test=16)  # 40 training images (5 steps of 8), 16 test images
-    return str(root)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py
 
 
 def run(cifar, out, *extra):

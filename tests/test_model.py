@@ -15,11 +15,12 @@ from qkformer import (ATTENTIONS, PRESETS, QKAttention, QKFormer, QKFormerConfig
                       SpikingSelfAttention,
                       convert_official_state_dict, count_parameters, create_model,
                       fold_batchnorm, load_checkpoint, load_official_state_dict, model_from_checkpoint,
-                      official_config, unwrap_state_dict)
+                      official_config, official_family, unwrap_state_dict)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 OFFICIAL_PARAMS = {"cifar10": 6_706_234, "cifar100": 6_740_884, "imagenet_10_384": 16_473_688,
-                   "imagenet_10_512": 29_079_336, "imagenet_10_768": 64_962_760}
+                   "imagenet_10_512": 29_079_336, "imagenet_10_768": 64_962_760,
+                   "cifar10dvs": 1_504_138, "dvs128gesture": 1_999_371}
 
 
 def small(**overrides):
@@ -36,15 +37,16 @@ def test_preset_parameter_counts_equal_official(name):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_official_keys_load_strictly(name):
-    """Every key and shape of the five released models maps onto this model."""
+    """Every key and shape of the seven released models maps onto this model."""
     with open(os.path.join(GOLDEN, "official_state_dict_keys.json")) as f:
         spec = json.load(f)[name]
     official = {"module." + k: torch.zeros(shape, dtype=torch.int64 if k.endswith("num_batches_tracked")
                                              else torch.float32)
                 for k, shape in spec["state_dict"].items()}
+    assert official_family(official) == PRESETS[name]["family"]
     config = official_config({"model": official})
-    assert (config.num_heads, config.family) == (
-        PRESETS[name]["num_heads"], PRESETS[name]["family"])
+    for field in ("family", "num_heads", "mlp_ratio", "img_size", "in_channels", "depths"):
+        assert getattr(config, field) == PRESETS[name].get(field, getattr(config, field)), field
     model = QKFormer(config)
     assert count_parameters(model) == spec["num_params"]
     load_official_state_dict(model, {"model": official})

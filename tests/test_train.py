@@ -18,29 +18,12 @@ import torch
 import data
 import qkformer
 import train
-from _fakedata import write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # embed_dim 32: stage widths 8, 16, 32. (Width 4 once crashed oneDNN's AVX2 backward of the strided
 # 1x1 shortcut; qkformer.ConvBNLIF now avoids that path, see test_model.py's strided-shortcut test.)
 TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are too small to gain from a second thread, and on a busy 2-core machine
-    OpenMP threads waiting for each other make them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, per_file=8, n_test=16)  # 40 training images, 16 test images
-    return str(root)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py
 
 
 def run(cifar, out, *extra):
