@@ -648,6 +648,11 @@ PRESETS = {
     # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
     "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
                  num_heads=4, mlp_ratio=4.0, T=2),
+    # The model of train.py's --recipe cpu and --recipe lab: CIFAR images through the ImageNet
+    # family's layout, whose first embedding downsamples by 4 (tokens 8x8, 4x4, 2x2; the CIFAR
+    # layout keeps 32x32 tokens in stage 1). Each image costs a few times less on a CPU.
+    "small": dict(family="imagenet", num_classes=10, img_size=32, embed_dim=128, depths=4,
+                  num_heads=4, mlp_ratio=4.0, T=2),                          # 608,730
     # The official models. Parameter counts (checked by the tests) equal the released ones.
     "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
                     num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
@@ -897,6 +902,23 @@ def write_atomically(path: str, write: Callable):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+RELEASE_KEYS = ("version", "model", "config", "args", "best_top1")
+
+
+def release_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float16) -> dict:
+    """What a training checkpoint holds that is needed to use the model: its weights (floats
+    stored as `dtype`: float16 halves the file), its config and the run's settings and
+    top-1 (RELEASE_KEYS); not the optimizer's state, which is twice the weights. The file
+    that README's shipped checkpoint is: `model_from_checkpoint` reads it as any other (the
+    weights come back as float32, rounded to float16 once)."""
+    missing = [k for k in ("model", "config") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"not a checkpoint of this project's training: it lacks {missing}")
+    weights = {k: v.to(dtype) if v.is_floating_point() else v
+               for k, v in unwrap_state_dict(checkpoint["model"]).items()}
+    return {**{k: checkpoint[k] for k in RELEASE_KEYS if k in checkpoint}, "model": weights}
 
 
 def save_checkpoint(obj: dict, path: str):
