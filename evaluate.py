@@ -1087,7 +1087,7 @@ def run_evaluation(args) -> dict:
                                             spec.std, class_names, display=display, titles=titles)
         if events:                                  # a sample's T frames, ON and OFF events
             path = os.path.join(out, "event_frames.png")
-            plot_event_frames(first, path, [class_names[label] for _, label in shown])
+            plot_event_frames(first, path, [t.replace(" (", "\n(") for t in titles])
             metrics["pictures"].append(path)
     print_report(metrics)
     if chosen:
