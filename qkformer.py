@@ -141,6 +141,10 @@ class QKFormerConfig:
                  ablation.
     official_quirks: reproduce the official code's batch-mixing SSA neuron (see
                  `SpikingSelfAttention`); needed to match the released checkpoints exactly.
+    speds:       True: every patch embedding has the deformed shortcut of Eq. (9) (the
+                 paper's model). False: F alone, a plain spiking patch embedding without
+                 shortcut, the "w/o SPEDS" rows of the paper's ablation (Table 5); our
+                 reading of that ablation, as the paper shows no code for it.
     The spiking neurons (neuron.py; every neuron of the model is built by `make_neuron`):
     neuron:      a key of neuron.NEURONS: "lif" (the paper's), "if" (integrate-and-fire, no
                  leak) or "plif" (parametric LIF, a learned tau): Table 7's ablation.
@@ -160,6 +164,7 @@ class QKFormerConfig:
     T: int = 4
     attention: Optional[Tuple[str, ...]] = None
     official_quirks: bool = False
+    speds: bool = True
     neuron: str = "lif"
     tau: float = 2.0
     v_threshold: float = 1.0
@@ -503,9 +508,13 @@ class SPEDS(nn.Module):
                                                           stride 8 (128x128 -> 16x16 tokens)
                stage 2: F = [conv, conv + pool]           stride 2
     A stem of one layer is that ConvBNLIF, of several an nn.Sequential of them.
+
+    With shortcut=None it is Y = F(Z) alone: the ablation "without SPEDS" (Table 5;
+    QKFormerConfig.speds=False).
     """
 
-    def __init__(self, stem: Optional[nn.Module], main: nn.Sequential, shortcut: ConvBNLIF):
+    def __init__(self, stem: Optional[nn.Module], main: nn.Sequential,
+                 shortcut: Optional[ConvBNLIF]):
         super().__init__()
         self.stem = stem if stem is not None else nn.Identity()
         self.main = main
@@ -513,6 +522,8 @@ class SPEDS(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.stem(x)
+        if self.shortcut is None:
+            return self.main(z)
         return self.main(z) + self.shortcut(z)
 
 
@@ -530,7 +541,8 @@ def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int
 
     stem, z_channels = chain(spec.stem, in_channels)
     main, _ = chain(spec.main, z_channels)
-    shortcut = ConvBNLIF(z_channels, width, 1, stride=spec.shortcut_stride, config=config)
+    shortcut = (ConvBNLIF(z_channels, width, 1, stride=spec.shortcut_stride, config=config)
+                if config.speds else None)
     stem = None if not stem else stem[0] if len(stem) == 1 else nn.Sequential(*stem)
     return SPEDS(stem, nn.Sequential(*main), shortcut)
 

@@ -107,6 +107,7 @@ DEFAULTS = dict(
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
     mixup_prob=1.0, dvs_split=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None, tau=None,
+    speds=None,
 )
 
 # Options that belong to one invocation: never taken over from a resumed run.
@@ -176,6 +177,9 @@ def add_recipe_options(g):
                    "plif, LIF with a learned time constant")
     g.add_argument("--tau", type=float, help="membrane time constant of lif (the initial one of plif); "
                    "default 2, the official code's value (the paper gives none)")
+    g.add_argument("--speds", action=argparse.BooleanOptionalAction, help="the deformed shortcut "
+                   "of every patch embedding (SPEDS, Eq. (9); default on); --no-speds: without it, "
+                   "the paper's ablation (Table 5)")
     g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone on a "
                    "new run, it keeps the recipe's warm-up share and drops its cool-down, and says so)")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "
@@ -456,7 +460,8 @@ def gather_rng_states(world):
 # Model, optimizer and learning-rate schedule
 # ----------------------------------------------------------------------------
 
-MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio", "attention", "neuron", "tau")
+MODEL_OVERRIDES = ("embed_dim", "depths", "num_heads", "mlp_ratio", "attention", "neuron", "tau",
+                   "speds")
 
 
 def model_overrides(args) -> dict:

@@ -6,6 +6,11 @@ The conventions, shared by every markdown file whose code the tests check:
     `<!-- not run -->` just before a block (blank lines allowed in between) marks a block
     that is shown but not run; a line `<!-- file: NAME -->` marks a block that is the content
     of a file the reader saves as NAME. `read_blocks` returns the blocks with these marks.
+  * A line `<!-- output -->` (or `<!-- output tol=0.1 -->`) before a ```text block marks it
+    as what the run block just above it prints. `run_page` runs a page's blocks and compares:
+    line by line, numbers within a relative tolerance (default 2e-2, absolute 1e-3 near
+    zero), everything else exactly, runs of spaces not significant. A run block that prints
+    and is not followed by its output is an error too: the page shows every output.
   * A bash block holds command lines; `command_lines` splits it into logical lines
     (backslash continuations joined, comments dropped).
   * A command line that runs one of the project's scripts (`python train.py ...`,
@@ -25,7 +30,10 @@ import io
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import time
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +43,9 @@ if ROOT not in sys.path:                    # the project's scripts, as conftest
 SCRIPTS = ("train.py", "evaluate.py", "complexity.py", "benchmark.py")
 
 FENCE = re.compile(r"^```(\w*)\s*$")
-MARK = re.compile(r"^<!--\s*(not run|file:\s*(\S+))\s*-->\s*$")
+MARK = re.compile(r"^<!--\s*(not run|file:\s*(\S+)|output(?:\s+tol=(\S+))?)\s*-->\s*$")
+DEFAULT_TOL = 2e-2                          # relative tolerance of printed numbers
+NUMBER = re.compile(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -43,8 +53,9 @@ MARK = re.compile(r"^<!--\s*(not run|file:\s*(\S+))\s*-->\s*$")
 
 def read_blocks(path):
     """The fenced blocks of a markdown file, in order: dicts with lang, code, line (of the
-    first code line, 1-based), run (False after <!-- not run -->) and file (a name after
-    <!-- file: NAME -->, else None)."""
+    first code line, 1-based), run (False after <!-- not run -->), file (a name after
+    <!-- file: NAME -->, else None) and output (the tolerance after <!-- output -->: the
+    block is what the run block before it prints; else None)."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     name = os.path.basename(path)
@@ -63,9 +74,13 @@ def read_blocks(path):
             end += 1
         if end == len(lines):
             raise ValueError(f"{name}:{i + 1}: a code block that is never closed")
+        output = None
+        if mark and mark.group(1).startswith("output"):
+            output = float(mark.group(3)) if mark.group(3) else DEFAULT_TOL
         blocks.append(dict(lang=m.group(1), code="\n".join(lines[i + 1:end]) + "\n", line=i + 2,
-                           run=not (mark and mark.group(1) == "not run"),
-                           file=mark.group(2) if mark and mark.group(2) else None))
+                           run=not (mark and mark.group(1) == "not run") and output is None,
+                           file=mark.group(2) if mark and mark.group(2) else None,
+                           output=output))
         i = end + 1
     return blocks
 
@@ -90,6 +105,142 @@ def markdown_table_after(text, marker):
         if not all(set(c) <= set("-: ") for c in cells):   # skip the |---|---| line
             rows.append(cells)
     return rows[0], rows[1:]
+
+
+# ----------------------------------------------------------------------------------------
+# Running a page: its blocks in order, their printed output against the page's
+
+SCRATCH = "scratch"     # where a page's code writes its pictures; the page shows docs/ copies
+LINKED = ("tests/golden", "checkpoints", "scripts")   # besides the .py files of the root
+
+
+def prepare_workdir(workdir):
+    """Make `workdir` look like the repository root: the project's scripts, the golden files,
+    the shipped checkpoints and scripts/, linked (copied where links are not possible)."""
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            _link(os.path.join(ROOT, name), os.path.join(workdir, name))
+    for name in LINKED:
+        if os.path.exists(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(workdir, name)), exist_ok=True)
+            _link(os.path.join(ROOT, name), os.path.join(workdir, name))
+
+
+def _link(src, dst):
+    if os.path.lexists(dst):
+        return
+    try:
+        os.symlink(src, dst)
+    except OSError:
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+
+
+def output_mismatch(expected, printed, tol=DEFAULT_TOL):
+    """None if `printed` reads as `expected` (numbers within `tol`, relative, or 1e-3
+    absolute; other text exactly, runs of white space not significant), else a message."""
+    want = [line.split() for line in expected.strip("\n").splitlines()]
+    got = [line.split() for line in printed.strip("\n").splitlines()]
+    if len(want) != len(got):
+        return f"{len(got)} lines printed, the page shows {len(want)}"
+    for n, (w, g) in enumerate(zip(want, got), 1):
+        w, g = NUMBER.split(" ".join(w)), NUMBER.split(" ".join(g))
+        if len(w) != len(g) or w[0::2] != g[0::2]:
+            return f"line {n}: printed {' '.join(g)!r}, the page shows {' '.join(w)!r}"
+        for a, b in zip(w[1::2], g[1::2]):
+            if abs(float(a) - float(b)) > max(tol * max(abs(float(a)), abs(float(b))), 1e-3):
+                return f"line {n}: printed {b}, the page shows {a} (tolerance {tol:g})"
+    return None
+
+
+def run_page(path, workdir, namespace=None, log=print):
+    """Run every block of the markdown file `path` in `workdir` (see `prepare_workdir`), in
+    order, python blocks in one namespace (returned), bash blocks with `bash -eo pipefail`;
+    `<!-- file: NAME -->` blocks are written to NAME. What each run block prints is compared
+    with the `<!-- output -->` block after it. Raises AssertionError naming page:line."""
+    name = os.path.basename(path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    namespace = {"__name__": "__page__"} if namespace is None else namespace
+    old_cwd, old_path = os.getcwd(), list(sys.path)
+    os.chdir(workdir)
+    sys.path[:0] = [ROOT, workdir]
+    printed, where = "", None              # the last run block's output, not yet compared
+    try:
+        for block in read_blocks(path):
+            here = f"{name}:{block['line']}"
+            if block["output"] is not None:
+                if where is None:
+                    raise AssertionError(f"{here}: an output block that follows no run block")
+                problem = output_mismatch(block["code"], printed, block["output"])
+                if problem:
+                    raise AssertionError(f"{where}: the output differs from the page's ({here}): "
+                                         f"{problem}\nprinted:\n{printed}")
+                printed, where = "", None
+                continue
+            if printed.strip():
+                raise AssertionError(f"{where}: the block prints, but the page shows no "
+                                     f"<!-- output --> block after it. It printed:\n{printed}")
+            printed, where = "", None
+            if block["file"]:
+                with open(os.path.join(workdir, block["file"]), "w") as f:
+                    f.write(block["code"])
+                continue
+            if not block["run"] or block["lang"] not in ("python", "bash"):
+                continue
+            start, where = time.time(), here
+            if block["lang"] == "python":
+                # padded with blank lines, so that tracebacks give the page's line numbers
+                code = compile("\n" * (block["line"] - 1) + block["code"], name, "exec")
+                out = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(out):
+                        exec(code, namespace)
+                except Exception as e:
+                    raise AssertionError(f"the python block at {here} failed: "
+                                         f"{type(e).__name__}: {e}") from e
+                printed = out.getvalue()
+            else:
+                proc = subprocess.run(["bash", "-eo", "pipefail", "-c", block["code"]], cwd=workdir,
+                                      env=env, capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise AssertionError(f"the bash block at {here} failed (exit {proc.returncode}):\n"
+                                         f"{block['code']}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                         f"stderr:\n{proc.stderr[-3000:]}")
+                printed = proc.stdout
+            log(f"{here} ({block['lang']}) {time.time() - start:.1f} s")
+        if printed.strip():
+            raise AssertionError(f"{where}: the block prints, but the page shows no "
+                                 f"<!-- output --> block after it. It printed:\n{printed}")
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+    return namespace
+
+
+def check_pictures(path, workdir, max_bytes=150 * 1024):
+    """Every picture the page shows, ![...](docs/NAME.png), is committed (smaller than
+    `max_bytes`) and was written by the run as scratch/NAME.png, or, for a trained model's
+    pictures, lies in a folder that a not-run command of the page writes (--output docs/...)."""
+    with open(path, encoding="utf-8") as f:
+        shown = pictures_shown(f.read())
+    not_run = "\n".join(b["code"] for b in read_blocks(path) if not b["run"])
+    for picture in shown:
+        committed = os.path.join(ROOT, picture)
+        assert os.path.isfile(committed), f"{picture} is shown but not committed"
+        assert os.path.getsize(committed) < max_bytes, f"{picture} is too large"
+        produced = os.path.join(workdir, scratch_path(picture))
+        if os.path.exists(produced):
+            with open(produced, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n", picture
+        else:
+            folder = os.path.dirname(picture)
+            assert re.search(rf"--output\s+{re.escape(folder)}\b", not_run), \
+                f"{picture} is written neither into {SCRATCH}/ by the page's code nor by a command it shows"
+    return shown
+
+
+def scratch_path(picture):
+    """docs/NAME.png -> scratch/NAME.png: where the page's code writes what docs/ holds."""
+    return os.path.join(SCRATCH, os.path.relpath(picture, "docs"))
 
 
 # ----------------------------------------------------------------------------------------

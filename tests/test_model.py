@@ -151,6 +151,27 @@ def test_speds_pool_positions():
     assert [len(s.blocks) for s in small(family="imagenet", img_size=64, depths=5).stages] == [1, 2, 2]
 
 
+def test_speds_switch_removes_the_deformed_shortcut_only():
+    """speds=False (train.py --no-speds, Table 5's ablation): every embedding is F(Z) alone,
+    with the same weights for F; the parameters lost are exactly the shortcuts'."""
+    torch.manual_seed(0)
+    with_speds = create_model("tiny", embed_dim=32, num_heads=2, T=2).eval()
+    without = create_model("tiny", embed_dim=32, num_heads=2, T=2, speds=False).eval()
+    assert all(s.embed.shortcut is None for s in without.stages)
+    shortcuts = sum(p.numel() for s in with_speds.stages for p in s.embed.shortcut.parameters())
+    assert (count_parameters(with_speds) - count_parameters(without)) == shortcuts
+    missing, unexpected = without.load_state_dict(with_speds.state_dict(), strict=False)
+    assert not missing and all(".embed.shortcut." in k for k in unexpected)
+    x = torch.randn(2, 3, 32, 32)
+    embed, plain = with_speds.stages[0].embed, without.stages[0].embed
+    image = x.unsqueeze(0).repeat(2, 1, 1, 1, 1)                   # (T, B, C, H, W)
+    with torch.no_grad():
+        embed.shortcut.bn.bias.fill_(5.0)                          # a shortcut that fires
+        assert torch.equal(plain(image), embed.main(embed.stem(image)))
+        assert torch.equal(embed(image), plain(image) + embed.shortcut(embed.stem(image)))
+        assert not torch.equal(plain(image), embed(image))
+
+
 def test_event_input_used_as_is():
     model = small().eval()
     seq = torch.randn(5, 2, 3, 32, 32)                       # T=5 time steps of events

@@ -3,9 +3,9 @@
 How tutorial.md is read (the conventions its authors follow):
 
   * ```python blocks are executed in order, in one namespace, in a temporary working
-    directory laid out like the repository root: the project's .py files and
-    tests/golden/ are linked there, and the repository is on sys.path. Whatever a block
-    writes (pictures under docs/, JSON files) lands in that directory.
+    directory laid out like the repository root: the project's .py files, tests/golden/,
+    checkpoints/ and scripts/ are linked there, and the repository is on sys.path. Whatever
+    a block writes (pictures under scratch/, JSON files) lands in that directory.
   * ```bash blocks are commands, run there with `bash -eo pipefail`, in turn with the
     python blocks (a later python block may read what a command wrote).
   * A line `<!-- not run -->` just before a block (blank lines allowed in between) marks
@@ -16,9 +16,12 @@ How tutorial.md is read (the conventions its authors follow):
   * A line `<!-- file: NAME -->` just before a block: the block is the content of a file
     the reader saves as NAME; the test writes it to NAME in the working directory.
   * Other fences (```text, bare ```) are not run.
+  * A line `<!-- output -->` before a ```text block: what the run block above prints. The
+    run compares them (numbers within 2 %), and a block that prints must show its output.
   * Every picture the tutorial shows, ![...](docs/NAME.png), is committed under docs/,
-    is smaller than 150 KB, and is written by the run into docs/ of the working directory,
-    or, for pictures of a trained model, named by a not-run command (`--output docs/...`).
+    is smaller than 150 KB, and is written by the run as scratch/NAME.png (never over the
+    committed docs/), or, for pictures of a trained model, named by a not-run command
+    (`--output docs/...`).
   * The table after `<!-- shapes table -->` (section 4) is compared with the stage outputs
     that the tutorial's code records (`stage_shapes`: forward hooks on the real presets) and
     with the models it names; the table after `<!-- presets table -->` with their configs.
@@ -29,23 +32,22 @@ How tutorial.md is read (the conventions its authors follow):
 
 The whole run takes about half a minute on two CPU cores (tiny models, T <= 4).
 
-The committed pictures under docs/ come from the same run. To regenerate them:
+The committed pictures under docs/ come from the same run (of the tutorial and of the
+labs, labs/*.md, which tests/test_labs.py runs the same way). To regenerate them:
 
     python tests/test_tutorial.py --write-docs
 """
 import argparse
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
-from _markdown import (check_command, command_lines, markdown_table_after, pictures_shown,
-                       read_blocks)
+from _markdown import (check_command, check_pictures, command_lines, markdown_table_after,
+                       output_mismatch, pictures_shown, prepare_workdir, read_blocks, run_page,
+                       scratch_path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = os.path.join(ROOT, "tutorial.md")
@@ -59,62 +61,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")          # pictures to files, no disp
 # ----------------------------------------------------------------------------------------
 # Running tutorial.md
 
-def prepare_workdir(workdir):
-    """Make `workdir` look like the repository root: the project's scripts and the golden
-    files, linked (copied where links are not possible)."""
-    for name in os.listdir(ROOT):
-        if name.endswith(".py"):
-            _link(os.path.join(ROOT, name), os.path.join(workdir, name))
-    os.makedirs(os.path.join(workdir, "tests"), exist_ok=True)
-    _link(os.path.join(ROOT, "tests", "golden"), os.path.join(workdir, "tests", "golden"))
-
-
-def _link(src, dst):
-    try:
-        os.symlink(src, dst)
-    except OSError:
-        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
-
-
 def run_tutorial(workdir, log=print):
     """Run every block of tutorial.md in `workdir`; returns the python namespace.
-    Raises AssertionError naming the block (tutorial.md line) that failed."""
+    Raises AssertionError naming the block (tutorial.md line) that failed or printed
+    something else than the page shows."""
     prepare_workdir(workdir)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    namespace = {"__name__": "__tutorial__"}
-    old_cwd, old_path = os.getcwd(), list(sys.path)
-    os.chdir(workdir)
-    sys.path[:0] = [ROOT, workdir]
-    try:
-        for block in read_blocks(TUTORIAL):
-            where = f"tutorial.md:{block['line']}"
-            if block["file"]:
-                with open(os.path.join(workdir, block["file"]), "w") as f:
-                    f.write(block["code"])
-                continue
-            if not block["run"] or block["lang"] not in ("python", "bash"):
-                continue
-            start = time.time()
-            if block["lang"] == "python":
-                # padded with blank lines, so tracebacks give tutorial.md's line numbers
-                code = compile("\n" * (block["line"] - 1) + block["code"], "tutorial.md", "exec")
-                try:
-                    exec(code, namespace)
-                except Exception as e:
-                    raise AssertionError(f"the python block at {where} failed: "
-                                         f"{type(e).__name__}: {e}") from e
-            else:
-                proc = subprocess.run(["bash", "-eo", "pipefail", "-c", block["code"]], cwd=workdir,
-                                      env=env, capture_output=True, text=True, timeout=300)
-                if proc.returncode != 0:
-                    raise AssertionError(f"the bash block at {where} failed (exit {proc.returncode}):\n"
-                                         f"{block['code']}\nstdout:\n{proc.stdout[-3000:]}\n"
-                                         f"stderr:\n{proc.stderr[-3000:]}")
-            log(f"{where} ({block['lang']}) {time.time() - start:.1f} s")
-    finally:
-        os.chdir(old_cwd)
-        sys.path[:] = old_path
-    return namespace
+    return run_page(TUTORIAL, workdir, {"__name__": "__tutorial__"}, log=log)
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,23 +91,16 @@ def test_every_block_runs(tutorial_run):
 
 def test_pictures_are_written_by_the_tutorial_and_committed(tutorial_run):
     workdir, _ = tutorial_run
-    with open(TUTORIAL, encoding="utf-8") as f:
-        text = f.read()
-    shown = pictures_shown(text)
-    assert len(shown) >= 4
-    not_run = "\n".join(b["code"] for b in read_blocks(TUTORIAL) if not b["run"])
-    for path in shown:
-        committed = os.path.join(ROOT, path)
-        assert os.path.isfile(committed), f"{path} is shown but not committed"
-        assert os.path.getsize(committed) < MAX_PICTURE_BYTES, f"{path} is too large"
-        produced = os.path.join(workdir, path)
-        if not os.path.exists(produced):
-            folder = os.path.dirname(path)
-            assert re.search(rf"--output\s+{re.escape(folder)}\b", not_run), \
-                f"{path} is neither written by the tutorial's code nor by a command it shows"
-        else:
-            with open(produced, "rb") as f:
-                assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+    assert len(check_pictures(TUTORIAL, workdir, MAX_PICTURE_BYTES)) >= 4
+
+
+def test_every_printing_block_shows_its_output():
+    """The run itself compares each block's output with the page (run_page); here: the page
+    does show outputs, and the checker does catch a page that drifted from the code."""
+    assert sum(b["output"] is not None for b in read_blocks(TUTORIAL)) >= 10
+    assert output_mismatch("spikes per level: [0, 4, 10]", "spikes per level: [0, 5, 10]")
+    assert output_mismatch("loss 2.303", "loss 2.303\nextra line")
+    assert not output_mismatch("mean  0.500 ", "mean 0.5004")
 
 
 def test_shapes_table_matches_the_model(tutorial_run):
@@ -240,29 +185,39 @@ def test_commands_not_run_are_valid():
 # ----------------------------------------------------------------------------------------
 # Regenerating the committed pictures
 
+def pages():
+    """The markdown pages whose code the tests run: the tutorial and the labs."""
+    labs = os.path.join(ROOT, "labs")
+    return [TUTORIAL] + (sorted(os.path.join(labs, n) for n in os.listdir(labs) if n.endswith(".md"))
+                         if os.path.isdir(labs) else [])
+
+
 def write_docs():
-    """Run the tutorial in a temporary folder and copy the pictures it shows into docs/,
-    as 256-colour PNGs (the same picture, a fraction of the bytes)."""
+    """Run the tutorial and the labs in temporary folders and copy the pictures they show
+    from scratch/ into docs/, as 256-colour PNGs (the same picture, a fraction of the bytes)."""
     from PIL import Image
-    with open(TUTORIAL, encoding="utf-8") as f:
-        shown = pictures_shown(f.read())
-    with tempfile.TemporaryDirectory() as workdir:
-        run_tutorial(workdir)
-        for path in shown:
-            src = os.path.join(workdir, path)
-            if not os.path.exists(src):
-                print(f"{path}: not written by the run (a trained model's picture), left as it is")
-                continue
-            dst = os.path.join(ROOT, path)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            Image.open(src).convert("RGB").quantize(256).save(dst, optimize=True)
-            print(f"wrote {path} ({os.path.getsize(dst) // 1024} KB)")
+    for page in pages():
+        with open(page, encoding="utf-8") as f:
+            shown = pictures_shown(f.read())
+        with tempfile.TemporaryDirectory() as workdir:
+            prepare_workdir(workdir)
+            run_page(page, workdir)
+            for path in shown:
+                src = os.path.join(workdir, scratch_path(path))
+                if not os.path.exists(src):
+                    print(f"{path}: not written by the run (a trained model's picture), left as it is")
+                    continue
+                dst = os.path.join(ROOT, path)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                Image.open(src).convert("RGB").quantize(256).save(dst, optimize=True)
+                print(f"wrote {path} ({os.path.getsize(dst) // 1024} KB)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write-docs", action="store_true",
-                        help="run the tutorial and copy the pictures it writes into docs/")
+                        help="run the tutorial and the labs and copy the pictures they write "
+                             "into scratch/ to docs/")
     if parser.parse_args().write_docs:
         write_docs()
     else:
