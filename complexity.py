@@ -1,10 +1,13 @@
 """The memory / time experiment that shows why Q-K attention is linear in the number of tokens.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
-NeurIPS 2024 (arXiv:2403.16552), Section 4.3 "Memory Consumption", Figure 3(b) and Table 9:
-the memory of one QKTA layer against one SSA layer as the number of tokens N grows (here also
-the time). Section 3.2 and Table 1 give the complexities: O(N D) for Q-K token attention,
-O(N^2 D) for SSA computed with its N x N attention map.
+NeurIPS 2024 (arXiv:2403.16552), Section 4.3 "Memory Consumption", Figure 3(b) and Appendix
+Table 9 (which the paper introduces as "the detailed values of Figure 4"): the memory of one
+QKTA layer against one SSA layer as the number of tokens N grows (here also the time).
+Table 1 gives the complexities, D being the channels of the layer (C here): QKTA time O(D),
+space O(N); QKCA time O(N), space O(D); SSA time O(N^2 D), space O(N^2 + N D), counted with
+its N x N attention map. Section 3.2 adds that with a broadcast multiplication instead of
+the mask "the time complexity can reach up to O(N * D)", the work our timing measures.
 
 Usage:
     python complexity.py --max-side 100                 # sqrt(N) = 10, 20, ..., 100

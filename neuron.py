@@ -3,14 +3,16 @@ trained with a surrogate gradient.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
 Attention", NeurIPS 2024, Appendix 6.1 (the LIF model) and 6.5 (the sigmoid surrogate
-gradient). The paper gives the equations but no values; the values below (tau = 2,
-V_th = 1, 0.5 for the attention neurons, alpha = 4) are the official code's: it uses
-SpikingJelly's `MultiStepLIFNode(tau=2.0, detach_reset=True)` with a hard reset to 0 and
-the sigmoid surrogate. This file reproduces it exactly, without SpikingJelly.
+gradient). Appendix 6.1 gives the equations but no values: tau = 2, V_th = 1 and 0.5 for
+the attention neurons are the official code's (SpikingJelly's
+`MultiStepLIFNode(tau=2.0, detach_reset=True)`, hard reset to 0). alpha = 4 is both the
+paper's (Appendix 6.5: "we select the Sigmoid function sigma(x) as the surrogate function
+with alpha=4") and the official code's. This file reproduces the official neuron exactly,
+without SpikingJelly.
 
-The neuron, for a time step t (the three lines of the LIF model in Appendix 6.1; labelled
-(N1)-(N3) here so that they are not mistaken for the paper's Eq. (1)-(3), which are about
-attention):
+The neuron, for a time step t: the three lines the paper prints as one equation in
+Appendix 6.1, labelled (N1)-(N3) here so that they are not mistaken for the paper's
+Eq. (1)-(3), which are about attention:
 
     charge  H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau           (N1)
     fire    S[t] = Heaviside(H[t] - V_th)        Heaviside(0) = 1        (N2)
@@ -203,7 +205,8 @@ class LIFNode(SpikingNeuron):
     Args:
         tau: membrane time constant (official code: 2.0); None for an IF neuron (no leak).
         v_threshold: firing threshold V_th (official code: 1.0; 0.5 for attention neurons).
-        alpha: sharpness of the sigmoid surrogate gradient (official code: 4.0).
+        alpha: sharpness of the sigmoid surrogate gradient (the paper's Appendix 6.5 and the
+            official code: 4.0).
         reference: run the autograd loop `lif_reference` instead of the fast path
             `lif_fast` (part 2), which computes the same spikes and gradients.
     """

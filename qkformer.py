@@ -151,7 +151,8 @@ class QKFormerConfig:
     tau:         the membrane time constant of "lif"; the initial one of "plif" (official code: 2).
     v_threshold: the firing threshold of every neuron but the attention's (official code: 1).
     attn_v_threshold: the threshold of the attention neurons, A_t, A_c and SSA's (official code: 0.5).
-    surrogate_alpha: the sharpness of the sigmoid surrogate gradient (official code: 4).
+    surrogate_alpha: the sharpness of the sigmoid surrogate gradient (the paper's Appendix 6.5
+                 and the official code: 4).
     """
     family: str = "cifar"
     num_classes: int = 10
@@ -336,11 +337,19 @@ class QKAttention(SpikeAttention):
         X' = A (*) K                                                 a mask on K, broadcast
         X'' = SN(BN(Linear(X')))                                    Eq. (7)
 
-    Cost: the sums and the mask touch each of the N*C spikes once, so time and memory grow
-    linearly with N, where SSA (below) builds C x C or N x N products. There is no V and no
-    softmax: the binary vector A itself says which tokens (or channels) matter. The
-    attention neuron's threshold (official code: 0.5, `attn_v_threshold`) lets one spike
-    in the sum fire it.
+    Cost: the sums and the mask touch each of the N*C spikes once, so the work and memory
+    grow linearly with N, where SSA (below) builds d x d or N x N products. (Table 1 of the
+    paper gives QKTA time O(D) and space O(N): in our reading, it counts the sum over the
+    channels as D additions of whole token rows; see tutorial.md, section 3.) There is no V,
+    no softmax and no scale: the binary vector A itself says which tokens (or channels)
+    matter.
+
+    The attention neuron: with the official code's tau = 2 and threshold 0.5
+    (`attn_v_threshold`) and a sum of spikes as input (an integer x >= 0), its potential
+    after a reset stays in [0, 0.5), so H = (V + x) / 2 reaches 0.5 exactly when x >= 1:
+    A is 1 where at least one spike of Q falls into the sum, at every step, whatever came
+    before. A memoryless OR over the head's channels (QKTA) or over the tokens (QKCA); our
+    observation, checked in tutorial.md, section 3.
     """
 
     def __init__(self, dim: int, num_heads: int, mode: str = "token",
@@ -381,11 +390,14 @@ class SpikingSelfAttention(SpikeAttention):
         SSA = SN(Q K^T V * s)
         X'' = SN(BN(Linear(SSA)))
 
-    with the official code's scale s = 0.125 and attention threshold 0.5 (`attn_v_threshold`).
-    There is no softmax: Q, K, V are non-negative, so Q (K^T V) can be computed right to
-    left, a d x d product per head, with cost O(N d^2). The explicit Q K^T of a standard
-    transformer would be N x N: that quadratic memory is what Q-K attention avoids
-    altogether and why QKFormer keeps SSA only in the last stage, where N is smallest.
+    Eq. (4) says only that "s is a scaling factor"; s = 0.125 and the attention threshold 0.5
+    (`attn_v_threshold`) are the official code's.
+    There is no softmax, so the product is associative: Q (K^T V) can be computed right to
+    left, a d x d product per head, with cost O(N d^2) (the paper: VSA and SSA "have
+    O(N^2 d) or O(N d^2) computational complexity"). Spikformer's code forms the N x N map
+    Q K^T first (`complexity.ExplicitSSA`): that quadratic memory is what Table 1 counts,
+    what Q-K attention avoids altogether, and why QKFormer keeps SSA only in the last
+    stage, where N is smallest.
 
     The official code's quirk (its issue 14): its last neuron runs over the tensor
     flattened to (T*B, C, N), so SpikingJelly takes T*B as the time axis. The membrane
@@ -488,14 +500,17 @@ class QKFormerBlock(nn.Module):
 # Patch embedding (Section 3.5)
 
 class SPEDS(nn.Module):
-    """Spiking Patch Embedding with Deformed Shortcut, Section 3.5, Eq. (9):
+    """Spiking Patch Embedding with Deformed Shortcut, Section 3.5. The paper's Eq. (9),
+    Y = F(X, {W_i}) + SN(W_d X), has no batch norm in the shortcut; the official code has
+    one, and so does this class:
 
         Y = F(Z) + SN(BN(Conv1x1_stride(Z)))
 
     F is two conv-BN-LIF layers that change the width and downsample with a max-pool;
-    the "deformed" shortcut is a strided 1x1 conv with its own BN and neuron, so that
-    the two branches meet at the same shape. Z is the input, or, for the first
-    embedding, the output of a stem layer on the image (Z = SN(BN(Conv3x3(image)))).
+    the "deformed" shortcut W_d is a strided 1x1 conv ("1 x 1 kernel and stride > 1") with
+    the official code's BN and a neuron, so that the two branches meet at the same shape.
+    Z is the input, or, for the first embedding, the output of a stem layer on the image
+    (Z = SN(BN(Conv3x3(image)))).
     The sum of two spike tensors is the block's output (values 0, 1 or 2).
 
     Where the max-pools sit differs between the official families (LAYOUTS, `build_speds`):
@@ -648,6 +663,11 @@ PRESETS = {
     # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
     "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
                  num_heads=4, mlp_ratio=4.0, T=2),
+    # The model of train.py's --recipe cpu and --recipe lab: CIFAR images through the ImageNet
+    # family's layout, whose first embedding downsamples by 4 (tokens 8x8, 4x4, 2x2; the CIFAR
+    # layout keeps 32x32 tokens in stage 1). Each image costs a few times less on a CPU.
+    "small": dict(family="imagenet", num_classes=10, img_size=32, embed_dim=128, depths=4,
+                  num_heads=4, mlp_ratio=4.0, T=2),                          # 608,730
     # The official models. Parameter counts (checked by the tests) equal the released ones.
     "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
                     num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
@@ -897,6 +917,23 @@ def write_atomically(path: str, write: Callable):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+RELEASE_KEYS = ("version", "model", "config", "args", "best_top1")
+
+
+def release_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float16) -> dict:
+    """What a training checkpoint holds that is needed to use the model: its weights (floats
+    stored as `dtype`: float16 halves the file), its config and the run's settings and
+    top-1 (RELEASE_KEYS); not the optimizer's state, which is twice the weights. The file
+    that README's shipped checkpoint is: `model_from_checkpoint` reads it as any other (the
+    weights come back as float32, rounded to float16 once)."""
+    missing = [k for k in ("model", "config") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"not a checkpoint of this project's training: it lacks {missing}")
+    weights = {k: v.to(dtype) if v.is_floating_point() else v
+               for k, v in unwrap_state_dict(checkpoint["model"]).items()}
+    return {**{k: checkpoint[k] for k in RELEASE_KEYS if k in checkpoint}, "model": weights}
 
 
 def save_checkpoint(obj: dict, path: str):

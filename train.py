@@ -8,7 +8,8 @@ cifar100.yml, for ImageNet the official MAE-style fine-tuning script. Where
 this script differs from them it says so next to the setting.
 
     python train.py --dataset cifar10                  # the paper's CIFAR-10 recipe (downloads the data)
-    python train.py --dataset cifar10 --recipe cpu     # about 30 minutes on a 2-core CPU
+    python train.py --dataset cifar10 --recipe cpu     # a small model on a 2-core CPU (see README)
+    python train.py --dataset cifar10 --recipe lab     # a few minutes on a 2-core CPU: for classes
     python train.py --resume runs/<run>/last.pt        # continue a run where it stopped
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-dir /data/imagenet
     python train.py --dataset cifar10dvs               # the official CIFAR10-DVS recipe (T=16)
@@ -34,7 +35,7 @@ processes with --batch-size B train like one process with batch N*B (except
 batch norm, whose statistics stay per process unless --sync-bn).
 
 Settings come in layers, each overriding the one before: defaults, the
-dataset's official recipe (its description in data.py), --recipe cpu, a
+dataset's official recipe (its description in data.py), --recipe cpu or lab, a
 resumed run's saved settings, the command line. A table of every effective
 setting and the layer it came from is printed at the start.
 
@@ -75,29 +76,41 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Settings: defaults, the dataset's recipe, --recipe cpu, a resumed run, the command line
+# Settings: defaults, the dataset's recipe, --recipe cpu/lab, a resumed run, the command line
 # ----------------------------------------------------------------------------
 
 # The official recipe of each dataset is part of its description in data.py
 # (data.DATASETS[name].recipe). What follows are training choices of this script.
 
-# --recipe cpu: what changes from the dataset's recipe for a 30-minute run on a
-# 2-core CPU. It trades the paper's accuracy for time: a model 6x narrower
-# (D=64) with 4 blocks, T=2 instead of 4 (each time step costs a full forward
-# pass; T=1 learned clearly worse in our trials), 7 epochs on a short cosine
-# with a higher learning rate and small batches (more updates per image), and
-# light augmentation (crop and flip only: in so few epochs the model underfits,
-# and RandAugment, erasing and mixup would only slow its learning further).
+# --recipe cpu: what changes from the dataset's recipe for a run of under 30 minutes on
+# a 2-core CPU. It trades the paper's accuracy for time:
+#   * the "small" preset (qkformer.PRESETS): CIFAR images through the ImageNet family's
+#     layout, whose first patch embedding downsamples by 4 (tokens 8x8, 4x4, 2x2), at
+#     D=128. The CIFAR layout keeps 32x32 tokens in its first stage, and there a CPU
+#     spends its time: a CIFAR-layout model of half the width (D=64, 191k parameters)
+#     trained at 74 img/s on this project's 2-core machine, "small" (609k) at 245 img/s
+#     (README, "Training on a CPU");
+#   * T=2 instead of 4 (each time step costs a full pass through the network);
+#   * a short cosine with a higher peak learning rate;
+#   * light augmentation (crop and flip only: in so few epochs the model underfits, and
+#     RandAugment, erasing and mixup would only slow its learning further).
 # Only for datasets whose description says they are small (DatasetSpec.small).
 CPU_RECIPE = dict(
-    model="tiny", embed_dim=64, depths=4, T=2,   # widths 16/32/64, blocks 1/1/2, 2 time steps
-    epochs=7, cooldown_epochs=0, batch_size=32,
-    lr=8e-3, blr=None, min_lr=1e-5, weight_decay=0.05,
+    model="small", T=2,          # widths 32/64/128, blocks 1/2/1, 2 time steps
+    epochs=8, cooldown_epochs=0, batch_size=64,
+    lr=1e-2, blr=None, min_lr=1e-5, weight_decay=0.05,
     warmup_epochs=0.25, warmup_lr=1e-5, warmup_prefix=True,
     mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, crop_padding=4,
     eval_every=1000,             # evaluate once, at the end (evaluation costs CPU time too)
     low_memory=False,            # a small model's activations fit anyway; see --low-memory
 )
+
+# --recipe lab: the CPU recipe cut to fit a lab class (under 5 minutes of training on a
+# 2-core CPU): two passes over the first 35,000 training images. T stays 2: with one
+# time step LIF, IF and PLIF neurons would differ only by a scale, and the labs compare them.
+LAB_RECIPE = dict(CPU_RECIPE, epochs=2, subset=35000, warmup_epochs=0.1)
+
+RECIPES = {"cpu": CPU_RECIPE, "lab": LAB_RECIPE}
 
 # Settings with no recipe dependence.
 DEFAULTS = dict(
@@ -129,11 +142,13 @@ def build_parser():
         return textwrap.fill(", ".join(f"{k}={v}" for k, v in recipe.items()), 100,
                              initial_indent=f"  {title}: ", subsequent_indent="    ")
 
-    epilog = "\n".join(["defaults of each dataset (the official recipes), then what --recipe cpu changes:"]
+    epilog = "\n".join(["defaults of each dataset (the official recipes), then what --recipe cpu "
+                        "and --recipe lab change:"]
                        + [describe(name, spec.recipe) for name, spec in data.DATASETS.items()]
-                       + [describe("--recipe cpu", CPU_RECIPE), describe("all datasets", DEFAULTS)]
+                       + [describe(f"--recipe {name}", r) for name, r in RECIPES.items()]
+                       + [describe("all datasets", DEFAULTS)]
                        + textwrap.wrap("precedence (a table of the effective settings is printed at "
-                                       "start): defaults < the dataset's recipe < --recipe cpu < a "
+                                       "start): defaults < the dataset's recipe < --recipe cpu/lab < a "
                                        "resumed run's saved settings < the command line", 100))
     p = argparse.ArgumentParser(
         description="Train QKFormer (Zhou et al., NeurIPS 2024). Defaults are the official recipe of "
@@ -161,8 +176,9 @@ def add_data_options(g):
 
 
 def add_recipe_options(g):
-    g.add_argument("--recipe", choices=["cpu"], help="'cpu': a small model and short schedule that "
-                   "trains a small dataset (CIFAR) in about 30 minutes on a 2-core CPU")
+    g.add_argument("--recipe", choices=list(RECIPES), help="'cpu': a small model and short schedule "
+                   "for a small dataset (CIFAR) on a 2-core CPU; 'lab': shorter still, minutes, for a "
+                   "class (see README for the measured times and accuracies)")
     g.add_argument("--model", help="model preset of qkformer.py (tiny, cifar10, cifar100, imagenet_10_384, ...)")
     g.add_argument("--T", type=int, help="time steps of the spiking neurons")
     g.add_argument("--img-size", type=int, help="image size (ImageNet: crop size)")
@@ -251,17 +267,18 @@ class Settings:
 
 def settings_layers(cli, saved=None):
     """The layers of settings as (name, dict), lowest priority first: DEFAULTS, the
-    dataset's recipe, --recipe cpu, the resumed run's saved settings, the command line."""
+    dataset's recipe, --recipe cpu/lab, the resumed run's saved settings, the command line."""
     saved = {k: v for k, v in (saved or {}).items() if k not in PER_INVOCATION}
     typed = {k: v for k, v in vars(cli).items() if v is not None}
     dataset = data.get_dataset(typed.get("dataset", saved.get("dataset", DEFAULTS["dataset"])))
     layers = [("default", DEFAULTS), (f"{dataset.name} recipe", dataset.recipe)]
-    if typed.get("recipe", saved.get("recipe", DEFAULTS["recipe"])) == "cpu":
+    recipe = typed.get("recipe", saved.get("recipe", DEFAULTS["recipe"]))
+    if recipe is not None:
         if not dataset.small:
             small = " and ".join(s.title for s in data.DATASETS.values() if s.small)
-            raise TrainError(f"--recipe cpu is meant for {small}, small enough for a CPU; "
+            raise TrainError(f"--recipe {recipe} is meant for {small}, small enough for a CPU; "
                              f"{dataset.title} is not")
-        layers.append(("--recipe cpu", CPU_RECIPE))
+        layers.append((f"--recipe {recipe}", RECIPES[recipe]))
     return layers + [(RESUMED, saved), (TYPED, typed)]
 
 
@@ -329,7 +346,8 @@ def settings_table(args, sources, effective=None):
     for key in order + sorted(set(vars(args)) - set(order)):
         value, source = effective.get(key, (getattr(args, key, None), sources.get(key, "default")))
         rows.append(f"  {key:<16} {'-' if value is None else value!s:<28} {source}")
-    layers = " < ".join(["default", f"{args.dataset} recipe", "--recipe cpu", RESUMED, TYPED])
+    layers = " < ".join(["default", f"{args.dataset} recipe", f"--recipe {args.recipe or 'cpu/lab'}",
+                         RESUMED, TYPED])
     return [f"settings (each from the last layer that sets it: {layers}):"] + rows
 
 
@@ -1141,7 +1159,7 @@ def print_banner(s):
     say(f"effective batch {s.effective_batch} = {args.batch_size} per process x {args.accum_iter} "
         f"accumulated x {s.world} processes; peak lr {args.lr:.3g}; {s.total_epochs} epochs of "
         f"{s.updates_per_epoch} updates" + (f"; resuming after epoch {s.start_epoch}" if s.ckpt else ""))
-    if s.device.type == "cpu" and args.recipe != "cpu" and args.model != "tiny" and not args.subset:
+    if s.device.type == "cpu" and args.recipe is None and args.model != "tiny" and not args.subset:
         say("note: this is the paper's full-size recipe, meant for GPUs; on a CPU an epoch takes hours. "
             + ("For a run that learns on a laptop in about 30 minutes: --recipe cpu" if s.spec.small else
                "For a quick look on a CPU: --subset, a small --T and a narrow model (--embed-dim 32)"))

@@ -3,6 +3,7 @@
 tests/golden/ holds outputs of the official QKFormer code (SpikingJelly 0.0.0.0.14
 neurons, CPU, float64) for two narrow configurations; see ../shared/README.md.
 """
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,7 @@ from qkformer import (ATTENTIONS, PRESETS, QKAttention, QKFormer, QKFormerConfig
                       SpikingSelfAttention,
                       convert_official_state_dict, count_parameters, create_model,
                       fold_batchnorm, load_checkpoint, load_official_state_dict, model_from_checkpoint,
+                      release_checkpoint, save_checkpoint,
                       official_config, official_family, unwrap_state_dict)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -305,6 +307,26 @@ def test_checkpoint_round_trip_and_official(tmp_path):
     golden = torch.load(os.path.join(GOLDEN, "official_cifar_small.pt"), weights_only=True)
     official = model_from_checkpoint({"model": golden["official_state_dict"]})
     assert official.config.official_quirks and official.config.embed_dim == 64
+
+
+def test_release_checkpoint_keeps_what_evaluation_needs(tmp_path):
+    """release_checkpoint (the shipped checkpoint's format): weights in float16, config, the
+    run's settings; the model rebuilt from it is the trained one up to float16 rounding."""
+    torch.manual_seed(0)
+    model = create_model("tiny", embed_dim=32, num_heads=2, T=2).eval()
+    optimizer = torch.optim.AdamW(model.parameters())
+    full = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
+            "optimizer": optimizer.state_dict(), "args": {"recipe": "cpu"}, "best_top1": 50.0}
+    released = release_checkpoint(full)
+    assert set(released) == {"model", "config", "args", "best_top1"}
+    assert all(v.dtype in (torch.float16, torch.int64) for v in released["model"].values())
+    save_checkpoint(released, str(tmp_path / "small.pt"))
+    rebuilt = model_from_checkpoint(load_checkpoint(str(tmp_path / "small.pt"))).eval()
+    for name, value in rebuilt.state_dict().items():
+        assert value.dtype == model.state_dict()[name].dtype
+        torch.testing.assert_close(value, model.state_dict()[name].half().to(value.dtype))
+    with pytest.raises(ValueError, match="lacks"):
+        release_checkpoint({"model": {}})
 
 
 def test_bad_checkpoint_files(tmp_path):

@@ -65,11 +65,15 @@ def test_defaults_are_the_official_recipes():
 
 def test_command_line_overrides_recipes():
     a = args_of("--dataset", "cifar10", "--recipe", "cpu")
-    assert a.model == "tiny" and a.mixup == 0 and a.aa == "none" and a.weight_decay == 0.05
+    assert a.model == "small" and a.mixup == 0 and a.aa == "none" and a.weight_decay == 0.05
     a = args_of("--recipe", "cpu", "--epochs", "3", "--T", "2", "--aa", "rand-m9-n1-mstd0.4-inc1")
-    assert (a.epochs, a.T, a.aa, a.model) == (3, 2, "rand-m9-n1-mstd0.4-inc1", "tiny")
+    assert (a.epochs, a.T, a.aa, a.model) == (3, 2, "rand-m9-n1-mstd0.4-inc1", "small")
     a = args_of("--dataset", "imagenet", "--lr", "0.01", "--accum-iter", "1")
     assert train.peak_lr(a, 512) == 0.01 and a.accum_iter == 1
+    # --recipe lab: the "small" model, two passes over 35,000 images; its options still win
+    a = args_of("--recipe", "lab", "--neuron", "if", "--no-speds")
+    assert (a.model, a.T, a.epochs, a.subset, a.neuron, a.speds) == ("small", 2, 2, 35000, "if", False)
+    assert train.build_model(a, 10).config.speds is False
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -79,6 +83,7 @@ def test_command_line_overrides_recipes():
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--reprob", "2"], "probabilities"),
     (["--dataset", "imagenet", "--recipe", "cpu"], "meant for CIFAR"),
+    (["--dataset", "imagenet", "--recipe", "lab"], "--recipe lab is meant for CIFAR"),
 ])
 def test_invalid_options_are_named(argv, match):
     with pytest.raises(train.TrainError, match=match):

@@ -209,7 +209,9 @@ def write_docs():
                     continue
                 dst = os.path.join(ROOT, path)
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                Image.open(src).convert("RGB").quantize(256).save(dst, optimize=True)
+                picture = Image.open(src)
+                dpi = {"dpi": picture.info["dpi"]} if "dpi" in picture.info else {}   # kept: slides
+                picture.convert("RGB").quantize(256).save(dst, optimize=True, **dpi)
                 print(f"wrote {path} ({os.path.getsize(dst) // 1024} KB)")
 
 
