@@ -51,3 +51,27 @@ def test_short_commands_run(block, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (f"README.md:{block['line']}: {line}\n"
                                       f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def test_shipped_checkpoint_is_the_one_described():
+    """checkpoints/cpu-recipe.pt: the sha256 README gives, the CPU recipe's model and settings,
+    and a model that runs (its accuracy needs CIFAR-10: README gives the command)."""
+    import hashlib
+    import re
+
+    import torch
+
+    import qkformer
+    import train
+    path = os.path.join(ROOT, "checkpoints", "cpu-recipe.pt")
+    with open(README, encoding="utf-8") as f:
+        stated = re.search(r"sha256\s+`([0-9a-f]{64})`", f.read()).group(1)
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == stated
+    checkpoint = qkformer.load_checkpoint(path)
+    assert checkpoint["args"]["recipe"] == "cpu"
+    assert checkpoint["args"]["epochs"] == train.CPU_RECIPE["epochs"]
+    model = qkformer.model_from_checkpoint(checkpoint).eval()
+    assert model.config == qkformer.QKFormerConfig(**qkformer.PRESETS[train.CPU_RECIPE["model"]])
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
