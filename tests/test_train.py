@@ -145,7 +145,7 @@ def test_settings_name_their_layer_and_rescaling_is_said():
         ("command line", "resumed run", "resumed run")
     assert s.notes == []
     table = "\n".join(train.settings_table(s.args, s.sources))
-    assert re.search(r"\n  epochs +50 +command line", table) and re.search(r"\n  model +tiny +resumed run", table)
+    assert re.search(r"\n  epochs +50 +command line", table) and re.search(r"\n  model +small +resumed run", table)
 
 
 def test_checkpoint_format_round_trip(tmp_path):
