@@ -4,21 +4,35 @@ the network does inside.
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
 NeurIPS 2024 (arXiv:2403.16552). What this file reproduces:
   * Section 4.3, Table 4: the firing rate of every spiking layer (Q, K, A_t, X', X'', MLP).
-  * Appendix 6.6, Eq. (19)-(21): synaptic operations SOP = fr x T x FLOPs and the energy
-      E_QKFormer = 0.9 pJ x (SOPs of all layers fed by spikes) + 4.6 pJ x FLOPs(first conv),
-      E_ANN      = 4.6 pJ x FLOPs,
-    with E_AC = 0.9 pJ and E_MAC = 4.6 pJ of a 45 nm chip (Horowitz, ISSCC 2014).
-  * Section 3.2 / Figure 3(a): the token masks A_t of Q-K token attention over the image.
+  * Appendix 6.6, Eq. (19)-(21), in the paper's words: "SOP^l = fr x T x FLOPs^l where l is a
+    block/layer in QKFormer, fr is the firing rate of the block/layer and T is the simulation
+    time step"; "E_MAC = 4.6pJ and E_AC = 0.9pJ" (45 nm hardware, Horowitz, ISSCC 2014);
+      E_QKFormer = E_AC x (sum of the SOPs of the conv layers 2..N, the QKTA and the SSA
+                   layers) + E_MAC x FLOP^1_Conv   ("the first layer encoding the non-spike
+                   input into spike-form"),
+      E_ANN      = E_MAC x FLOPs.
+    What the paper leaves open (which firing rate, how often the first layer counts, what the
+    attention costs) is decided here and labelled as ours: see "Energy" below.
+  * Section 4.3, Figure 3(a), "the visualization of Q-K token attention. The white dot means
+    value 1, while the black one means value 0": not a map over the image but spike matrices,
+    "the longitudinal axis denotes the channel index of one head, while the horizontal axis
+    denotes the token index [...] we choose a continuous segment with a length of 100"
+    (stages 1 and 2 of an ImageNet model). plot_qk_attention draws that kind of picture (Q,
+    A_t, K and X' = A_t (*) K of one image, head and time step). plot_token_masks is ours: A_t
+    averaged over heads and steps, laid over the image.
 The official code has none of this (its authors computed energy by hand: official issue 7).
 The memory / time experiment of Section 4.3 (Figure 3(b), Table 9) lives in complexity.py.
 
 Usage:
-    python evaluate.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data-dir data
+    python evaluate.py --checkpoint runs/x/best.pt --dataset cifar10 --data-dir data
+    python evaluate.py --checkpoint runs/x/best.pt --dataset cifar10 --images 0,1,3,6
     python evaluate.py --checkpoint official.pth --dataset imagenet --data-dir /imagenet --limit 500
 
 Outputs go to eval/<checkpoint name>/ (or --output): metrics.json, firing_rates.png,
-spike_raster.png, token_masks.png, confusion_matrix.png, and for event-camera data
-(CIFAR10-DVS, DVS128 Gesture) event_frames.png.
+spike_raster.png, token_masks.png, qk_attention.png, confusion_matrix.png, and for event-camera
+data (CIFAR10-DVS, DVS128 Gesture) event_frames.png. The pictures show the test images chosen
+with --images: indices into the test set in its own order (CIFAR: the order of the official
+test file), whatever --limit evaluates.
 
 Layout of this file:
   SpikeRecorder, evaluate         accuracy and firing rates over a test set (forward hooks)
@@ -292,43 +306,61 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
 # ----------------------------------------------------------------------------------------
 # Energy (Appendix 6.6)
 #
-# What we count, and why (this text is also written into metrics.json):
-#  * FLOPs: torch's FlopCounterMode, for ONE image at ONE time step. It counts 2 FLOPs per
-#    multiply-accumulate; the paper's "FLOPs" are MACs, so we halve its counts.
-#  * Batch norm is not counted: at deployment it is folded into the convolution before it.
-#    Max-pooling, the residual additions and the neurons' own updates are not counted either
-#    (the paper's Eq. 20 has no term for them).
+# The paper's part: SOP^l = fr x T x FLOPs^l (Eq. 19), "FLOPs^l [...] is the number of
+# multiply-and-accumulate (MAC) operations"; E_AC = 0.9 pJ per SOP, E_MAC = 4.6 pJ per MAC;
+# E_QKFormer = E_AC x (SOPs of the later conv layers, the QKTA and the SSA layers)
+# + E_MAC x FLOP^1_Conv (Eq. 20), with no T in the first layer's term; E_ANN = E_MAC x FLOPs
+# (Eq. 21); batch norm "could be ignored", as it folds into the convolution before it.
+#
+# Ours (the paper does not say; this text is also written into metrics.json):
+#  * FLOPs: torch's FlopCounterMode, for ONE image at ONE time step, halved (it counts 2
+#    FLOPs per multiply-accumulate).
+#  * fr of a conv / linear layer = the mean of that layer's INPUT over the test set (the
+#    paper: "the firing rate of the block/layer"). Most layers are fed binary spikes; after
+#    a residual sum the input is a spike count (0, 1, 2, ...), and the mean then counts each
+#    spike once: one accumulate per spike.
+#  * Max-pooling, the residual additions and the neurons' own updates are not counted (Eq.
+#    20 has no term for them).
 #  * MAC layers: only the first convolution (stages.0.embed.stem.conv), which sees real-valued
-#    pixels. As in Eq. (20) it is counted once per image, not T times: the image is the
-#    same at every step, so a chip computes it once (our model simply repeats it).
-#  * AC layers: every other conv / linear layer, SOP = fr x T x FLOPs (Eq. 19), fr being the
-#    mean of the layer's input (our reading of Eq. 19). The head reads features averaged
-#    over time; being linear, head(mean_t x_t) = mean_t head(x_t), so it too counts as T
-#    steps of fr x FLOPs.
+#    pixels, counted ONCE per image as Eq. (20) writes it (no T): the image is the same at
+#    every step, so a chip computes it once (our model simply repeats it).
+#  * AC layers: every other conv / linear layer, SOP = fr x T x FLOPs. The head reads
+#    features averaged over time; being linear, head(mean_t x_t) = mean_t head(x_t), so it
+#    too counts as T steps of fr x FLOPs.
 #  * The attentions' own operations on spikes (SOP_QKTA, SOP_SSA of Eq. 20): every
 #    qkformer.SpikeAttention lists them itself (synaptic_ops), each with its MACs per image
 #    and step and the firing rate of the spikes that drive it; SOP = fr x T x MACs.
 #    SSA: K^T V (each spike of K adds a row of V, fr_K) and Q (K^T V) (each spike of Q adds
 #    a row of K^T V, fr_Q); its scale is a constant that can be folded into the neuron's
 #    threshold. QKTA/QKCA: the sum of Q is one addition per spike of Q; the mask A (*) K is a
-#    logical AND of two spikes, no accumulate: 0.
+#    logical AND of two spikes, no accumulate: 0 (the paper: mask operations have
+#    "negligible power consumption").
 #  * Nothing slips through: any module other than a conv / linear layer that does FLOPs of
 #    its own (a matrix product on spikes) must report at least as many MACs in
 #    synaptic_ops, or energy_report raises an error naming it.
 #  * E_ANN = 4.6 pJ x all MACs of the same network at T = 1 (convs, linears and the
-#    attention products FlopCounterMode counts) -- the energy of the network with its
-#    spiking neurons replaced by ReLUs.
+#    attention products FlopCounterMode counts): the network with its spiking neurons
+#    replaced by ReLUs.
+
+# How the first layer is counted for images (for event data: EVENT_INPUT_NOTE below).
+FIRST_LAYER_NOTE = (
+    "MAC layers (real-valued input, 4.6 pJ per MAC): the first conv, counted once per image "
+    "(no T, as Eq. 20 writes it: the image is the same at every step; ours).")
 
 ENERGY_NOTES = [
+    "Energy per operation (the paper's, Appendix 6.6): E_MAC = 4.6 pJ, E_AC = 0.9 pJ; "
+    "SOP = fr x T x FLOPs (Eq. 19); E_SNN = E_AC x SOPs + E_MAC x FLOPs of the first conv "
+    "(Eq. 20); E_ANN = E_MAC x FLOPs (Eq. 21).",
     "FLOPs are multiply-accumulates (MACs) of one image at one time step, from "
-    "torch.utils.flop_counter.FlopCounterMode (its FLOP counts halved).",
-    "Batch norm (folded into the convolutions), max-pooling, residual additions and neuron "
-    "updates are not counted, as in the paper's Eq. 20.",
-    "MAC layers (real-valued input, 4.6 pJ per MAC): the first conv, counted once per image "
-    "(the image is the same at every step: our reading of Eq. 20).",
+    "torch.utils.flop_counter.FlopCounterMode (its FLOP counts halved; ours).",
+    "Batch norm is not counted (the paper's: folded into the convolutions); max-pooling, "
+    "residual additions and neuron updates are not counted either (ours: Eq. 20 has no term "
+    "for them).",
+    FIRST_LAYER_NOTE,
     "AC layers (fed by spikes or spike counts, 0.9 pJ per SOP): SOP = fr x T x FLOPs (Eq. 19), "
-    "fr = mean of the layer's input over the test set (our reading of Eq. 19: after a residual "
-    "sum the input is a spike count, and each spike costs one accumulate).",
+    "fr = mean of the layer's input over the test set (ours; the paper: 'the firing rate of the "
+    "block/layer'. After a residual sum the input is a spike count, and each spike costs one "
+    "accumulate).",
     "Attention: each qkformer.SpikeAttention reports its own operations on spikes "
     "(synaptic_ops: MACs per image and step, and the firing rate of the driving spikes); "
     "SOP = fr x T x MACs (ours).",
@@ -337,7 +369,7 @@ ENERGY_NOTES = [
     "QKTA/QKCA: the sum of Q counts one SOP per Q spike (fr_Q x T x N x C); the mask A (*) K is a "
     "logical AND, counted as 0 (ours).",
     "Any other module doing FLOPs of its own that its synaptic_ops do not report is an error.",
-    "E_ANN: 4.6 pJ x all MACs at T = 1 (convs, linears, attention matrix products).",
+    "E_ANN: 4.6 pJ x all MACs at T = 1 (convs, linears, attention matrix products; ours).",
 ]
 
 
@@ -481,6 +513,12 @@ def energy_report(model: nn.Module, recorder: SpikeRecorder, images: int, T: int
 
 # ----------------------------------------------------------------------------------------
 # Pictures
+#
+# Written at DPI dots per inch, with text of 9 points or more (8 for the dense parts), so that
+# they stay readable on a slide.
+
+DPI = 150
+
 
 def _pyplot():
     import matplotlib
@@ -495,47 +533,50 @@ def plot_firing_rates(rates: dict, path: str, title="Firing rate of every spikin
     names = list(rates)
     stages = sorted({stage_of(n) for n in names})
     colours = {s: plt.cm.tab10(i) for i, s in enumerate(stages)}
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.18 * len(names)))
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.2 * len(names)))
     ax.barh(range(len(names)), [rates[n] for n in names],
             color=[colours[stage_of(n)] for n in names])
     ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=6)
-    ax.invert_yaxis()                  # first layer on top
-    ax.set_xlabel("firing rate (spikes per neuron per time step)")
-    ax.set_title(title)
+    ax.set_yticklabels(names, fontsize=9)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first layer on top
+    ax.set_xlabel("firing rate (spikes per neuron per time step)", fontsize=10)
+    ax.set_title(title, fontsize=11)
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[s]) for s in stages],
-              labels=stages, loc="lower right", fontsize=8)
+              labels=stages, loc="lower right", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def plot_spike_raster(spikes: torch.Tensor, path: str, layer: str, neurons=50, seed=0):
+def plot_spike_raster(spikes: torch.Tensor, path: str, layer: str, neurons=50, seed=0, titles=None):
     """Spike raster of `neurons` neurons of one layer for a few images.
 
     spikes: the layer's output (T, B, ...). The same randomly chosen neurons (fixed seed)
     are shown for every image, sorted by how often they fire, so the picture is honest
-    about how sparse the layer is (most neurons stay silent)."""
+    about how sparse the layer is (most neurons stay silent). titles: one per image
+    (default "image 0", "image 1", ...)."""
     plt = _pyplot()
     T, B = spikes.shape[:2]
     flat = spikes.reshape(T, B, -1)                                          # (T, B, neurons)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(flat.shape[2], generator=g)[:neurons]
     pick = pick[flat[:, :, pick].sum(dim=(0, 1)).argsort(descending=True)]
-    fig, axes = plt.subplots(1, B, figsize=(2.2 * B + 1, 4.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, B, figsize=(2.4 * B + 1, 4.8), sharey=True, squeeze=False)
     for b, ax in enumerate(axes[0]):
         sel = flat[:, b, pick]                                               # (T, neurons)
         times = [torch.nonzero(sel[:, i]).flatten().tolist() for i in range(len(pick))]
         ax.eventplot(times, lineoffsets=range(len(pick)), linelengths=0.8, colors="black")
         ax.set_xlim(-0.5, T - 0.5)
         ax.set_xticks(range(T))
-        ax.set_xlabel("time step")
-        ax.set_title(f"image {b}\nrate {sel.mean().item():.3f}", fontsize=9)
-    axes[0][0].set_ylabel(f"{len(pick)} random neurons")
+        ax.set_xticklabels([str(t + 1) for t in range(T)], fontsize=9)
+        ax.set_xlabel("time step", fontsize=9)
+        name = titles[b] if titles else f"image {b}"
+        ax.set_title(f"{name}\nrate {sel.mean().item():.3f}", fontsize=9)
+    axes[0][0].set_ylabel(f"{len(pick)} random neurons", fontsize=9)
     axes[0][0].set_ylim(len(pick) - 0.5, -0.5)
     fig.suptitle(f"Spikes of {layer}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -558,32 +599,139 @@ def token_masks(kept: torch.Tensor) -> torch.Tensor:
     return kept.mean(dim=(0, 2)).reshape(B, side, side)
 
 
-def plot_token_masks(images: torch.Tensor, masks: dict, path: str, mean=None, std=None):
-    """One row per image: the image, then the image seen through each stage's token mask A_t
-    (upsampled to the image): bright where A_t kept the token, dark where it masked it out."""
+def plot_token_masks(images: torch.Tensor, masks: dict, path: str, mean=None, std=None, titles=None):
+    """Ours, not a figure of the paper: one row per image, the image, then the image seen
+    through each stage's token mask A_t averaged over time steps and heads (upsampled to the
+    image): bright where A_t kept the token, dark where it masked it out.
+    titles: one per image (default: none)."""
     plt = _pyplot()
     B = images.shape[0]
     cols = 1 + len(masks)
-    fig, axes = plt.subplots(B, cols, figsize=(2.2 * cols, 2.2 * B + 0.6), squeeze=False)
+    fig, axes = plt.subplots(B, cols, figsize=(2.4 * cols, 2.4 * B + 1.0), squeeze=False)
     for b in range(B):
         img = show_image(images[b], mean, std)                             # (H, W, 3)
         axes[b][0].imshow(img)
+        axes[b][0].set_title(titles[b] if titles else "input", fontsize=9)
         for c, (name, m) in enumerate(masks.items(), start=1):
             up = F.interpolate(m[b][None, None], size=img.shape[:2], mode="nearest")[0, 0]
             # A_t averaged over steps and heads is in [0, 1]: 1 shows the pixel, 0 darkens it
             axes[b][c].imshow(img * (0.15 + 0.85 * up.numpy()[..., None]))
-            axes[b][c].set_title(f"kept {m[b].mean().item():.0%}", fontsize=7)
-        if b == 0:
-            axes[0][0].set_title("input", fontsize=8)
+            axes[b][c].set_title(f"kept {m[b].mean().item():.0%}", fontsize=9)
     for c, (name, m) in enumerate(masks.items(), start=1):
-        axes[0][c].set_title(f"{name}\nA_t, {m.shape[1]}x{m.shape[2]} tokens\n"
-                             f"kept {m[0].mean().item():.0%}", fontsize=7)
+        axes[0][c].set_title(f"{name}: A_t\n{m.shape[1]}x{m.shape[2]} tokens, "
+                             f"kept {m[0].mean().item():.0%}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle("Q-K token attention: bright = token kept by A_t (mean over steps and heads)",
-                 fontsize=9)
+    fig.suptitle("Token masks A_t over the image (mean over time steps and heads):\n"
+                 "bright = token kept", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def qk_attention_blocks(model: nn.Module) -> dict:
+    """{"stage 1": (name, attention), "stage 2": ...}: the first Q-K token attention of stages
+    1 and 2, the stages the paper's Figure 3(a) shows."""
+    found = {}
+    for name, m in model.named_modules():
+        if is_token_attention(m) and stage_of(name) in ("stage 1", "stage 2"):
+            found.setdefault(stage_of(name), (name, m))
+    return found
+
+
+def qk_attention_neurons(model: nn.Module) -> dict:
+    """{stage: (name of Q's neuron, of K's neuron, of the attention neuron A_t)} for the
+    attentions of qk_attention_blocks, found by module objects."""
+    names = {m: n for n, m in model.named_modules()}
+    return {stage: (names[neuron_of(attn.q)], names[neuron_of(attn.k)], names[attention_neuron(attn)])
+            for stage, (_, attn) in qk_attention_blocks(model).items()}
+
+
+def qk_attention_spikes(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, num_heads: int) -> dict:
+    """The spike matrices of one Q-K token attention for every image, per head.
+
+    q, k: the outputs of Q's and K's neurons, (T, B, C, H, W); a: the attention neuron's
+    output A_t, (T, B, heads, 1, N). Returns {"Q", "A_t", "K", "X'"} -> (T, B, heads, rows, N),
+    X' = A_t (*) K (Eq. 6): K with the columns (tokens) A_t masks out set to 0."""
+    T, B, C = q.shape[:3]
+    heads = (T, B, num_heads, C // num_heads, -1)
+    q, k = q.reshape(heads), k.reshape(heads)                        # (T, B, h, C/h, N)
+    return {"Q": q, "A_t": a, "K": k, "X'": a * k}
+
+
+def token_segment(N: int, length=100, start=None) -> tuple:
+    """(first, last + 1) of the tokens shown: `length` consecutive tokens (all N when there
+    are fewer), by default in the middle of the token sequence (row-major over the grid)."""
+    length = min(length, N)
+    if start is None:
+        start = (N - length) // 2
+    if not 0 <= start <= N - length:
+        raise ValueError(f"a segment of {length} tokens cannot start at token {start} of {N}")
+    return start, start + length
+
+
+def plot_qk_attention(image: np.ndarray, stages: dict, path: str, head=0, step=None, length=100,
+                      start=None, label=""):
+    """The kind of picture of the paper's Figure 3(a), for one image: per stage, the spike
+    matrices Q, A_t, K and X' = A_t (*) K of one head at one time step, rows the channels of
+    that head, columns a segment of `length` consecutive tokens; white = 1, black = 0.
+    Left of each stage, the image with that segment's tokens lit.
+
+    image:  what the model saw, (H, W, 3) in [0, 1] (show_image).
+    stages: {stage name: qk_attention_spikes(...) of this one image, each (T, heads, rows, N)}.
+    step:   the time step shown, 0-based (default: the last, when the membranes have
+            integrated the most). label: names the image in the title."""
+    plt = _pyplot()
+    panels = ("Q", "A_t", "K", "X'")
+    first = next(iter(stages.values()))["Q"]
+    T = first.shape[0]
+    step = T - 1 if step is None else step
+    if not 0 <= step < T:
+        raise ValueError(f"time step {step} of {T}")
+    heights = []                                             # inches of each stage's panels
+    for spikes in stages.values():
+        rows = spikes["Q"].shape[2]
+        matrix = min(2.0, 0.3 + 0.1 * rows)
+        heights.append([matrix, 0.3, matrix, matrix])
+    total = sum(sum(h) + 1.0 for h in heights)
+    fig = plt.figure(figsize=(10, total + 0.6))
+    outer = fig.add_gridspec(len(stages), 2, width_ratios=[1.6, 8.4],
+                             height_ratios=[sum(h) + 1.0 for h in heights], wspace=0.15, hspace=0.35)
+    for i, (stage, spikes) in enumerate(stages.items()):
+        N = spikes["Q"].shape[-1]
+        lo, hi = token_segment(N, length, start)
+        side = math.isqrt(N)
+        lit = torch.zeros(N)
+        lit[lo:hi] = 1
+        up = F.interpolate(lit.reshape(1, 1, side, side), size=image.shape[:2], mode="nearest")[0, 0]
+        ax = fig.add_subplot(outer[i, 0])
+        ax.imshow(image * (0.25 + 0.75 * up.numpy()[..., None]))
+        ax.set_title(f"{stage}:\ntokens {lo}-{hi - 1}", fontsize=9)
+        ax.axis("off")
+        inner = outer[i, 1].subgridspec(4, 1, height_ratios=heights[i], hspace=0.25)
+        for r, panel in enumerate(panels):
+            m = spikes[panel][step, head, :, lo:hi].float().numpy()  # (rows, tokens)
+            ax = fig.add_subplot(inner[r])
+            ax.imshow(m, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            ax.set_ylabel(panel, rotation=0, ha="right", va="center", fontsize=10)
+            ax.set_yticks([0, m.shape[0] - 1] if m.shape[0] > 1 else [])
+            ax.tick_params(labelsize=8)
+            ax.text(1.005, 0.5, f"{m.mean():.0%} ones", transform=ax.transAxes, fontsize=9,
+                    va="center")
+            if r == 0:
+                ax.set_title(f"{stage}: head {head}, {m.shape[0]} channels (rows) x "
+                             f"tokens {lo}-{hi - 1} of {N} ({side}x{side} grid)", fontsize=9)
+            if r < len(panels) - 1:
+                ax.set_xticks([])
+            else:
+                ticks = list(range(0, hi - lo, max(1, (hi - lo) // 5)))
+                ax.set_xticks(ticks)
+                ax.set_xticklabels([str(lo + t) for t in ticks])
+                ax.set_xlabel("token index", fontsize=9)
+    fig.suptitle(f"Q-K token attention as in the paper's Figure 3(a){': ' + label if label else ''}"
+                 f", time step {step + 1} of {T}\nwhite = 1, black = 0;  X' = A_t (*) K "
+                 f"(channels of one head x consecutive tokens)", fontsize=10)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -594,7 +742,7 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
     K = confusion.shape[0]
     counts = confusion.double()
     norm = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    size = 6 if K <= 20 else 8
+    size = 7 if K <= 20 else 8
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     if K <= 20:
@@ -602,19 +750,21 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
             else [str(i) for i in range(K)]
         ax.set_xticks(range(K))
         ax.set_yticks(range(K))
-        ax.set_xticklabels(names, rotation=90, fontsize=8)
-        ax.set_yticklabels(names, fontsize=8)
+        ax.set_xticklabels(names, rotation=90, fontsize=9)
+        ax.set_yticklabels(names, fontsize=9)
         for i in range(K):
             for j in range(K):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=6,
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                            fontsize=9 if K <= 10 else 7,
                             color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"Confusion matrix ({int(counts.sum())} images; colour: fraction of the row)")
+    ax.set_xlabel("predicted class", fontsize=10)
+    ax.set_ylabel("true class", fontsize=10)
+    ax.set_title(f"Confusion matrix ({int(counts.sum())} images; colour: fraction of the row)",
+                 fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -639,7 +789,7 @@ def plot_event_frames(samples: list, path: str, titles=None, max_frames=16):
     T = samples[0].shape[0]
     steps = sorted({round(i * (T - 1) / max(1, min(T, max_frames) - 1)) for i in range(min(T, max_frames))})
     fig, axes = plt.subplots(len(samples), len(steps), squeeze=False,
-                             figsize=(max(4.0, 1.3 * len(steps) + 0.8), 1.45 * len(samples) + 0.8))
+                             figsize=(max(4.5, 1.5 * len(steps) + 1.0), 1.65 * len(samples) + 1.0))
     for r, frames in enumerate(samples):
         pictures = event_image(frames)                                      # (T, 3, H, W)
         for c, t in enumerate(steps):
@@ -648,13 +798,13 @@ def plot_event_frames(samples: list, path: str, titles=None, max_frames=16):
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"t = {t + 1}", fontsize=8)
+                ax.set_title(f"t = {t + 1}", fontsize=9)
             if c == 0 and titles:
-                ax.set_ylabel(titles[r], fontsize=7)
+                ax.set_ylabel(titles[r], fontsize=9)
     fig.suptitle("Event frames (counts per pixel and frame):\nON events red, OFF events blue",
-                 fontsize=9)
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -683,28 +833,46 @@ def mask_layers(model: nn.Module) -> list:
 
 @torch.no_grad()
 def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: dict, out_dir: str,
-                  mean=None, std=None, class_names=None, raster=None, display=None) -> list:
-    """Write the four pictures for a few (already prepared) test `images`; returns their paths.
+                  mean=None, std=None, class_names=None, raster=None, display=None,
+                  titles=None) -> list:
+    """Write the pictures for a few (already prepared) test `images`; returns their paths:
+    firing rates, spike raster, token masks and (for the first image) Q-K token attention
+    as in Figure 3(a), when the model has Q-K token attention in stages 1-2, and the
+    confusion matrix.
     display: what the token masks are drawn over, (B, 3, H, W) in [0, 1] (default: `images`,
-    un-normalised with mean and std; event data passes event_image of its frames)."""
+    un-normalised with mean and std; event data passes event_image of its frames).
+    titles: one per image, e.g. "test image 3 (cat)"."""
     model.eval()
     device = next(model.parameters()).device
     raster = raster or raster_layer(model)
     masks = token_mask_neurons(model)
-    with SpikeRecorder(model, keep=[raster, *masks]) as rec:
+    attention = qk_attention_neurons(model)
+    keep = {raster, *masks, *(n for names in attention.values() for n in names)}
+    with SpikeRecorder(model, keep=keep) as rec:
         model(images.to(device))
+    shown = images.cpu() if display is None else display.cpu()
     paths = []
     path = os.path.join(out_dir, "firing_rates.png")
     plot_firing_rates(rates, path)
     paths.append(path)
     path = os.path.join(out_dir, "spike_raster.png")
-    plot_spike_raster(rec.kept[raster][0], path, raster)
+    plot_spike_raster(rec.kept[raster][0], path, raster, titles=titles)
     paths.append(path)
     if masks:
         path = os.path.join(out_dir, "token_masks.png")
-        shown = images.cpu() if display is None else display.cpu()
         plot_token_masks(shown, {attn.replace(".attn", ""): token_masks(rec.kept[n][0])
-                                 for n, attn in masks.items()}, path, mean, std)
+                                 for n, attn in masks.items()}, path, mean, std, titles)
+        paths.append(path)
+    if attention:
+        blocks = qk_attention_blocks(model)
+        stages = {}
+        for stage, (q, k, a) in attention.items():
+            spikes = qk_attention_spikes(rec.kept[q][0], rec.kept[k][0], rec.kept[a][0],
+                                         blocks[stage][1].num_heads)
+            stages[stage] = {panel: s[:, 0] for panel, s in spikes.items()}   # the first image
+        path = os.path.join(out_dir, "qk_attention.png")
+        plot_qk_attention(show_image(shown[0], mean, std), stages, path,
+                          label=titles[0] if titles else "")
         paths.append(path)
     path = os.path.join(out_dir, "confusion_matrix.png")
     plot_confusion(results["confusion"], path, class_names)
@@ -721,7 +889,9 @@ def print_report(metrics: dict):
           f"loss {metrics['loss']:.4f}")
     if metrics["official_quirks"]:
         print("official_quirks on (an official checkpoint): the stage-3 SSA neuron runs over "
-              "time x batch as in the official code, so results depend a little on --batch-size")
+              "time x batch as in the official code, so results depend on --batch-size and on "
+              "the order of the test images (the official repository's issue 14: HST-10-384 "
+              "78.73 % at batch 32, 74.20 % at batch 1)")
     print("\nFiring rate of every spiking layer (spikes per neuron per time step):")
     for name, r in metrics["firing_rates"].items():
         print(f"  {name:<44} {r:.4f}")
@@ -743,6 +913,42 @@ def print_report(metrics: dict):
     print(f"  SNN: {e['SOPs']:,.0f} SOPs + {e['MACs_first_layer']:,} MACs -> E = {e['E_snn_mJ']:.4f} mJ")
     print(f"  ANN of the same shape: {e['ANN_MACs']:,} MACs -> E = {e['E_ann_mJ']:.4f} mJ "
           f"({e['ann_over_snn']:.1f} x the SNN)")
+
+
+# The test images the pictures show by default: indices into the test set in its own order.
+DEFAULT_IMAGES = (0, 1, 3, 6)
+
+# md5 of the official CIFAR test files: a copy in another order (rebuilt from image files,
+# say) holds other images at the same indices (picture_note).
+OFFICIAL_TEST_MD5 = {"cifar10": "40351d587109b95175f43aff81a1287e",
+                     "cifar100": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
+
+
+def image_indices(text: str) -> tuple:
+    """--images "3,10,21" -> (3, 10, 21)."""
+    try:
+        indices = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected test image indices such as 3,10,21, got {text!r}")
+    if any(i < 0 for i in indices):
+        raise argparse.ArgumentTypeError(f"image indices start at 0, got {text!r}")
+    return indices
+
+
+def picture_note(dataset: str, data_dir: str):
+    """None when the CIFAR test file is the official one (or the dataset is not CIFAR), else a
+    note that the --images indices pick other images than in the official order."""
+    if dataset not in OFFICIAL_TEST_MD5:
+        return None
+    import hashlib
+    spec = data.CIFAR[dataset]
+    path = os.path.join(data.ensure_cifar(dataset, data_dir, False), spec["test_files"][0])
+    with open(path, "rb") as f:
+        md5 = hashlib.md5(f.read()).hexdigest()
+    if md5 == OFFICIAL_TEST_MD5[dataset]:
+        return None
+    return (f"{path} is not the official test file (md5 {md5}): its images may be in another "
+            f"order, and --images then picks other images than on an official copy")
 
 
 def build_parser():
@@ -772,8 +978,13 @@ def build_parser():
     p.add_argument("--dvs-split", choices=data.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
                    "whose test part is evaluated (default: the checkpoint's run's, else official: per "
                    "class the last 10%% of the recordings in sorted file order)")
-    p.add_argument("--pictures", type=int, default=4, help="test images shown in the token masks "
-                                                            "and the spike raster (0: no pictures)")
+    p.add_argument("--images", type=image_indices, default=DEFAULT_IMAGES,
+                   help="the test images the pictures show, by index into the test set in its "
+                        "own order (CIFAR: the official test file's, the same on every official "
+                        "copy), whatever --limit evaluates; comma-separated (default: "
+                        + ",".join(map(str, DEFAULT_IMAGES)) + ")")
+    p.add_argument("--pictures", type=int, help="show only the first N of --images (default: all; "
+                                                "0: no pictures)")
     return p
 
 
@@ -796,6 +1007,8 @@ def run_evaluation(args) -> dict:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.pictures is not None and args.pictures < 0:
+        raise ValueError(f"--pictures must be >= 0, got {args.pictures}")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     device = check_device(args.device)
@@ -828,6 +1041,15 @@ def run_evaluation(args) -> dict:
     test_set = data.build_test_set(args.dataset, args.data_dir, img_size=cfg.img_size,
                                    test_subset=args.limit, download_missing=False, **options)
     loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers)
+    # The pictures' images, by index into the whole test set in its own order (--limit takes
+    # an evenly spaced selection: its i-th image is not the test set's i-th).
+    chosen = list(args.images[:args.pictures])
+    if chosen:
+        full = test_set if args.limit is None else data.build_test_set(
+            args.dataset, args.data_dir, img_size=cfg.img_size, download_missing=False, **options)
+        if max(chosen) >= len(full):
+            raise ValueError(f"--images {max(chosen)}: the {spec.title} test set has {len(full)} "
+                             f"images (indices 0 to {len(full) - 1})")
     model.to(device)
 
     def prepare(images):                      # uint8 pixels -> normalised floats, on the device
@@ -849,22 +1071,29 @@ def run_evaluation(args) -> dict:
                    top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
                    official_quirks=cfg.official_quirks, input_kind=spec.input_kind,
                    data_options={k: options[k] for k in spec.options},   # event data: T and split
-                   input_counting=EVENT_INPUT_NOTE if events else ENERGY_NOTES[2],
+                   input_counting=EVENT_INPUT_NOTE if events else FIRST_LAYER_NOTE,
                    firing_rates=rates, stage_firing_rates=stage_firing_rates(recorder),
                    table4=table4(model, recorder), input_rates=recorder.input_rates(),
                    energy=energy, confusion=results["confusion"].tolist(), pictures=[])
-    if args.pictures > 0:
-        shown = [test_set[i] for i in range(min(args.pictures, len(test_set)))]
+    if chosen:
+        shown = [full[i] for i in chosen]
         first = [x for x, _ in shown]
         images = prepare(torch.stack(first).to(device))
         display = torch.stack([event_image(x.sum(0)) for x in first]) if events else None
+        titles = [f"test image {i} ({class_names[int(label)]})" for i, (_, label) in zip(chosen, shown)]
+        metrics["picture_images"] = dict(indices=chosen, titles=titles,
+                                         note=picture_note(args.dataset, args.data_dir))
         metrics["pictures"] = draw_pictures(model, images, results, rates, out, spec.mean,
-                                            spec.std, class_names, display=display)
+                                            spec.std, class_names, display=display, titles=titles)
         if events:                                  # a sample's T frames, ON and OFF events
             path = os.path.join(out, "event_frames.png")
-            plot_event_frames(first, path, [class_names[label] for _, label in shown])
+            plot_event_frames(first, path, [t.replace(" (", "\n(") for t in titles])
             metrics["pictures"].append(path)
     print_report(metrics)
+    if chosen:
+        print(f"\npictures of {', '.join(metrics['picture_images']['titles'])}")
+        if metrics["picture_images"]["note"]:
+            print(f"note: {metrics['picture_images']['note']}")
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print(f"\nwrote {out}/metrics.json" + "".join(f", {os.path.basename(p)}" for p in metrics["pictures"]))

@@ -24,7 +24,8 @@ from neuron import LIFNode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
-PICTURES = ("firing_rates.png", "spike_raster.png", "token_masks.png", "confusion_matrix.png")
+PICTURES = ("firing_rates.png", "spike_raster.png", "token_masks.png", "qk_attention.png",
+            "confusion_matrix.png")
 
 
 def tiny(**overrides):
@@ -288,6 +289,82 @@ def test_a_product_outside_any_attention_is_an_error():
         energy_of(model)
 
 
+# ---------------------------------------------------------------- pictures
+
+def png_dpi(path):
+    from PIL import Image
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.info["dpi"]
+
+
+def test_qk_attention_spikes_are_the_masked_k():
+    """The matrices of the Figure 3(a) picture: Q and K per head, A_t, and X' = A_t (*) K,
+    which keeps K's column of a token where A_t is 1 and zeroes it where A_t is 0."""
+    model = tiny(embed_dim=32, num_heads=2)                  # stage 1: 8 channels, 2 heads of 4
+    force_bn_bias(model, 1.5)                                # some neurons fire, some do not
+    names = ev.qk_attention_neurons(model)
+    assert list(names) == ["stage 1", "stage 2"]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with ev.SpikeRecorder(model, keep=[n for v in names.values() for n in v]) as rec, torch.no_grad():
+        model(x)
+    q, k, a = (rec.kept[n][0] for n in names["stage 1"])
+    spikes = ev.qk_attention_spikes(q, k, a, num_heads=2)
+    assert spikes["Q"].shape == spikes["K"].shape == spikes["X'"].shape == (2, 2, 2, 4, 64)
+    assert spikes["A_t"].shape == (2, 2, 2, 1, 64)           # (T, B, heads, 1, N)
+    kept = spikes["A_t"].expand_as(spikes["K"]) > 0
+    assert torch.equal(spikes["X'"][kept], spikes["K"][kept])
+    assert not spikes["X'"][~kept].any()
+    assert 0 < spikes["A_t"].mean() < 1 and 0 < spikes["K"].mean() < 1
+    # Eq. (6): A_t = SN(sum of the head's Q over its channels). At the first step the membrane
+    # starts at 0 and charges to sum / tau (tau = 2): one spike of Q reaches the threshold 0.5
+    fired = spikes["Q"][0].sum(dim=2, keepdim=True) >= 1      # (B, heads, 1, N)
+    assert torch.equal(spikes["A_t"][0] > 0, fired)
+
+
+def test_qk_attention_picture(tmp_path):
+    model = tiny()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    names = ev.qk_attention_neurons(model)
+    blocks = ev.qk_attention_blocks(model)
+    with ev.SpikeRecorder(model, keep=[n for v in names.values() for n in v]) as rec, torch.no_grad():
+        model(x)
+    stages = {}
+    for stage, (q, k, a) in names.items():
+        s = ev.qk_attention_spikes(rec.kept[q][0], rec.kept[k][0], rec.kept[a][0],
+                                   blocks[stage][1].num_heads)
+        stages[stage] = {panel: v[:, 0] for panel, v in s.items()}
+    path = tmp_path / "qk_attention.png"
+    ev.plot_qk_attention(ev.show_image(x[0]), stages, str(path), label="test image 0 (cat)")
+    assert png_dpi(path)[0] == pytest.approx(150, abs=1)
+    assert ev.token_segment(1024) == (462, 562)              # 100 tokens from the middle
+    assert ev.token_segment(64) == (0, 64)                   # all, when there are fewer
+    assert ev.token_segment(256, start=0) == (0, 100)
+    with pytest.raises(ValueError):
+        ev.token_segment(256, start=200)
+
+
+def test_pictures_are_written_at_150_dpi(tmp_path):
+    model = tiny()
+    results, rec = run(model)
+    x = torch.randn(2, 3, 8, 8)
+    paths = ev.draw_pictures(model, x, results, rec.firing_rates(), str(tmp_path),
+                             titles=["test image 3 (cat)", "test image 10 (dog)"])
+    assert [os.path.basename(p) for p in paths] == list(PICTURES)
+    for p in paths:
+        assert png_dpi(p)[0] == pytest.approx(150, abs=1), p
+
+
+def test_image_indices_option():
+    parser = ev.build_parser()
+    args = parser.parse_args(["--checkpoint", "x.pt", "--images", "3,10,21"])
+    assert args.images == (3, 10, 21) and args.pictures is None
+    assert parser.parse_args(["--checkpoint", "x.pt"]).images == ev.DEFAULT_IMAGES
+    for bad in ("3,x", "-1", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--checkpoint", "x.pt", "--images", bad])
+
+
 # ---------------------------------------------------------------- command line
 
 def write_fake_cifar10(root, test_images=12, seed=0):
@@ -344,6 +421,45 @@ def test_cli_on_own_checkpoint(tmp_path, cifar_dir, capsys):
     assert metrics["T"] == 2 and not metrics["official_quirks"]
     printed = capsys.readouterr().out
     assert "top-1" in printed and "MAC layers" in printed and "stages.0.embed.stem.conv" in printed
+
+
+def test_cli_pictures_show_test_images_by_index_whatever_limit(tmp_path, cifar_dir, capsys):
+    """--images counts in the test file's order, also when --limit evaluates a selection (an
+    evenly spaced one: with 12 images and --limit 4, images 0, 3, 6, 9)."""
+    ckpt = own_checkpoint(tmp_path / "run.pt")
+    with open(os.path.join(cifar_dir, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        labels = pickle.load(f)[b"labels"]
+    names = data.CIFAR10_CLASSES
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", cifar_dir,
+                    "--limit", "4", "--images", "5,11,2", "--pictures", "2", "--output", str(out)]) == 0
+    metrics = check_outputs(out, images=4)
+    shown = metrics["picture_images"]
+    assert shown["indices"] == [5, 11]
+    assert shown["titles"] == [f"test image {i} ({names[labels[i]]})" for i in (5, 11)]
+    assert "not the official test file" in shown["note"]        # these are random images
+    printed = capsys.readouterr().out
+    assert f"pictures of test image 5 ({names[labels[5]]})" in printed and "note:" in printed
+    code = ev.main(["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", cifar_dir,
+                    "--images", "3,12", "--output", str(tmp_path / "out2")])
+    assert code == 2 and "--images 12: the CIFAR-10 test set has 12 images" in capsys.readouterr().err
+    out = tmp_path / "none"
+    assert ev.main(["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", cifar_dir,
+                    "--pictures", "0", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pictures"] == [] and not list(out.glob("*.png"))
+
+
+def test_picture_note_knows_the_official_cifar_test_files(tmp_path, monkeypatch):
+    assert ev.picture_note("imagenet", str(tmp_path)) is None
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(b"official")
+    import hashlib                                       # this stand-in plays the official file
+    monkeypatch.setitem(ev.OFFICIAL_TEST_MD5, "cifar10", hashlib.md5(b"official").hexdigest())
+    assert ev.picture_note("cifar10", str(tmp_path)) is None
+    (folder / "test_batch").write_bytes(b"rebuilt in another order")
+    assert "not the official test file" in ev.picture_note("cifar10", str(tmp_path))
 
 
 def test_cli_on_a_checkpoint_train_py_wrote(tmp_path, cifar_dir):
