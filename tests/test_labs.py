@@ -104,7 +104,7 @@ def test_exercises_and_solutions(lab):
     assert min(details) > last_exercise, f"{lab}: the solutions come at the end, after the exercises"
     assert text.count("<details>") == text.count("</details>"), f"{lab}: a <details> is not closed"
     # GitHub renders markdown (code blocks) inside <details> only after a blank line.
-    for m in re.finditer(r"<summary>.*?</summary>\n(.?)", text):
+    for m in re.finditer(r"<summary>.*?</summary>\n(\n?)", text):
         assert m.group(1) == "\n", f"{lab}: a blank line must follow <summary>...</summary>"
     # Every exercise has its solution.
     solved = set(re.findall(r"<summary>Solution to exercise (\d+)</summary>", text))
