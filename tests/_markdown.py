@@ -107,6 +107,31 @@ def markdown_table_after(text, marker):
     return rows[0], rows[1:]
 
 
+CITED_MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data")
+
+
+def cited_names(text):
+    """The names a page writes as `module.attribute` in backticks (module one of
+    CITED_MODULES), without file names such as `train.py`."""
+    cited = set(re.findall(rf"`((?:{'|'.join(CITED_MODULES)})(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", text))
+    return sorted(cited - {f"{m}.py" for m in CITED_MODULES})
+
+
+def missing_names(text):
+    """The names of `cited_names(text)` that the code does not have."""
+    import importlib
+    missing = []
+    for name in cited_names(text):
+        module, *attrs = name.split(".")
+        obj = importlib.import_module(module)
+        for a in attrs:
+            if not hasattr(obj, a):
+                missing.append(name)
+                break
+            obj = getattr(obj, a)
+    return missing
+
+
 # ----------------------------------------------------------------------------------------
 # Running a page: its blocks in order, their printed output against the page's
 

@@ -16,19 +16,17 @@ blocks are shown only, `<!-- output -->` blocks are what the block above prints)
 
 Each lab runs in well under a minute on two CPU cores (tiny models, T <= 4).
 """
-import importlib
 import os
 import re
 
 import pytest
 
-from _markdown import (check_command, check_pictures, command_lines, prepare_workdir,
+from _markdown import (missing_names, check_command, check_pictures, command_lines, prepare_workdir,
                        read_blocks, run_page)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABS = ("labs/1-neuron.md", "labs/2-attention.md", "labs/3-training.md")
 TUTORIAL = os.path.join(ROOT, "tutorial.md")
-MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data")
 
 os.environ.setdefault("QKFORMER_LIF", "eager")     # as conftest.py: no torch.compile per process
 os.environ.setdefault("MPLBACKEND", "Agg")          # pictures to files, no display needed
@@ -132,13 +130,7 @@ def test_training_commands_are_valid(lab):
 
 @pytest.mark.parametrize("lab", LABS)
 def test_names_the_lab_cites_exist(lab):
-    cited = set(re.findall(rf"`((?:{'|'.join(MODULES)})(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", text_of(lab)))
-    for name in sorted(cited - {f"{m}.py" for m in MODULES}):      # file names are not attributes
-        module, *attrs = name.split(".")
-        obj = importlib.import_module(module)
-        for a in attrs:
-            assert hasattr(obj, a), f"{lab} cites `{name}`, which does not exist"
-            obj = getattr(obj, a)
+    assert missing_names(text_of(lab)) == [], f"{lab} cites names that do not exist"
 
 
 def test_the_tutorial_points_to_the_labs():

@@ -45,13 +45,12 @@ import tempfile
 
 import pytest
 
-from _markdown import (check_command, check_pictures, command_lines, markdown_table_after,
+from _markdown import (cited_names, missing_names, check_command, check_pictures, command_lines, markdown_table_after,
                        output_mismatch, pictures_shown, prepare_workdir, read_blocks, run_page,
                        scratch_path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = os.path.join(ROOT, "tutorial.md")
-MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data")
 MAX_PICTURE_BYTES = 150 * 1024
 
 os.environ.setdefault("QKFORMER_LIF", "eager")     # as conftest.py: no torch.compile per process
@@ -158,17 +157,10 @@ def test_presets_table_matches_the_configs():
 
 
 def test_names_the_tutorial_cites_exist():
-    import importlib
     with open(TUTORIAL, encoding="utf-8") as f:
         text = f.read()
-    cited = set(re.findall(rf"`((?:{'|'.join(MODULES)})(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", text))
-    assert len(cited) >= 15
-    for name in sorted(cited - {f"{m}.py" for m in MODULES}):      # file names are not attributes
-        module, *attrs = name.split(".")
-        obj = importlib.import_module(module)
-        for a in attrs:
-            assert hasattr(obj, a), f"tutorial.md cites `{name}`, which does not exist"
-            obj = getattr(obj, a)
+    assert len(cited_names(text)) >= 15
+    assert missing_names(text) == [], "tutorial.md cites names that do not exist"
 
 
 def test_commands_not_run_are_valid():
