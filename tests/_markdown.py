@@ -177,11 +177,13 @@ def output_mismatch(expected, printed, tol=DEFAULT_TOL):
     return None
 
 
-def run_page(path, workdir, namespace=None, log=print):
+def run_page(path, workdir, namespace=None, log=print, new_outputs=None):
     """Run every block of the markdown file `path` in `workdir` (see `prepare_workdir`), in
     order, python blocks in one namespace (returned), bash blocks with `bash -eo pipefail`;
     `<!-- file: NAME -->` blocks are written to NAME. What each run block prints is compared
-    with the `<!-- output -->` block after it. Raises AssertionError naming page:line."""
+    with the `<!-- output -->` block after it. Raises AssertionError naming page:line.
+    new_outputs: a dict instead of an error for a differing output: {block: what was printed}
+    (for `write_outputs`, after a deliberate change such as a new shipped checkpoint)."""
     name = os.path.basename(path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     namespace = {"__name__": "__page__"} if namespace is None else namespace
@@ -196,7 +198,10 @@ def run_page(path, workdir, namespace=None, log=print):
                 if where is None:
                     raise AssertionError(f"{here}: an output block that follows no run block")
                 problem = output_mismatch(block["code"], printed, block["output"])
-                if problem:
+                if problem and new_outputs is not None:
+                    log(f"{here}: {problem}")
+                    new_outputs[block["line"]] = (block["code"], printed)
+                elif problem:
                     raise AssertionError(f"{where}: the output differs from the page's ({here}): "
                                          f"{problem}\nprinted:\n{printed}")
                 printed, where = "", None
@@ -239,6 +244,23 @@ def run_page(path, workdir, namespace=None, log=print):
         os.chdir(old_cwd)
         sys.path[:] = old_path
     return namespace
+
+
+def write_outputs(path, workdir):
+    """Run the page and write what its blocks print into the output blocks that differ (for
+    a maintainer after a deliberate change; read the diff before committing it). Returns the
+    number of blocks rewritten."""
+    new_outputs = {}
+    run_page(path, workdir, new_outputs=new_outputs)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    for first, (old, printed) in sorted(new_outputs.items(), reverse=True):   # bottom up
+        start = first - 1                                   # 0-based index of the first line
+        lines[start:start + len(old.splitlines())] = [line + "\n" for line in
+                                                      printed.rstrip("\n").splitlines()]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return len(new_outputs)
 
 
 def check_pictures(path, workdir, max_bytes=150 * 1024):

@@ -47,7 +47,7 @@ import pytest
 
 from _markdown import (cited_names, missing_names, check_command, check_pictures, command_lines, markdown_table_after,
                        output_mismatch, pictures_shown, prepare_workdir, read_blocks, run_page,
-                       scratch_path)
+                       scratch_path, write_outputs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = os.path.join(ROOT, "tutorial.md")
@@ -100,6 +100,18 @@ def test_every_printing_block_shows_its_output():
     assert output_mismatch("spikes per level: [0, 4, 10]", "spikes per level: [0, 5, 10]")
     assert output_mismatch("loss 2.303", "loss 2.303\nextra line")
     assert not output_mismatch("mean  0.500 ", "mean 0.5004")
+
+
+def test_write_outputs_rewrites_only_the_outputs_that_drifted(tmp_path):
+    page = tmp_path / "page.md"
+    text = ("Text.\n\n```python\nprint(1 + 1)\n```\n\n<!-- output -->\n```text\n3\n```\n\n"
+            "More.\n\n```python\nprint('a'); print('b')\n```\n\n<!-- output -->\n```text\na\nb\n```\n")
+    page.write_text(text)
+    with pytest.raises(AssertionError, match="printed 2, the page shows 3"):
+        run_page(str(page), str(tmp_path), log=lambda *a: None)
+    assert write_outputs(str(page), str(tmp_path)) == 1
+    assert page.read_text() == text.replace("```text\n3\n```", "```text\n2\n```")
+    run_page(str(page), str(tmp_path), log=lambda *a: None)              # passes now
 
 
 def test_shapes_table_matches_the_model(tutorial_run):
@@ -212,7 +224,17 @@ if __name__ == "__main__":
     parser.add_argument("--write-docs", action="store_true",
                         help="run the tutorial and the labs and copy the pictures they write "
                              "into scratch/ to docs/")
-    if parser.parse_args().write_docs:
+    parser.add_argument("--write-outputs", action="store_true",
+                        help="run the tutorial and the labs and write what their blocks print "
+                             "into the <!-- output --> blocks that differ (after a deliberate "
+                             "change; review the diff)")
+    options = parser.parse_args()
+    if options.write_outputs:
+        for page in pages():
+            with tempfile.TemporaryDirectory() as workdir:
+                prepare_workdir(workdir)
+                print(f"{os.path.relpath(page, ROOT)}: {write_outputs(page, workdir)} output blocks rewritten")
+    if options.write_docs:
         write_docs()
-    else:
+    elif not options.write_outputs:
         sys.exit(pytest.main([__file__, "-q"]))
