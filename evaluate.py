@@ -254,7 +254,7 @@ def table4(model: nn.Module, recorder: SpikeRecorder) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=None,
-             limit=None, total=None, desc="evaluate", amp_dtype=None):
+             limit=None, total=None, desc="evaluate", amp_dtype=None, flip=False):
     """Run `model` over an iterable of (images, labels) batches and measure everything.
 
     prepare: optional function applied to each image batch on the device (e.g. turning
@@ -262,6 +262,8 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
     limit:   stop after this many images (the last batch is cut).
     amp_dtype: run the model under autocast with this dtype (neuron.autocast_dtype), or
              None for float32.
+    flip:    test-time flips: the logits averaged with those of the mirrored images
+             (qkformer.predict). The recorder then sees two forward passes per image.
     Returns (results, recorder): results holds images, top1, top5 (percent), loss (mean
     cross-entropy) and the confusion matrix (rows: true class, columns: predicted class); the
     recorder holds the spike and input counts. Counts stay on the device until the end.
@@ -284,7 +286,7 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
                 images = prepare(images)
             with torch.autocast(torch.device(device).type, dtype=amp_dtype,
                                 enabled=amp_dtype is not None):
-                logits = model(images)
+                logits = qkformer.predict(model, images, flip)
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"the model predicts {logits.shape[-1]} classes but the data has "
                                  f"{num_classes}")
@@ -884,7 +886,8 @@ def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: 
 # The command line
 
 def print_report(metrics: dict):
-    print(f"\n{metrics['dataset']}: {metrics['images']} test images, T = {metrics['T']}")
+    flips = ", each also mirrored (--flip-test)" if metrics.get("flip_test") else ""
+    print(f"\n{metrics['dataset']}: {metrics['images']} test images{flips}, T = {metrics['T']}")
     print(f"top-1 {metrics['top1']:.2f} %   top-{metrics['top5_k']} {metrics['top5']:.2f} %   "
           f"loss {metrics['loss']:.4f}")
     if metrics["official_quirks"]:
@@ -973,6 +976,9 @@ def build_parser():
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: cuDNN autotuning and TF32 matrix products, as train.py (--no-tf32: "
                         "bit-stable float32)")
+    p.add_argument("--flip-test", action="store_true", help="test-time flips: average the logits of "
+                   "each image and its mirror image (as train.py --flip-test); firing rates and "
+                   "energy are then those of one forward pass, of which each image takes two")
     p.add_argument("--T", type=int, help="evaluate with this many time steps instead of the "
                                          "checkpoint's (the paper's Table 7 / Table 2 T=1 rows)")
     p.add_argument("--dvs-split", choices=data.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
@@ -1055,19 +1061,22 @@ def run_evaluation(args) -> dict:
     def prepare(images):                      # uint8 pixels -> normalised floats, on the device
         return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))
 
-    results, recorder = evaluate(model, loader, cfg.num_classes, device, prepare,
-                                 limit=args.limit, total=len(loader), amp_dtype=amp_dtype)
+    results, recorder = evaluate(model, loader, cfg.num_classes, device, prepare, limit=args.limit,
+                                 total=len(loader), amp_dtype=amp_dtype, flip=args.flip_test)
     rates = recorder.firing_rates()
     # After the evaluation: the FLOP count runs the neurons' reference loops (layer_macs).
     events = spec.input_kind == "event counts"
-    energy = energy_report(model, recorder, results["images"], cfg.T, layer_macs(model),
+    # Energy per forward pass: --flip-test makes two per image (the recorder counted both).
+    passes = 2 if args.flip_test else 1
+    energy = energy_report(model, recorder, results["images"] * passes, cfg.T, layer_macs(model),
                            mac_layers=[] if events else None)       # events: no MAC layer
     if events:
         energy["notes"] = energy["notes"] + [EVENT_INPUT_NOTE]
     class_names = list(spec.class_names_from(args.data_dir))
     metrics = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=spec.name,
                    class_names=class_names,
-                   images=results["images"], T=cfg.T, top1=results["top1"], top5=results["top5"],
+                   images=results["images"], T=cfg.T, flip_test=args.flip_test,
+                   top1=results["top1"], top5=results["top5"],
                    top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
                    official_quirks=cfg.official_quirks, input_kind=spec.input_kind,
                    data_options={k: options[k] for k in spec.options},   # event data: T and split

@@ -423,6 +423,23 @@ def test_cli_on_own_checkpoint(tmp_path, cifar_dir, capsys):
     assert "top-1" in printed and "MAC layers" in printed and "stages.0.embed.stem.conv" in printed
 
 
+def test_cli_flip_test_counts_energy_per_forward_pass(tmp_path, cifar_dir, capsys):
+    """--flip-test runs each image twice (and mirrored); the energy stays that of one pass: the
+    operation counts per image equal those of the plain evaluation."""
+    ckpt = own_checkpoint(tmp_path / "run.pt")
+    runs = {}
+    for flip in (False, True):
+        out = tmp_path / f"eval-{flip}"
+        argv = ["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", cifar_dir, "--limit", "8",
+                "--batch-size", "4", "--pictures", "0", "--output", str(out)] + ["--flip-test"] * flip
+        assert ev.main(argv) == 0
+        runs[flip] = json.loads((out / "metrics.json").read_text())
+    assert [runs[f]["flip_test"] for f in (False, True)] == [False, True]
+    assert "each also mirrored" in capsys.readouterr().out
+    plain, flipped = ([(r["name"], r["macs"]) for r in runs[f]["energy"]["layers"]] for f in (False, True))
+    assert plain == flipped
+
+
 def test_cli_pictures_show_test_images_by_index_whatever_limit(tmp_path, cifar_dir, capsys):
     """--images counts in the test file's order, also when --limit evaluates a selection (an
     evenly spaced one: with 12 images and --limit 4, images 0, 3, 6, 9)."""

@@ -16,7 +16,7 @@ from qkformer import (ATTENTIONS, PRESETS, QKAttention, QKFormer, QKFormerConfig
                       SpikingSelfAttention,
                       convert_official_state_dict, count_parameters, create_model,
                       fold_batchnorm, load_checkpoint, load_official_state_dict, model_from_checkpoint,
-                      release_checkpoint, save_checkpoint,
+                      predict, release_checkpoint, save_checkpoint,
                       official_config, official_family, unwrap_state_dict)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -310,14 +310,17 @@ def test_checkpoint_round_trip_and_official(tmp_path):
 
 
 def test_release_checkpoint_keeps_what_evaluation_needs(tmp_path):
-    """release_checkpoint (the shipped checkpoint's format): weights in float16, config, the
-    run's settings; the model rebuilt from it is the trained one up to float16 rounding."""
+    """release_checkpoint (the shipped checkpoint's format): the weights (as trained, or rounded
+    to float16 on request), config, the run's settings; the model rebuilt from it is the
+    trained one, up to the rounding."""
     torch.manual_seed(0)
     model = create_model("tiny", embed_dim=32, num_heads=2, T=2).eval()
     optimizer = torch.optim.AdamW(model.parameters())
     full = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), "args": {"recipe": "cpu"}, "best_top1": 50.0}
-    released = release_checkpoint(full)
+    exact = release_checkpoint(full)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in exact["model"].items())
+    released = release_checkpoint(full, dtype=torch.float16)
     assert set(released) == {"model", "config", "args", "best_top1"}
     assert all(v.dtype in (torch.float16, torch.int64) for v in released["model"].values())
     save_checkpoint(released, str(tmp_path / "small.pt"))
@@ -359,6 +362,22 @@ def test_fold_batchnorm_keeps_eval_outputs():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         assert torch.allclose(folded(golden["input"]), golden["logits_eval"], rtol=0, atol=1e-9)
+
+
+@torch.no_grad()
+def test_predict_with_flips_averages_the_image_and_its_mirror():
+    golden = torch.load(os.path.join(GOLDEN, "official_imagenet_small.pt"), weights_only=True)
+    model = QKFormer(QKFormerConfig(**golden["config"])).double().eval()
+    load_official_state_dict(model, golden["official_state_dict"])   # weights whose logits differ
+    x = golden["input"]
+    one, mirrored = model(x), model(x.flip(-1))
+    assert not torch.allclose(one, mirrored)                  # the model is not mirror-symmetric
+    assert torch.equal(predict(model, x), one)
+    assert torch.allclose(predict(model, x, flip=True), (one + mirrored) / 2)
+    # a mirror-symmetric image looks the same both ways: the mean is its single prediction
+    half = x[..., :x.shape[-1] // 2]
+    symmetric = torch.cat([half, half.flip(-1)], dim=-1)                 # (B, C, H, W)
+    assert torch.allclose(predict(model, symmetric, flip=True), model(symmetric))
 
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])

@@ -66,6 +66,7 @@ def test_defaults_are_the_official_recipes():
 def test_command_line_overrides_recipes():
     a = args_of("--dataset", "cifar10", "--recipe", "cpu")
     assert a.model == "small" and a.mixup == 0 and a.aa == "none" and a.weight_decay == 0.05
+    assert (a.crop_padding, a.flip_test) == (2, True)
     a = args_of("--recipe", "cpu", "--epochs", "3", "--T", "2", "--aa", "rand-m9-n1-mstd0.4-inc1")
     assert (a.epochs, a.T, a.aa, a.model) == (3, 2, "rand-m9-n1-mstd0.4-inc1", "small")
     a = args_of("--dataset", "imagenet", "--lr", "0.01", "--accum-iter", "1")
@@ -73,6 +74,7 @@ def test_command_line_overrides_recipes():
     # --recipe lab: the "small" model, two passes over 35,000 images; its options still win
     a = args_of("--recipe", "lab", "--neuron", "if", "--no-speds")
     assert (a.model, a.T, a.epochs, a.subset, a.neuron, a.speds) == ("small", 2, 2, 35000, "if", False)
+    assert (a.crop_padding, a.flip_test) == (4, False)      # as the labs' tables were measured
     assert train.build_model(a, 10).config.speds is False
 
 
