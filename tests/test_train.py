@@ -199,8 +199,9 @@ def test_loss_falls_on_a_fixed_batch(cifar):
 
 def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
     out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--aa", "rand-m9-n1-mstd0.4-inc1",
-              "--reprob", "0.25", "--mixup", "0.5", "--cutmix", "1.0", "--amp")
+              "--reprob", "0.25", "--mixup", "0.5", "--cutmix", "1.0", "--amp", "--flip-test")
     printed = capsys.readouterr().out
+    assert re.search(r"epoch 2/2: .*; test top-1 [\d.]+%, top-5 [\d.]+% \(with flips\)", printed)
     assert "effective batch 8 = 8 per process x 1 accumulated x 1 processes; peak lr 0.001" in printed
     # the settings table: effective value and the layer it came from
     assert re.search(r"\n  lr +0\.001 +command line\n", printed)
