@@ -178,7 +178,11 @@ def test_checkpoint_format_round_trip(tmp_path):
 # ---------------------------------------------------------------- it learns
 
 def test_loss_falls_on_a_fixed_batch(cifar):
-    a = args_of(*TINY, "--embed-dim", "32", "--num-heads", "2", "--lr", "1e-2", "--warmup-epochs", "0",
+    """30 updates on one batch bring the loss down. Asserted with a margin, not one machine's path:
+    a float32 trajectory that flips one spike differs between AVX2 and AVX-512 CPUs. At lr 1e-2
+    one of them overshot (2.07 -> 1.14 -> 1.37); at 5e-3 both fall every epoch, to about 0.46 of
+    the first loss, so the bound 0.6 and "every epoch below the first" hold with room to spare."""
+    a = args_of(*TINY, "--embed-dim", "32", "--num-heads", "2", "--lr", "5e-3", "--warmup-epochs", "0",
                 "--epochs", "1", "--smoothing", "0")
     images, labels = data.load_cifar("cifar10", cifar, train=True, download_missing=False)
     batch = (images[:8], labels[:8])
@@ -192,7 +196,7 @@ def test_loss_falls_on_a_fixed_batch(cifar):
     for _ in range(6):  # 6 x 5 updates on the same 8 images
         stats = train.train_one_epoch(ctx, [batch] * 5, 0)
         losses.append(stats["train_loss"])
-    assert losses[-1] < 0.6 * losses[0] and losses == sorted(losses, reverse=True), losses
+    assert losses[-1] < 0.6 * losses[0] and max(losses[1:]) < losses[0], losses
 
 
 # ---------------------------------------------------------------- a run and its files
