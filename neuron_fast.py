@@ -531,10 +531,11 @@ def add_device_arguments(parser, defaults: bool = True):
     too), for train.py to fill from its layered settings (recipe, saved run, command line)
     and to resolve per process (each DDP process takes its own GPU).
     """
+    # train.py's runs can be resumed, on another machine too: its device is never saved.
+    resumed = "" if defaults else "; chosen anew by each invocation, also on --resume"
     parser.add_argument(
         "--device", type=_auto_device if defaults else str, default="auto" if defaults else None,
-        help="auto, cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU); chosen "
-             "anew by each invocation, also on train.py --resume")
+        help=f"auto, cpu, cuda or cuda:N (default auto: CUDA when PyTorch sees a GPU){resumed}")
     parser.add_argument(
         "--amp", nargs="?", const="auto", choices=AMP_CHOICES, default="off" if defaults else None,
         help="mixed precision on a GPU (default off): --amp alone picks bf16 where the GPU "
