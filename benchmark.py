@@ -16,8 +16,8 @@ Results are printed and written as JSON (`--output`). Inputs are random images: 
 cost of a step does not depend on the pixel values, only on how many neurons spike,
 which random inputs exercise at rates close to trained networks (printed alongside).
 The device is set up as train.py sets it up: mixed precision by the same rule
-(`--amp`: neuron.autocast_dtype), cuDNN autotuning and TF32 on a GPU unless --no-tf32
-(neuron.apply_device_settings).
+(`--amp`: neuron_fast.autocast_dtype), cuDNN autotuning and TF32 on a GPU unless --no-tf32
+(neuron_fast.apply_device_settings).
 
 The data phase (`--phases data`, or add it to train,inference) reads the training split
 of --dataset with its official recipe's per-image augmentations (RandAugment included)
@@ -42,8 +42,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from neuron import (AMP_CHOICES, SpikingNeuron, apply_device_settings, apply_memory_policy,
-                    autocast_dtype)
+from neuron import SpikingNeuron
+from neuron_fast import (add_device_arguments, apply_device_settings, apply_memory_policy,
+                         autocast_dtype)
 from qkformer import PRESETS, create_model, fold_batchnorm
 
 PHASES = ("train", "inference", "data")
@@ -55,13 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--T", type=int, default=None, help="time steps (default: the preset's)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
-    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=AMP_CHOICES,
-                   help="mixed precision on GPU, as train.py: --amp alone picks bf16 where the GPU "
-                        "computes it natively (Ampere and newer), else fp16 (with a grad scaler)")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPU: cuDNN autotuning and TF32 matrix products, as train.py (--no-tf32: "
-                        "bit-stable float32)")
+    add_device_arguments(p)                         # --device, --amp, --tf32: as train.py's
     p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--phases", default="train,inference",
@@ -76,13 +71,11 @@ def parse_args(argv=None):
                    help="data phase: batches timed per worker count (after the first)")
     p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="training on the CPU: return freed activation memory to the system, as "
-                        "train.py does by default (neuron.apply_memory_policy)")
+                        "train.py does by default (neuron_fast.apply_memory_policy)")
     p.add_argument("--reference-neuron", action="store_true",
                    help="use the plain autograd loop of neuron.py instead of the fused LIF")
     p.add_argument("--output", default="benchmark.json", help="JSON file to write")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but PyTorch sees no GPU here; use --device cpu")
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.data_batches < 1:
@@ -134,8 +127,8 @@ def run_phase(args, phase: str) -> dict:
     """Time one phase ("train" or "inference") in this process."""
     # As train.py does: huge pages, and in training (unless --no-low-memory) freed memory
     # returned to the system, without which the resident memory grows well above what a
-    # step needs (see neuron.apply_memory_policy). Inference keeps little alive. On the CPU
-    # this runs first in a fresh process, before its first tensor.
+    # step needs (see neuron_fast.apply_memory_policy). Inference keeps little alive. On
+    # the CPU this runs first in a fresh process, before its first tensor.
     apply_memory_policy(return_freed_memory=phase == "train" and args.low_memory)
     torch.manual_seed(0)
     device = args.device
@@ -243,8 +236,9 @@ def model_facts(args) -> dict:
     """Parameters, FLOPs per image (forward, all T steps) and the firing rate on random input.
 
     The model here runs its neurons on their reference loops (the same spikes): FlopCounterMode
-    intercepts every operation, and nothing compiled should run under it (neuron.CompiledOrEager
-    also refuses to compile under such a mode, which the compiler would remember for good)."""
+    intercepts every operation, and nothing compiled should run under it
+    (neuron_fast.CompiledOrEager also refuses to compile under such a mode, which the
+    compiler would remember for good)."""
     model = build(args).eval()
     use_reference_loops(model)
     cfg = model.config

@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 The tests run the LIF neuron's eager kernels by default: compiling the fused kernels
-(neuron.py, torch.compile) costs tens of seconds per process, which the many short
+(neuron_fast.py, torch.compile) costs tens of seconds per process, which the many short
 test processes (DDP, CLI runs) would pay again and again. test_neuron.py checks the
 compiled kernels against the reference loop explicitly. Also: a local HTTP server for
 the download tests (CIFAR, CIFAR10-DVS); one thread and a fake CIFAR-10 for the training tests.

@@ -12,7 +12,7 @@
   * benchmark.py --device cuda --amp, and evaluate.py on CUDA.
 
 scripts/gpu_check.py runs this file (and the CPU checks) and prints PASS/FAIL per test.
-The device settings: parity tests run with neuron.apply_device_settings(fast=False)
+The device settings: parity tests run with neuron_fast.apply_device_settings(fast=False)
 (no cuDNN autotuning, no TF32) so that float32 comparisons are bit-stable.
 """
 import json
@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import neuron
-from neuron import (LIFNode, ParametricLIFNode, SpikingNeuron, apply_device_settings,
-                    lif_reference, plif_reference)
+import neuron_fast                            # the neurons' fast path, which this file checks
+from neuron import LIFNode, ParametricLIFNode, SpikingNeuron, lif_reference, plif_reference
+from neuron_fast import apply_device_settings
 from qkformer import (QKFormer, QKFormerConfig, convert_official_state_dict, create_model,
                       load_official_state_dict)
 
@@ -51,12 +51,12 @@ def _fresh_compiler():
 
 @pytest.fixture(params=["eager", "compiled"])
 def backend(request):
-    previous = neuron.get_backend()
+    previous = neuron_fast.get_backend()
     if request.param == "compiled":
         _fresh_compiler()
-    neuron.set_backend(request.param)
+    neuron_fast.set_backend(request.param)
     yield request.param
-    neuron.set_backend(previous)
+    neuron_fast.set_backend(previous)
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_lif_on_cuda_equals_reference_on_cpu(backend, tau):
     fast, ref = LIFNode(tau=tau)(xc), lif_reference(xr, tau)
     assert torch.equal(fast.cpu(), ref)
     if backend == "compiled":
-        assert neuron.lif_forward_kernel.used == "compiled"
+        assert neuron_fast.lif_forward_kernel.used == "compiled"
     gx, = torch.autograd.grad(fast, xc, grad.cuda())
     gr, = torch.autograd.grad(ref, xr, grad)
     assert torch.allclose(gx.cpu(), gr, rtol=1e-12, atol=1e-14)
@@ -92,19 +92,19 @@ def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
     torch.manual_seed(5)
     x = (torch.randn(4, 8, 1000) * 1.5 + 0.7).to(dtype)
     grad = torch.randn(x.shape).to(dtype)
-    previous = neuron.get_backend()
-    neuron.set_backend("eager")                       # the CPU side: eager kernels
+    previous = neuron_fast.get_backend()
+    neuron_fast.set_backend("eager")                  # the CPU side: eager kernels
     try:
         xr = x.clone().requires_grad_()
         ref = LIFNode()(xr)
         gr, = torch.autograd.grad(ref, xr, grad)
     finally:
-        neuron.set_backend(previous)
+        neuron_fast.set_backend(previous)
     xc = x.cuda().requires_grad_()
     out = LIFNode()(xc)
     gx, = torch.autograd.grad(out, xc, grad.cuda())
     if backend == "compiled":
-        assert neuron.lif_forward_kernel.used == neuron.lif_backward_kernel.used == "compiled"
+        assert neuron_fast.lif_forward_kernel.used == neuron_fast.lif_backward_kernel.used == "compiled"
     assert out.dtype == gx.dtype == dtype
     if dtype == torch.float32:
         assert torch.equal(out.cpu(), ref)
@@ -134,15 +134,15 @@ def test_plif_on_cuda_equals_reference_on_cpu():
 
 def test_long_sequences_run_eagerly_on_cuda():
     """official_quirks' T*B steps: eager, not compiled, and the same spikes as the reference."""
-    previous = neuron.get_backend()
-    neuron.set_backend("auto")
+    previous = neuron_fast.get_backend()
+    neuron_fast.set_backend("auto")
     try:
         x = torch.randn(256, 100, device="cuda") + 0.8
         out = LIFNode()(x)
-        assert neuron.lif_spikes_kernel.used == "eager"
+        assert neuron_fast.lif_spikes_kernel.used == "eager"
         assert torch.equal(out.cpu(), lif_reference(x.cpu(), 2.0))
     finally:
-        neuron.set_backend(previous)
+        neuron_fast.set_backend(previous)
 
 
 def test_fused_batch_norm_lif_on_cuda(backend):
@@ -158,7 +158,7 @@ def test_fused_batch_norm_lif_on_cuda(backend):
     plain = LIFNode(reference=True)(bn_b(xb.flatten(0, 1)).unflatten(0, (3, 2)))
     assert torch.equal(fused, plain)
     if backend == "compiled":
-        assert neuron.bn_lif_forward_kernel.used == "compiled"
+        assert neuron_fast.bn_lif_forward_kernel.used == "compiled"
     ga = torch.autograd.grad(fused, (xa, bn_a.weight, bn_a.bias), grad)
     gb = torch.autograd.grad(plain, (xb, bn_b.weight, bn_b.bias), grad)
     for a, b in zip(ga, gb):
@@ -213,10 +213,10 @@ def test_golden_parity_on_cuda(name, kernels, exact):
     path = os.path.join(GOLDEN, f"official_{name}_small.pt")
     if not os.path.exists(path):
         pytest.skip(f"no golden file {os.path.basename(path)}")
-    previous = neuron.get_backend()
+    previous = neuron_fast.get_backend()
     if kernels == "compiled":
         _fresh_compiler()
-    neuron.set_backend(kernels)
+    neuron_fast.set_backend(kernels)
     try:
         golden, config, x = _golden_case(name)
         model = QKFormer(config).double()
@@ -239,7 +239,7 @@ def test_golden_parity_on_cuda(name, kernels, exact):
         for key, grad in grads.items():
             assert torch.allclose(params[key].grad.cpu(), grad, rtol=0, atol=1e-9), key
     finally:
-        neuron.set_backend(previous)
+        neuron_fast.set_backend(previous)
 
 
 # ---------------------------------------------------------------- mixed precision and steps
@@ -297,7 +297,7 @@ def test_float32_training_step_on_cuda_equals_cpu(exact):
 def test_mixed_precision_steps_with_the_scaler(amp):
     """A few steps on one batch under autocast, with the grad scaler for fp16 (as train.py):
     finite losses that fall."""
-    dtype = neuron.autocast_dtype(CUDA, amp)
+    dtype = neuron_fast.autocast_dtype(CUDA, amp)
     assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     model = _small_model(seed=3).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)

@@ -389,10 +389,10 @@ def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
     backward pass) changes no number: spikes, gradients and running statistics equal those
     of the plain conv -> nn.BatchNorm2d -> reference LIF layers. bn_mode: batch statistics
     (train), running statistics (eval), momentum=None (a cumulative average)."""
-    import neuron
+    import neuron_fast
     from qkformer import ConvBNLIF
-    previous = neuron.get_backend()
-    neuron.set_backend(backend)
+    previous = neuron_fast.get_backend()
+    neuron_fast.set_backend(backend)
     try:
         torch.manual_seed(0)
         unit = ConvBNLIF(4, 6, 3).double()
@@ -416,7 +416,7 @@ def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
         out_a, gx_a, gp_a, state_a = run(fused=True)
         out_b, gx_b, gp_b, state_b = run(fused=False)
         if backend == "compiled":
-            from neuron import bn_lif_forward_kernel, bn_lif_backward_kernel
+            from neuron_fast import bn_lif_forward_kernel, bn_lif_backward_kernel
             assert bn_lif_forward_kernel.used == bn_lif_backward_kernel.used == "compiled"
         assert torch.equal(out_a, out_b) and 0 < out_a.mean() < 1
         for k in state_a:                          # running statistics updated once, alike
@@ -426,7 +426,7 @@ def test_fused_batchnorm_lif_equals_plain_layers(backend, bn_mode):
         for a, b in zip(gp_a, gp_b):
             assert torch.allclose(a, b, rtol=0, atol=1e-12)
     finally:
-        neuron.set_backend(previous)
+        neuron_fast.set_backend(previous)
 
 
 def test_activations_are_channels_last():

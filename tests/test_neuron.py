@@ -1,5 +1,6 @@
 """The spiking neurons (neuron.py) against their equations, (N1)-(N3) of neuron.py's docstring
-(the LIF model of the paper's Appendix 6.1)."""
+(the LIF model of the paper's Appendix 6.1), and their fast path (neuron_fast.py) against
+the reference loops."""
 import functools
 
 import torch
@@ -7,8 +8,9 @@ import pytest
 
 import torch.nn as nn
 
-from neuron import (NEURONS, IFNode, LIFFunction, LIFNode, ParametricLIFNode, SpikingNeuron,
+from neuron import (NEURONS, IFNode, LIFNode, ParametricLIFNode, SpikingNeuron,
                     lif_reference, make_neuron, plif_reference, sigmoid_surrogate_grad)
+from neuron_fast import LIFFunction          # importing it gives the neurons their fast path
 
 tensor = functools.partial(torch.tensor, dtype=torch.float64)
 
@@ -107,9 +109,9 @@ def test_invalid_tau():
 def test_compiled_kernels_equal_reference(dtype):
     """The torch.compile'd kernels (the default outside the tests) give the same spikes and
     gradients as the plain loop; bf16 too (both compute in float32)."""
-    import neuron
-    previous = neuron.get_backend()
-    neuron.set_backend("compiled")
+    import neuron_fast
+    previous = neuron_fast.get_backend()
+    neuron_fast.set_backend("compiled")
     try:
         torch.manual_seed(2)
         x = (torch.randn(4, 3, 50, dtype=dtype) * 1.5 + 0.7).requires_grad_()
@@ -118,7 +120,7 @@ def test_compiled_kernels_equal_reference(dtype):
         for threshold in (1.0, 0.5):
             fast = LIFNode(v_threshold=threshold)(x)
             ref = lif_reference(x_ref, 2.0, threshold, 4.0)
-            assert neuron.lif_forward_kernel.used == "compiled"
+            assert neuron_fast.lif_forward_kernel.used == "compiled"
             assert torch.equal(fast, ref)
             gx, = torch.autograd.grad(fast, x, grad_out)
             gr, = torch.autograd.grad(ref, x_ref, grad_out)
@@ -126,13 +128,13 @@ def test_compiled_kernels_equal_reference(dtype):
             tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -7}[dtype]
             assert torch.allclose(gx.double(), gr.double(), rtol=tol, atol=tol)
     finally:
-        neuron.set_backend(previous)
+        neuron_fast.set_backend(previous)
 
 
 def test_backend_choice():
-    import neuron
+    import neuron_fast
     with pytest.raises(ValueError, match="backend"):
-        neuron.set_backend("cuda-magic")
+        neuron_fast.set_backend("cuda-magic")
 
 
 @pytest.mark.parametrize("reference", [False, True])
@@ -299,6 +301,25 @@ def test_fused_path_only_for_the_plain_neuron_and_batch_norm():
     assert torch.equal(Doubled()(x, norm=bn), LIFNode()(2 * bn(x.flatten(0, 1)).unflatten(0, (2, 2))))
 
 
+def test_neuron_py_alone_runs_the_loops_and_neuron_fast_plugs_in():
+    """neuron.py imports nothing of ours: alone, its neurons run the reference loops (and
+    fuse nothing); importing neuron_fast fills neuron.fast_path, the one plug."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, torch.nn as nn, neuron; "
+            "x = torch.rand(3, 2, 4, 5, 5, requires_grad=True); "
+            "alone = (neuron.fast_path.lif, neuron.LIFNode()(x).grad_fn.name(), "
+            "neuron.LIFNode().fuses_with(nn.BatchNorm2d(4)), 'neuron_fast' in sys.modules); "
+            "import neuron_fast; "
+            "plugged = (neuron.fast_path.lif is neuron_fast.lif_fast, "
+            "neuron.LIFNode()(x).grad_fn.name(), neuron.LIFNode().fuses_with(nn.BatchNorm2d(4))); "
+            "print(alone, plugged)")
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root or ".", capture_output=True, text=True)
+    assert out.stdout.strip() == ("(None, 'StackBackward0', False, False) "
+                                  "(True, 'LIFFunctionBackward', True)"), out.stderr
+
+
 def test_importing_changes_no_process_setting():
     """Importing the model files leaves torch's global settings and the environment as
     they were (the memory policy is a function the scripts call)."""
@@ -306,7 +327,7 @@ def test_importing_changes_no_process_setting():
     import sys
     code = ("import os, torch; before = (dict(os.environ), torch.get_num_threads(), "
             "torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()); "
-            "import neuron, qkformer; "
+            "import neuron, neuron_fast, qkformer; "
             "after = (dict(os.environ), torch.get_num_threads(), torch.get_default_dtype(), "
             "torch.are_deterministic_algorithms_enabled()); print(before == after)")
     root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
@@ -315,10 +336,10 @@ def test_importing_changes_no_process_setting():
 
 
 # ----------------------------------------------------------------------------------------
-# Device settings (neuron.py part 2): the one rule train.py, evaluate.py and benchmark.py use
+# Device settings (neuron_fast.py): the one rule train.py, evaluate.py and benchmark.py use
 
 def test_autocast_dtype_rule(monkeypatch):
-    from neuron import autocast_dtype
+    from neuron_fast import autocast_dtype
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for amp in ("off", "auto", "bf16", "fp16"):
         assert autocast_dtype(cpu, amp) is None           # GPUs only; the caller says so
@@ -341,7 +362,7 @@ def test_autocast_dtype_rule(monkeypatch):
 
 
 def test_apply_device_settings_touches_only_cuda(monkeypatch):
-    from neuron import apply_device_settings
+    from neuron_fast import apply_device_settings
     flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32)
     try:
@@ -367,10 +388,10 @@ def test_apply_device_settings_touches_only_cuda(monkeypatch):
 @pytest.fixture
 def backend_set():
     """set_backend for one test, restored (with fresh kernel states) afterwards."""
-    import neuron
-    previous = neuron.get_backend()
-    yield neuron.set_backend
-    neuron.set_backend(previous)
+    import neuron_fast
+    previous = neuron_fast.get_backend()
+    yield neuron_fast.set_backend
+    neuron_fast.set_backend(previous)
 
 
 def _bf16_input(seed=3, shape=(4, 3, 200)):
@@ -432,29 +453,30 @@ def test_fused_batch_norm_lif_under_bf16_equals_the_separate_layers():
 def test_long_sequences_never_go_to_the_compiler(backend_set):
     """official_quirks runs the SSA neuron over T*B steps: such sequences run eagerly
     (compiling a 256-step unrolled loop takes minutes, and again for every batch size)."""
-    import neuron
+    import neuron_fast
     backend_set("compiled")
 
     def no_compiler(*args):
         raise AssertionError("the compiler was asked")
-    for kernel in (neuron.lif_forward_kernel, neuron.lif_backward_kernel, neuron.lif_spikes_kernel):
+    for kernel in (neuron_fast.lif_forward_kernel, neuron_fast.lif_backward_kernel,
+                   neuron_fast.lif_spikes_kernel):
         kernel.compiled = no_compiler
     x = (torch.randn(256, 40) + 0.8).requires_grad_()                  # T*B = 64 * 4 steps
     out = LIFNode()(x)
-    assert neuron.lif_forward_kernel.used == "eager"
+    assert neuron_fast.lif_forward_kernel.used == "eager"
     out.sum().backward()
-    assert neuron.lif_backward_kernel.used == "eager"
+    assert neuron_fast.lif_backward_kernel.used == "eager"
     LIFNode()(x.detach())
-    assert neuron.lif_spikes_kernel.used == "eager"
+    assert neuron_fast.lif_spikes_kernel.used == "eager"
     assert torch.equal(out, lif_reference(x.detach(), 2.0))
-    assert x.shape[0] > neuron.MAX_COMPILED_STEPS >= 16               # every preset's T compiles
+    assert x.shape[0] > neuron_fast.MAX_COMPILED_STEPS >= 16          # every preset's T compiles
 
 
 def test_compiled_or_eager_reports_what_ran_per_device_and_dtype(backend_set):
     """`used` is "compiled" only when compiled code ran; a compiler failure for one dtype
     leaves the others compiled; under a dispatch mode nothing is handed to the compiler."""
     from torch.utils.flop_counter import FlopCounterMode
-    from neuron import CompiledOrEager
+    from neuron_fast import CompiledOrEager
     backend_set("auto")
     kernel = CompiledOrEager(lambda x: x * 2)
     calls = []
@@ -487,16 +509,16 @@ def test_compiler_running_eagerly_is_reported(backend_set, monkeypatch):
     """Past its recompile limit torch.compile runs a function eagerly without an error: the
     kernel then says "eager", and keeps "compiled" for what did compile."""
     import torch._dynamo
-    import neuron
+    import neuron_fast
     backend_set("auto")
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     try:
         x = torch.randn(3, 50) + 0.8
         LIFNode()(x)
-        assert neuron.lif_spikes_kernel.used == "compiled"
+        assert neuron_fast.lif_spikes_kernel.used == "compiled"
         LIFNode()(x.double())                       # another dtype: a second compile, refused
-        assert neuron.lif_spikes_kernel.used == "eager"
-        assert neuron.lif_spikes_kernel.state == {(x.device, torch.float32): "compiled"}
+        assert neuron_fast.lif_spikes_kernel.used == "eager"
+        assert neuron_fast.lif_spikes_kernel.state == {(x.device, torch.float32): "compiled"}
     finally:
         torch._dynamo.reset()
