@@ -155,12 +155,6 @@ def get_dataset(name):
     return DATASETS[name]
 
 
-def dataset_info(name):
-    """Number of classes, mean and std of a dataset name (the older interface; see get_dataset)."""
-    spec = get_dataset(name)
-    return dict(num_classes=spec.num_classes, mean=spec.mean, std=spec.std)
-
-
 # ----------------------------------------------------------------------------
 # Per-image augmentations (uint8 tensors (3, H, W) and PIL images)
 # ----------------------------------------------------------------------------
