@@ -107,7 +107,8 @@ def markdown_table_after(text, marker):
     return rows[0], rows[1:]
 
 
-CITED_MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data")
+CITED_MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data", "data_events", "data_files",
+                 "data_randaugment")
 
 
 def cited_names(text):
