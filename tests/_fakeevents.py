@@ -71,9 +71,9 @@ def write_labels(path, rows):
 
 def write_cifar10dvs_tree(root, per_class=11, events=60, classes=None):
     """root/CIFAR10-DVS/aedat/<class>/cifar10_<class>_<i>.aedat for every class; returns the events by path."""
-    import data
+    import data_events
     written = {}
-    for c, cls in enumerate(classes or data.CIFAR10DVS_CLASSES):
+    for c, cls in enumerate(classes or data_events.CIFAR10DVS_CLASSES):
         for i in range(per_class):
             ev = random_events(events + i, seed=100 * c + i)
             path = os.path.join(root, "CIFAR10-DVS", "aedat", cls, f"cifar10_{cls}_{i}.aedat")

@@ -107,7 +107,9 @@ def markdown_table_after(text, marker):
     return rows[0], rows[1:]
 
 
-CITED_MODULES = ("neuron", "neuron_fast", "qkformer", "evaluate", "complexity", "train", "data")
+CITED_MODULES = ("neuron", "neuron_fast", "qkformer", "checkpoints", "data", "data_files", "data_events",
+                 "data_randaugment", "train", "train_settings", "train_guards", "evaluate", "pictures",
+                 "complexity")
 
 
 def cited_names(text):

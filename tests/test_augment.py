@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageOps
 
 import data
+import data_files
+import data_randaugment
 from data import DataError
 from _fakedata import write_imagenet
 
@@ -34,10 +36,10 @@ def random_pil(w, h, seed=0):
 # ---------------------------------------------------------------- RandAugment operations
 
 @pytest.mark.parametrize("size", [32, 224])
-@pytest.mark.parametrize("name", sorted(data.RANDAUGMENT_OPS))
+@pytest.mark.parametrize("name", sorted(data_randaugment.RANDAUGMENT_OPS))
 def test_every_op_at_levels_0_5_10(name, size):
     img = random_pil(size, size, seed=size)
-    op = data.RANDAUGMENT_OPS[name]
+    op = data_randaugment.RANDAUGMENT_OPS[name]
     for level in (0.0, 5.0, 10.0):
         for seed in range(4):  # both signs of the signed operations
             torch.manual_seed(seed)
@@ -48,31 +50,31 @@ def test_every_op_at_levels_0_5_10(name, size):
 def test_posterize_level_10_keeps_no_bits():
     # 4 - int(10 / 10 * 4) = 0 bits: a black image, as Pillow < 13 gave (Pillow 13 refuses 0 bits)
     img = random_pil(32, 32)
-    black = np.asarray(data.RANDAUGMENT_OPS["PosterizeIncreasing"](img, 10.0, FILL))
+    black = np.asarray(data_randaugment.RANDAUGMENT_OPS["PosterizeIncreasing"](img, 10.0, FILL))
     assert black.max() == 0
     # level 0 keeps 4 bits: the low 4 bits are cleared, the high ones kept
-    four = np.asarray(data.RANDAUGMENT_OPS["PosterizeIncreasing"](img, 0.0, FILL))
+    four = np.asarray(data_randaugment.RANDAUGMENT_OPS["PosterizeIncreasing"](img, 0.0, FILL))
     assert np.array_equal(four, np.asarray(img) & 0xF0)
     for bits in range(1, 9):  # where Pillow accepts the number of bits, the same pixels as Pillow
-        assert np.array_equal(np.asarray(data._posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))
+        assert np.array_equal(np.asarray(data_randaugment._posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))
 
 
 def test_extreme_levels_of_colour_ops():
     img = random_pil(32, 32)
     arr = np.asarray(img)
     # solarize threshold 256 (level 0): unchanged; threshold 0 (level 10): every pixel inverted
-    assert np.array_equal(np.asarray(data.RANDAUGMENT_OPS["SolarizeIncreasing"](img, 0.0, FILL)), arr)
-    assert np.array_equal(np.asarray(data.RANDAUGMENT_OPS["SolarizeIncreasing"](img, 10.0, FILL)), 255 - arr)
-    assert np.array_equal(np.asarray(data._solarize_add(img, 0)), arr)
-    added = np.asarray(data._solarize_add(img, 110)).astype(int)
+    assert np.array_equal(np.asarray(data_randaugment.RANDAUGMENT_OPS["SolarizeIncreasing"](img, 0.0, FILL)), arr)
+    assert np.array_equal(np.asarray(data_randaugment.RANDAUGMENT_OPS["SolarizeIncreasing"](img, 10.0, FILL)), 255 - arr)
+    assert np.array_equal(np.asarray(data_randaugment._solarize_add(img, 0)), arr)
+    added = np.asarray(data_randaugment._solarize_add(img, 110)).astype(int)
     low = arr < 128
     assert np.array_equal(added[low], np.minimum(255, arr[low].astype(int) + 110))
     assert np.array_equal(added[~low], arr[~low])
     # enhancement factors stay in [0.1, 1.9]: never 0 (a grey or black image), never negative
     torch.manual_seed(0)
-    factors = [data._enhance_factor(lv) for lv in (0.0, 5.0, 10.0) for _ in range(50)]
+    factors = [data_randaugment._enhance_factor(lv) for lv in (0.0, 5.0, 10.0) for _ in range(50)]
     assert min(factors) == pytest.approx(0.1) and max(factors) == pytest.approx(1.9)
-    assert data._enhance_factor(0.0) == 1.0
+    assert data_randaugment._enhance_factor(0.0) == 1.0
 
 
 def test_randaugment_never_fails_at_the_clipped_magnitudes():
@@ -101,17 +103,17 @@ def _batch_steps(images, mean, std, mode, num_classes):
 def test_one_epoch_of_the_cifar_recipe():
     n = 3000
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    info = data.dataset_info("cifar10")
-    tf = data.CifarTrainTransform(padding=4, hflip=0.5, randaugment=data.RandAugment(CIFAR_POLICY, info["mean"]))
+    info = data.get_dataset("cifar10")
+    tf = data.CifarTrainTransform(padding=4, hflip=0.5, randaugment=data.RandAugment(CIFAR_POLICY, info.mean))
     torch.manual_seed(0)
     out = torch.stack([tf(img) for img in images])  # (N, 3, 32, 32)
     assert out.dtype == torch.uint8 and out.shape == (n, 3, 32, 32)
-    _batch_steps(out, info["mean"], info["std"], "const", 10)
+    _batch_steps(out, info.mean, info.std, "const", 10)
 
 
 def test_one_epoch_of_the_imagenet_recipe():
-    info = data.dataset_info("imagenet")
-    ra = data.RandAugment(IMAGENET_POLICY, info["mean"])
+    info = data.get_dataset("imagenet")
+    ra = data.RandAugment(IMAGENET_POLICY, info.mean)
     train_tf, eval_tf = data.ImageNetTrainTransform(224, 0.5, ra), data.ImageNetEvalTransform(224)
     sizes = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -124,7 +126,7 @@ def test_one_epoch_of_the_imagenet_recipe():
             val.append(eval_tf(img))
     assert all(t.dtype == torch.uint8 and t.shape == (3, 224, 224) for t in train + val)
     for start in range(0, len(train), 100):  # in batches, as a loader gives them
-        _batch_steps(torch.stack(train[start:start + 100]), info["mean"], info["std"], "pixel", 1000)
+        _batch_steps(torch.stack(train[start:start + 100]), info.mean, info.std, "pixel", 1000)
 
 
 # ---------------------------------------------------------------- random erasing, batched
@@ -201,16 +203,16 @@ def test_random_erasing_fills():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_steps_never_wait_for_the_device():
     dev = torch.device("cuda")
-    info = data.dataset_info("imagenet")
+    info = data.get_dataset("imagenet")
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device=dev)
     y = torch.randint(1000, (16,), device=dev)
     mixup = data.Mixup(0.8, 1.0, num_classes=1000)
-    data.normalize(images, info["mean"], info["std"])  # the first call puts mean and std on the device
+    data.normalize(images, info.mean, info.std)  # the first call puts mean and std on the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any copy to the host or wait for the device raises
     try:
         for mode in ("const", "rand", "pixel"):
-            x = data.random_erasing(data.normalize(images, info["mean"], info["std"]), 0.25, mode)
+            x = data.random_erasing(data.normalize(images, info.mean, info.std), 0.25, mode)
             x, target = mixup(x, y)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -259,7 +261,7 @@ def test_center_crop_of_images_smaller_than_the_crop():
 # ---------------------------------------------------------------- pickling (spawn / forkserver workers)
 
 def _transforms():
-    mean = data.dataset_info("cifar10")["mean"]
+    mean = data.get_dataset("cifar10").mean
     return [
         data.RandAugment(CIFAR_POLICY, mean),
         data.CifarTrainTransform(4, 0.5, data.RandAugment(CIFAR_POLICY, mean)),
@@ -290,7 +292,7 @@ def test_datasets_pickle(tmp_path):
     ds = pickle.loads(pickle.dumps(data.TensorImages(images, labels, data.CifarTrainTransform(4, 0.5, ra))))
     assert ds[1][0].shape == (3, 32, 32) and ds[1][1] == 1
     root = write_imagenet(tmp_path / "inet", per_class=2)
-    classes, samples = data.find_images(root / "train")
+    classes, samples = data_files.find_images(root / "train")
     for tf in (data.ImageNetTrainTransform(32, 0.5, ra), data.ImageNetEvalTransform(32)):
         ds = pickle.loads(pickle.dumps(data.ImageFiles(samples, classes, tf)))
         img, label = ds[3]
@@ -318,7 +320,7 @@ def test_hidden_entries_are_ignored(tmp_path):
     (train / "n02" / "._img_0.JPEG").write_bytes(b"\0\5\026\7AppleDouble")
     (train / "n03" / ".thumbnails").mkdir()
     (train / "n03" / ".thumbnails" / "t.jpg").write_bytes((train / "n01" / "img_0.JPEG").read_bytes())
-    classes, samples = data.find_images(train)
+    classes, samples = data_files.find_images(train)
     assert classes == ["n01", "n02", "n03"]
     assert [label for _, label in samples] == [0, 0, 1, 1, 2, 2]
     assert all("/." not in p.replace(os.sep, "/") for p, _ in samples)
@@ -331,40 +333,40 @@ def test_empty_class_folder_is_named(tmp_path):
         empty.mkdir()
         (empty / "notes.txt").write_text("no images here")
         with pytest.raises(DataError, match=f"{split}.*n00_empty.*no images"):
-            data.find_images(root / split)
+            data_files.find_images(root / split)
         (empty / "notes.txt").unlink()
         empty.rmdir()
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
-        data.find_images(tmp_path / "nothing")
+        data_files.find_images(tmp_path / "nothing")
 
 
 def test_differing_class_folders_are_named(tmp_path):
-    data.check_same_classes(["a", "b"], ["a", "b"], tmp_path)
+    data_files.check_same_classes(["a", "b"], ["a", "b"], tmp_path)
     with pytest.raises(DataError) as e:
-        data.check_same_classes(["n01", "n02", "n03"], ["n01", "n03", "n04", "n05"], tmp_path)
+        data_files.check_same_classes(["n01", "n02", "n03"], ["n01", "n03", "n04", "n05"], tmp_path)
     msg = str(e.value)
     assert "different class folders" in msg and str(tmp_path) in msg
     assert "only in train: n02" in msg and "only in val: n04, n05" in msg
     many = [f"c{i:04d}" for i in range(100)]
     with pytest.raises(DataError, match=r"only in val: c0000, .* and 90 more"):
-        data.check_same_classes([], many, tmp_path)
+        data_files.check_same_classes([], many, tmp_path)
 
 
 def test_verify_images_names_the_first_bad_file(tmp_path):
     root = write_imagenet(tmp_path / "inet", per_class=3)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val" / "n02" / "img_9.png")
-    classes, samples = data.find_images(root / "val")
-    data.verify_images(samples)  # all good: returns quietly
+    classes, samples = data_files.find_images(root / "val")
+    data_files.verify_images(samples)  # all good: returns quietly
     (root / "val" / "n02" / "img_1.JPEG").write_bytes(b"not a jpeg")
     (root / "val" / "n03" / "img_0.JPEG").write_bytes(b"")
     with pytest.raises(DataError, match=r"n02.img_1.JPEG.*(corrupt|not an image)"):
-        data.verify_images(samples)
+        data_files.verify_images(samples)
     png = (root / "val" / "n02" / "img_9.png").read_bytes()
     (root / "val" / "n02" / "img_1.JPEG").write_bytes((root / "val" / "n01" / "img_0.JPEG").read_bytes())
     (root / "val" / "n03" / "img_0.JPEG").write_bytes((root / "val" / "n01" / "img_0.JPEG").read_bytes())
-    data.verify_images(samples)
+    data_files.verify_images(samples)
     # a flipped bit in the PNG's pixel data: its chunk's checksum no longer matches
     (root / "val" / "n02" / "img_9.png").write_bytes(png[:45] + bytes([png[45] ^ 0xFF]) + png[46:])
     with pytest.raises(DataError, match=r"img_9.png"):
-        data.verify_images(samples)
+        data_files.verify_images(samples)

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import data
+import data_events  # noqa: F401 (adds the event-camera datasets to data.DATASETS)
+import data_randaugment
 from data import DataError
 from _fakedata import cifar_archive, write_cifar, write_imagenet
 
@@ -269,12 +271,12 @@ def test_randaugment_policy_parsing():
             data.RandAugment(bad)
 
 
-@pytest.mark.parametrize("name", sorted(data.RANDAUGMENT_OPS))
+@pytest.mark.parametrize("name", sorted(data_randaugment.RANDAUGMENT_OPS))
 def test_each_randaugment_op_changes_the_image(name):
     # low contrast and a skewed histogram, so that AutoContrast and Equalize have work to do
     img = data.to_pil((texture(seed=1).float() ** 2 / 510 + 40).to(torch.uint8))
     torch.manual_seed(0)
-    out = data.RANDAUGMENT_OPS[name](img, 9.0, (125, 123, 114))
+    out = data_randaugment.RANDAUGMENT_OPS[name](img, 9.0, (125, 123, 114))
     assert out.size == img.size and out.mode == "RGB"
     assert not np.array_equal(np.asarray(out), np.asarray(img)), name
 

@@ -1,4 +1,4 @@
-"""Event-camera data (data.py's last section) and the DVS models (qkformer.py, family 'dvs').
+"""Event-camera data (data_events.py) and the DVS models (qkformer.py, family 'dvs').
 
 The recordings are written by the tests in the official file formats (tests/_fakeevents.py):
 AEDAT 2.0 for CIFAR10-DVS, AEDAT 3.1 plus labels files for DVS128 Gesture. Nothing is read
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+import data_events
 from data import DataError
 from qkformer import create_model, official_family
 from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
@@ -28,7 +29,7 @@ def test_read_cifar10dvs_decodes_and_rotates_like_spikingjelly(tmp_path):
     ev = random_events(3000, seed=1)
     path = str(tmp_path / "cifar10_cat_0.aedat")
     write_aedat2(path, ev)
-    got = data.read_cifar10dvs(path)
+    got = data_events.read_cifar10dvs(path)
     assert set(got) == {"t", "x", "y", "p"} and len(got["t"]) == 3000
     np.testing.assert_array_equal(got["t"], ev["t"])
     # SpikingJelly's orientation: x' = 127 - y, y' = 127 - x, p' = 1 - p
@@ -42,7 +43,7 @@ def test_read_cifar10dvs_one_known_event(tmp_path):
     # address: y=5 (bits 8-14), x=3 (bits 1-7), p=1 (bit 0); big-endian words
     with open(path, "wb") as f:
         f.write(b"#!AER-DAT2.0\r\n" + ((5 << 8) | (3 << 1) | 1).to_bytes(4, "big") + (1234).to_bytes(4, "big"))
-    got = data.read_cifar10dvs(path)
+    got = data_events.read_cifar10dvs(path)
     assert (got["t"][0], got["x"][0], got["y"][0], got["p"][0]) == (1234, 127 - 5, 127 - 3, 0)
 
 
@@ -52,7 +53,7 @@ def test_read_aedat31_skips_other_packets_and_adds_the_overflow(tmp_path):
     path = str(tmp_path / "rec.aedat")
     write_aedat31(path, [polarity_packet({k: v[:1200] for k, v in ev.items()}), special_packet(),
                          polarity_packet({k: v[1200:] for k, v in ev.items()}), polarity_packet(late, overflow=1)])
-    got = data.read_aedat31(path)
+    got = data_events.read_aedat31(path)
     for k in ("t", "x", "y", "p"):
         np.testing.assert_array_equal(got[k], np.concatenate([ev[k], late[k]]))
     assert got["t"][-1] > 1 << 31
@@ -66,7 +67,7 @@ def test_read_dvs128gesture_slices_by_labels_file(tmp_path):
     csv = str(tmp_path / "user01_lab_labels.csv")
     t = ev["t"]
     write_labels(csv, [(4, t[100], t[700]), (1, t[700], t[1500]), (4, t[1400], t[2999])])  # rows overlap
-    samples = data.read_dvs128gesture(path, csv)
+    samples = data_events.read_dvs128gesture(path, csv)
     assert [label for label, _ in samples] == [3, 0, 3]  # class - 1, order of the file
     # start <= t < end: an event exactly on a boundary belongs to the later sample only
     for (label, got), (a, b) in zip(samples, [(100, 700), (700, 1500), (1400, 2999)]):
@@ -91,7 +92,7 @@ def reference_frames(ev, T, H, W):
 @pytest.mark.parametrize("n,T", [(1003, 4), (16, 16), (5, 8), (0, 3)])
 def test_events_to_frames_split_by_number(n, T):
     ev = random_events(n, seed=5, size=16)
-    frames = data.events_to_frames(ev, T, 16, 16)
+    frames = data_events.events_to_frames(ev, T, 16, 16)
     assert frames.shape == (T, 2, 16, 16)
     np.testing.assert_array_equal(frames, reference_frames(ev, T, 16, 16))
     per_frame = frames.reshape(T, -1).sum(1)
@@ -101,52 +102,52 @@ def test_events_to_frames_split_by_number(n, T):
 
 def test_events_to_frames_channel_is_polarity_and_rows_are_y():
     ev = dict(t=np.array([0, 1]), x=np.array([2, 0]), y=np.array([1, 3]), p=np.array([1, 0]))
-    frames = data.events_to_frames(ev, 1, 4, 5)
+    frames = data_events.events_to_frames(ev, 1, 4, 5)
     assert frames[0, 1, 1, 2] == 1 and frames[0, 0, 3, 0] == 1 and frames.sum() == 2
 
 
 def test_events_to_frames_rejects_events_off_the_sensor():
     with pytest.raises(DataError, match="outside"):
-        data.events_to_frames(dict(t=np.array([0]), x=np.array([128]), y=np.array([0]), p=np.array([0])), 2, 128, 128)
+        data_events.events_to_frames(dict(t=np.array([0]), x=np.array([128]), y=np.array([0]), p=np.array([0])), 2, 128, 128)
 
 
 # ---------------------------------------------------------------- CIFAR10-DVS: cache, split, download
 
 def test_cifar10dvs_official_split_order_and_frames(tmp_path):
     written = write_cifar10dvs_tree(tmp_path, per_class=11)
-    train, test = data.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
+    train, test = data_events.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
     # per class ceil(0.9 * 11) = 10 for training, in sorted-string order _0, _1, _10, _2, ..., _8
     assert len(train) == 100 and len(test) == 10
     names = lambda ds: [os.path.basename(f)[:-4] for f in ds.files]  # noqa: E731
     airplane = [n for n in names(train) if "airplane" in n]
     assert airplane == [f"cifar10_airplane_{i}" for i in (0, 1, 10, 2, 3, 4, 5, 6, 7, 8)]
-    assert names(test) == [f"cifar10_{c}_9" for c in data.CIFAR10DVS_CLASSES]
+    assert names(test) == [f"cifar10_{c}_9" for c in data_events.CIFAR10DVS_CLASSES]
     assert test.labels == list(range(10))
     frames, label = train[12]  # the third recording of class 1
     assert frames.dtype == torch.float32 and frames.shape == (2, 2, 128, 128) and label == 1
     path = os.path.join(tmp_path, "CIFAR10-DVS", "aedat", "automobile", "cifar10_automobile_10.aedat")
     ev = written[path]
-    expected = data.events_to_frames(dict(t=ev["t"], x=127 - ev["y"], y=127 - ev["x"], p=1 - ev["p"]), 2, 128, 128)
+    expected = data_events.events_to_frames(dict(t=ev["t"], x=127 - ev["y"], y=127 - ev["x"], p=1 - ev["p"]), 2, 128, 128)
     np.testing.assert_array_equal(frames.numpy(), expected)
 
 
 def test_cifar10dvs_random_split_is_seeded_and_per_class(tmp_path):
     labels = [c for c in range(3) for _ in range(20)]
-    a = data.cifar10dvs_split(labels, "random", seed=1)
-    assert a == data.cifar10dvs_split(labels, "random", seed=1)
-    assert a != data.cifar10dvs_split(labels, "random", seed=2)
-    assert a != data.cifar10dvs_split(labels, "official")
+    a = data_events.cifar10dvs_split(labels, "random", seed=1)
+    assert a == data_events.cifar10dvs_split(labels, "random", seed=1)
+    assert a != data_events.cifar10dvs_split(labels, "random", seed=2)
+    assert a != data_events.cifar10dvs_split(labels, "official")
     train, test = a
     assert sorted(train + test) == list(range(60))
     assert [sum(labels[i] == c for i in train) for c in range(3)] == [18, 18, 18]
     with pytest.raises(DataError, match="unknown split"):
-        data.cifar10dvs_split(labels, "bogus")
+        data_events.cifar10dvs_split(labels, "bogus")
 
 
 def test_cache_is_reused_rebuilt_for_a_new_T_and_never_half_written(tmp_path, monkeypatch):
     write_cifar10dvs_tree(tmp_path, per_class=2, events=40)
     calls = []
-    real_to_frames = data.events_to_frames
+    real_to_frames = data_events.events_to_frames
 
     def interrupted(ev, T, H, W):
         if len(calls) == 5:
@@ -154,35 +155,35 @@ def test_cache_is_reused_rebuilt_for_a_new_T_and_never_half_written(tmp_path, mo
         calls.append(T)
         return real_to_frames(ev, T, H, W)
 
-    monkeypatch.setattr(data, "events_to_frames", interrupted)
+    monkeypatch.setattr(data_events, "events_to_frames", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.build_dvs_cache("cifar10dvs", tmp_path, 3)
-    cache = data.dvs_cache_dir("cifar10dvs", tmp_path, 3)
+        data_events.build_dvs_cache("cifar10dvs", tmp_path, 3)
+    cache = data_events.dvs_cache_dir("cifar10dvs", tmp_path, 3)
     assert not os.path.exists(os.path.join(cache, "index.json"))  # not complete, so not valid
     complete = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".npz")]
     assert len(complete) == 5
     # the rerun keeps the 5 complete files and writes the other 15
-    monkeypatch.setattr(data, "events_to_frames", real_to_frames)
+    monkeypatch.setattr(data_events, "events_to_frames", real_to_frames)
     calls.clear()
     counted = []
-    monkeypatch.setattr(data, "read_cifar10dvs", functools.partial(_count, counted, data.read_cifar10dvs))
-    index = data.build_dvs_cache("cifar10dvs", tmp_path, 3)
+    monkeypatch.setattr(data_events, "read_cifar10dvs", functools.partial(_count, counted, data_events.read_cifar10dvs))
+    index = data_events.build_dvs_cache("cifar10dvs", tmp_path, 3)
     assert len(index["samples"]) == 20 and len(counted) == 15
     leftovers = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".part")]
     assert leftovers == []
     # the frames equal those of a build in one go
     fresh = tmp_path / "fresh"
     write_cifar10dvs_tree(fresh, per_class=2, events=40)
-    data.build_dvs_cache("cifar10dvs", fresh, 3)
+    data_events.build_dvs_cache("cifar10dvs", fresh, 3)
     for s in index["samples"]:
         a = np.load(os.path.join(cache, s["file"]))["frames"]
-        b = np.load(os.path.join(data.dvs_cache_dir("cifar10dvs", fresh, 3), s["file"]))["frames"]
+        b = np.load(os.path.join(data_events.dvs_cache_dir("cifar10dvs", fresh, 3), s["file"]))["frames"]
         np.testing.assert_array_equal(a, b)
     # reused: a second build reads no recording
     counted.clear()
-    assert data.build_dvs_cache("cifar10dvs", tmp_path, 3) == index and counted == []
+    assert data_events.build_dvs_cache("cifar10dvs", tmp_path, 3) == index and counted == []
     # a new T builds a new cache beside the old one
-    train, _ = data.build_dvs_datasets("cifar10dvs", tmp_path, T=4)
+    train, _ = data_events.build_dvs_datasets("cifar10dvs", tmp_path, T=4)
     assert len(counted) == 20 and train[0][0].shape == (4, 2, 128, 128)
     assert os.path.isfile(os.path.join(cache, "index.json"))
 
@@ -194,7 +195,7 @@ def _count(calls, fn, *args):
 
 def test_damaged_cache_file_gives_clear_error(tmp_path):
     write_cifar10dvs_tree(tmp_path, per_class=1, events=10)
-    train, _ = data.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
+    train, _ = data_events.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
     with open(train.files[0], "wb") as f:
         f.write(b"not a zip")
     with pytest.raises(DataError, match="delete"):
@@ -215,26 +216,26 @@ def _class_zip(cls, n=2, top_folder=True):
 def test_cifar10dvs_download_checks_md5_and_unpacks(tmp_path, http_server, monkeypatch):
     www, base = http_server
     archives = {}
-    for k, cls in enumerate(data.CIFAR10DVS_CLASSES):
+    for k, cls in enumerate(data_events.CIFAR10DVS_CLASSES):
         blob = _class_zip(cls, top_folder=k % 2 == 0)  # both layouts unpack to aedat/<class>/
         (www / f"{cls}.zip").write_bytes(blob)
         archives[cls] = (f"{base}/{cls}.zip", hashlib.md5(blob).hexdigest())
     archives["truck"] = (archives["truck"][0], "0" * 32)  # a corrupt download
-    monkeypatch.setitem(data.DVS, "cifar10dvs", {**data.DVS["cifar10dvs"], "archives": archives})
+    monkeypatch.setitem(data_events.DVS, "cifar10dvs", {**data_events.DVS["cifar10dvs"], "archives": archives})
     root = tmp_path / "data"
     with pytest.raises(DataError, match="corrupt") as e:
-        data.ensure_cifar10dvs(root)
+        data_events.ensure_cifar10dvs(root)
     assert "truck.zip" in str(e.value) and not os.path.exists(root / "CIFAR10-DVS" / "truck.zip")
     archives["truck"] = (archives["truck"][0], hashlib.md5((www / "truck.zip").read_bytes()).hexdigest())
-    aedat = data.ensure_cifar10dvs(root)
-    recordings = data.cifar10dvs_recordings(aedat)
+    aedat = data_events.ensure_cifar10dvs(root)
+    recordings = data_events.cifar10dvs_recordings(aedat)
     assert len(recordings) == 20 and recordings[-1][1] == 9
     assert not [d for d in os.listdir(aedat) if d.startswith(".")]  # no temporary folders left
 
 
 def test_cifar10dvs_offline_says_where_to_put_what(tmp_path):
     with pytest.raises(DataError) as e:
-        data.ensure_cifar10dvs(tmp_path, download_missing=False)
+        data_events.ensure_cifar10dvs(tmp_path, download_missing=False)
     msg = str(e.value)
     assert "airplane.zip" in msg and "truck.zip" in msg and "figshare" in msg
     assert os.path.join(str(tmp_path), "CIFAR10-DVS") in msg and "0afd5c4bf9ae06af762a77b180354fdd" in msg
@@ -245,28 +246,28 @@ def test_cifar10dvs_zip_with_wrong_md5_is_refused(tmp_path):
     folder.mkdir()
     (folder / "airplane.zip").write_bytes(_class_zip("airplane"))
     with pytest.raises(DataError, match="not the official airplane.zip"):
-        data.ensure_cifar10dvs(tmp_path, download_missing=False)
+        data_events.ensure_cifar10dvs(tmp_path, download_missing=False)
 
 
 # ---------------------------------------------------------------- DVS128 Gesture
 
 def test_gesture_datasets_use_the_trials_split(tmp_path):
     folder = write_gesture_tree(tmp_path)
-    train, test = data.build_dvs_datasets("dvs128gesture", tmp_path, T=4)
+    train, test = data_events.build_dvs_datasets("dvs128gesture", tmp_path, T=4)
     assert len(train) == 6 and len(test) == 3
     assert train.labels == [0, 10, 2, 1, 10, 2] and test.labels == [2, 10, 2]
     assert os.path.basename(train.files[1]) == "user01_fluorescent_1.npz"
     frames, label = test[0]
-    samples = data.read_dvs128gesture(os.path.join(folder, "user24_led.aedat"),
+    samples = data_events.read_dvs128gesture(os.path.join(folder, "user24_led.aedat"),
                                       os.path.join(folder, "user24_led_labels.csv"))
-    np.testing.assert_array_equal(frames.numpy(), data.events_to_frames(samples[0][1], 4, 128, 128))
+    np.testing.assert_array_equal(frames.numpy(), data_events.events_to_frames(samples[0][1], 4, 128, 128))
     with pytest.raises(DataError, match="own train/test split"):
-        data.build_dvs_datasets("dvs128gesture", tmp_path, T=4, split="random")
+        data_events.build_dvs_datasets("dvs128gesture", tmp_path, T=4, split="random")
 
 
 def test_gesture_archive_missing_says_which_file_where(tmp_path):
     with pytest.raises(DataError) as e:
-        data.build_dvs_datasets("dvs128gesture", tmp_path, T=4)
+        data_events.build_dvs_datasets("dvs128gesture", tmp_path, T=4)
     msg = str(e.value)
     assert "DvsGesture.tar.gz" in msg and os.path.join(str(tmp_path), "DVS128Gesture", "DvsGesture.tar.gz") in msg
 
@@ -281,11 +282,11 @@ def test_gesture_archive_is_md5_checked_and_unpacked(tmp_path, monkeypatch):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / "DVS128Gesture" / "DvsGesture", arcname="DvsGesture")
     with pytest.raises(DataError, match="not the official DvsGesture.tar.gz"):
-        data.ensure_dvs128gesture(tmp_path / "data")
+        data_events.ensure_dvs128gesture(tmp_path / "data")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(data.DVS, "dvs128gesture", {**data.DVS["dvs128gesture"], "md5": md5})
-    folder = data.ensure_dvs128gesture(tmp_path / "data")
-    assert data.dvs128gesture_trials(folder, "test") == ["user24_led.aedat"]
+    monkeypatch.setitem(data_events.DVS, "dvs128gesture", {**data_events.DVS["dvs128gesture"], "md5": md5})
+    folder = data_events.ensure_dvs128gesture(tmp_path / "data")
+    assert data_events.dvs128gesture_trials(folder, "test") == ["user24_led.aedat"]
     assert sorted(os.listdir(base)) == ["DvsGesture", "DvsGesture.tar.gz"]
 
 
@@ -296,7 +297,7 @@ def test_truncated_aedat2_names_the_file(tmp_path):
     with open(path, "wb") as f:
         f.write(aedat2_bytes(random_events(10))[:-4])  # an odd number of words
     with pytest.raises(DataError, match="truncated") as e:
-        data.read_cifar10dvs(path)
+        data_events.read_cifar10dvs(path)
     assert path in str(e.value)
 
 
@@ -306,7 +307,7 @@ def test_packet_cut_short_names_the_file(tmp_path):
     for cut in (whole[:-5], whole[:20]):  # the events cut short, the header cut short
         write_aedat31(path, [polarity_packet(random_events(10)), cut])
         with pytest.raises(DataError, match="truncated") as e:
-            data.read_aedat31(path)
+            data_events.read_aedat31(path)
         assert path in str(e.value)
 
 
@@ -317,7 +318,7 @@ def test_files_without_events_name_the_file(tmp_path):
     write_aedat31(b, [special_packet()])
     c = str(tmp_path / "noheader.aedat")
     write_aedat31(c, [polarity_packet(random_events(5))], header=b"")
-    for path, read in ((a, data.read_cifar10dvs), (b, data.read_aedat31), (c, data.read_aedat31)):
+    for path, read in ((a, data_events.read_cifar10dvs), (b, data_events.read_aedat31), (c, data_events.read_aedat31)):
         with pytest.raises(DataError) as e:
             read(path)
         assert path in str(e.value)
@@ -327,7 +328,7 @@ def test_unknown_class_folder_is_named(tmp_path):
     write_cifar10dvs_tree(tmp_path, per_class=1, events=5)
     write_aedat2(os.path.join(tmp_path, "CIFAR10-DVS", "aedat", "zebra", "x.aedat"), random_events(5))
     with pytest.raises(DataError, match="zebra") as e:
-        data.build_dvs_datasets("cifar10dvs", tmp_path, T=2, download_missing=False)
+        data_events.build_dvs_datasets("cifar10dvs", tmp_path, T=2, download_missing=False)
     assert "not a CIFAR10-DVS class folder" in str(e.value)
 
 
@@ -335,16 +336,16 @@ def test_missing_labels_file_is_named(tmp_path):
     folder = write_gesture_tree(tmp_path)
     os.remove(os.path.join(folder, "user02_lab_labels.csv"))
     with pytest.raises(DataError, match="user02_lab_labels.csv"):
-        data.build_dvs_datasets("dvs128gesture", tmp_path, T=2)
+        data_events.build_dvs_datasets("dvs128gesture", tmp_path, T=2)
 
 
 def test_bad_labels_row_and_unknown_dataset(tmp_path):
     csv = str(tmp_path / "x_labels.csv")
     write_labels(csv, [(12, 0, 10)])
     with pytest.raises(DataError, match="line 2"):
-        data.read_labels_csv(csv)
+        data_events.read_labels_csv(csv)
     with pytest.raises(DataError, match="unknown event-camera dataset"):
-        data.build_dvs_datasets("nmnist", tmp_path)
+        data_events.build_dvs_datasets("nmnist", tmp_path)
 
 
 # ---------------------------------------------------------------- the official event augmentation
@@ -355,19 +356,19 @@ def _frames(T=3, H=12, W=10, seed=0):
 
 def test_event_augment_translate_moves_whole_pixels():
     x = _frames()
-    out = data.EventAugment.apply(x, "translate_x", 3.7)  # truncated to 3 px, as int() does officially
+    out = data_events.EventAugment.apply(x, "translate_x", 3.7)  # truncated to 3 px, as int() does officially
     assert torch.equal(out[..., 3:], x[..., :-3]) and not out[..., :3].any()
-    out = data.EventAugment.apply(x, "translate_y", -2.2)
+    out = data_events.EventAugment.apply(x, "translate_y", -2.2)
     assert torch.equal(out[..., :-2, :], x[..., 2:, :]) and not out[..., -2:, :].any()
 
 
 def test_event_augment_rotate_and_shear():
     x = _frames(H=10, W=10)
-    assert torch.equal(data.EventAugment.apply(x, "rotate", 0.0), x)
-    quarter = data.EventAugment.apply(x, "rotate", 90.0)
+    assert torch.equal(data_events.EventAugment.apply(x, "rotate", 0.0), x)
+    quarter = data_events.EventAugment.apply(x, "rotate", 90.0)
     assert torch.equal(quarter, torch.rot90(x, 1, (-2, -1))) or torch.equal(quarter, torch.rot90(x, -1, (-2, -1)))
     rows = torch.arange(1, 11, dtype=torch.float32).view(1, 1, 10, 1).expand(2, 2, 10, 10)
-    sheared = data.EventAugment.apply(rows, "shear_x", 0.3)
+    sheared = data_events.EventAugment.apply(rows, "shear_x", 0.3)
     # a shear along x keeps every pixel in its row, and moves rows away from the centre sideways
     assert ((sheared == rows) | (sheared == 0)).all() and not torch.equal(sheared, rows)
 
@@ -375,7 +376,7 @@ def test_event_augment_rotate_and_shear():
 def test_event_augment_cutout_is_one_square_in_every_frame():
     torch.manual_seed(0)
     x = torch.ones(4, 2, 64, 64)
-    out = data.EventAugment.apply(x, "cutout", 0.0)
+    out = data_events.EventAugment.apply(x, "cutout", 0.0)
     zero = out == 0
     assert torch.equal(zero, zero[:1, :1].expand_as(zero))  # the same square everywhere
     rows, cols = zero[0, 0].any(1).sum().item(), zero[0, 0].any(0).sum().item()
@@ -385,18 +386,18 @@ def test_event_augment_cutout_is_one_square_in_every_frame():
 
 def test_event_augment_draws_from_torch_and_flips():
     x = _frames()
-    aug = data.EventAugment()
+    aug = data_events.EventAugment()
     torch.manual_seed(3)
     a = [aug(x) for _ in range(20)]
     torch.manual_seed(3)
     b = [aug(x) for _ in range(20)]
     assert all(torch.equal(u, v) for u, v in zip(a, b)) and all(u.shape == x.shape for u in a)
     assert any(not torch.equal(u, x) for u in a)
-    flip_only = data.EventAugment(flip=1.0)
+    flip_only = data_events.EventAugment(flip=1.0)
     flip_only.OPS = ("identity",)
     assert torch.equal(flip_only(x), x.flip(-1))
     with pytest.raises(DataError, match="unknown event augmentation"):
-        data.EventAugment.apply(x, "solarize", 1.0)
+        data_events.EventAugment.apply(x, "solarize", 1.0)
 
 
 # ---------------------------------------------------------------- the DVS models (qkformer.py, family "dvs")
@@ -511,7 +512,7 @@ def test_cifar10dvs_trains_one_epoch_and_evaluates(tmp_path, capsys):
     first = e["layers"][0]
     assert first["name"] == "stages.0.embed.stem.0.conv" and first["kind"] == "AC"
     # the first conv's rate is the mean event count per input element of the test frames
-    _, test = data.build_dvs_datasets("cifar10dvs", tmp_path / "data", T=2)
+    _, test = data_events.build_dvs_datasets("cifar10dvs", tmp_path / "data", T=2)
     mean_count = torch.stack([test[i][0] for i in range(len(test))]).mean().item()
     assert first["input_rate"] == pytest.approx(mean_count, rel=1e-6)
     assert first["ops"] == pytest.approx(mean_count * 2 * first["macs"], rel=1e-6)
