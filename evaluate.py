@@ -14,7 +14,7 @@ NeurIPS 2024 (arXiv:2403.16552). What this file reproduces:
     What the paper leaves open (which firing rate, how often the first layer counts, what the
     attention costs) is decided here and labelled as ours: see "Energy" below.
   * Section 4.3, Figure 3(a), the Q-K token attention as spike matrices: drawn by pictures.py
-    (the wing that draws everything), with the pictures of ours, from what this file records.
+    (the wing that draws every picture, the paper's kind and ours) from the model's spikes.
 The official code has none of this (its authors computed energy by hand: official issue 7).
 The memory / time experiment of Section 4.3 (Figure 3(b), Table 9) lives in complexity.py.
 
@@ -32,7 +32,8 @@ test file), whatever --limit evaluates.
 Layout of this file:
   SpikeRecorder, evaluate, table4   accuracy and firing rates over a test set (forward hooks)
   layer_macs, energy_report         FLOPs per layer (FlopCounterMode) -> SOPs -> energy
-  run_evaluation, main              the command line, in steps (pictures.py draws)
+  run_evaluation, main              the command line, in steps; its wings: pictures.py draws,
+                                    evaluate_report.py prints the report
 """
 import argparse
 import contextlib
@@ -50,6 +51,7 @@ from tqdm import tqdm
 import data
 import pictures
 import qkformer
+from evaluate_report import print_report
 from neuron import (AMP_CHOICES, SpikingNeuron, apply_device_settings, apply_memory_policy,
                     autocast_dtype)
 from pictures import attention_neuron, is_token_attention, neuron_of, stage_of
@@ -88,7 +90,7 @@ class SpikeRecorder:
     def __init__(self, model: nn.Module, keep=()):
         self.model = model
         self.keep = set(keep)
-        self.names = {}                          # module -> its name in the model
+        self.names = {}                          # module -> its name (total() looks up by object)
         self._sums, self.counts = {}, {}         # name -> sum on the device, number of elements
         self.neurons, self.layers = [], []       # names of the neurons, of the conv/linear layers
         self.kept = {}                           # module name -> list of outputs (on the CPU)
@@ -100,39 +102,34 @@ class SpikeRecorder:
             self.names[m] = name
             if isinstance(m, SpikingNeuron):
                 self.neurons.append(name)
-                self._handles.append(m.register_forward_hook(self._hook(name, output=True)))
             elif isinstance(m, LAYERS):
                 self.layers.append(name)
-                self._handles.append(m.register_forward_hook(self._hook(name, output=False)))
-            elif name in self.keep:
-                self._handles.append(m.register_forward_hook(self._keep_hook(name)))
+            if isinstance(m, (SpikingNeuron, *LAYERS)) or name in self.keep:
+                self._handles.append(m.register_forward_hook(self._hook(name)))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):                    # hooks removed: the model runs as before
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _hook(self, name, output: bool):
+    def _hook(self, name):
         def hook(module, inputs, out):
-            x = out if output else inputs[0]     # a neuron's spikes, a layer's input
-            total = x.detach().sum(dtype=torch.float64)
-            self._sums[name] = self._sums[name] + total if name in self._sums else total
-            self.counts[name] = self.counts.get(name, 0) + x.numel()
-            self._read = None
-            if name in self.keep:
+            if isinstance(module, (SpikingNeuron, *LAYERS)):
+                x = out if isinstance(module, SpikingNeuron) else inputs[0]   # spikes; a layer's input
+                total = x.detach().sum(dtype=torch.float64)       # stays on the device
+                # Added up over every call: the batches, and both passes of --flip-test.
+                self._sums[name] = self._sums[name] + total if name in self._sums else total
+                self.counts[name] = self.counts.get(name, 0) + x.numel()   # an int: no device read
+                self._read = None                                 # new sums: read them again
+            if name in self.keep:                                 # on the CPU: GPU memory is the model's
                 self.kept.setdefault(name, []).append(out.detach().cpu())
-        return hook
-
-    def _keep_hook(self, name):
-        def hook(module, inputs, out):
-            self.kept.setdefault(name, []).append(out.detach().cpu())
         return hook
 
     def sums(self) -> dict:
         """{name: sum of a neuron's spikes or of a layer's input}, read from the device once."""
         if self._read is None:
-            names = list(self._sums)
+            names = list(self._sums)                              # one transfer for all sums:
             values = torch.stack([self._sums[n] for n in names]).tolist() if names else []
             self._read = dict(zip(names, values))
         return self._read
@@ -150,6 +147,7 @@ class SpikeRecorder:
     def firing_rates(self) -> dict:
         """{neuron name: spikes / outputs}, in the order of model.named_modules()."""
         sums = self.sums()
+        # A neuron the model never called (0 outputs) has no rate, rather than a division by 0.
         return {n: sums[n] / self.counts[n] for n in self.neurons if self.counts.get(n)}
 
     def input_rates(self) -> dict:
@@ -173,7 +171,7 @@ class SpikeRecorder:
         time steps."""
         def firing(neuron: nn.Module):
             spikes, outputs = self.total(neuron)
-            return spikes / outputs, outputs / (images * T)
+            return spikes / outputs, outputs / (images * T)      # fr, neurons per image and step
         return firing
 
 
@@ -182,7 +180,7 @@ def stage_firing_rates(recorder: SpikeRecorder) -> dict:
     spikes, outputs = {}, {}
     for name, s_n in recorder.spikes.items():
         s = stage_of(name)
-        spikes[s] = spikes.get(s, 0.0) + s_n
+        spikes[s] = spikes.get(s, 0.0) + s_n     # pooled, not a mean of rates: a big layer weighs more
         outputs[s] = outputs.get(s, 0) + recorder.counts[name]
     return {s: spikes[s] / outputs[s] for s in spikes if outputs[s]}
 
@@ -206,8 +204,8 @@ def table4(model: nn.Module, recorder: SpikeRecorder) -> dict:
     Q, K, A_t, X', X'' and the two MLP layers, pooled over the stage's blocks. The tensors are
     found by module objects (the neuron of each unit), not by attribute names."""
     table = {}
-    for i, stage in enumerate(getattr(model, "stages", [])):
-        blocks = [b for b in stage.blocks if is_token_attention(b.attn)]
+    for i, stage in enumerate(getattr(model, "stages", [])):    # not a QKFormer: no table
+        blocks = [b for b in stage.blocks if is_token_attention(b.attn)]   # SSA has no A_t
         if not blocks:
             continue
         rows = {}
@@ -219,19 +217,6 @@ def table4(model: nn.Module, recorder: SpikeRecorder) -> dict:
     return table
 
 
-def first_images(batches, limit=None):
-    """The (images, labels) batches, the last one cut so that `limit` images come in all
-    (None: every batch)."""
-    seen = 0
-    for images, labels in batches:
-        if limit is not None:
-            if seen >= limit:
-                return
-            images, labels = images[:limit - seen], labels[:limit - seen]
-        seen += len(labels)
-        yield images, labels
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=None,
              limit=None, total=None, desc="evaluate", amp_dtype=None, flip=False):
@@ -240,47 +225,48 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
     prepare: optional function applied to each image batch on the device (e.g. turning
              uint8 pixels into normalised floats).
     limit:   stop after this many images (the last batch is cut).
-    amp_dtype: run the model under autocast with this dtype (neuron.autocast_dtype), or
-             None for float32.
+    amp_dtype: autocast with this dtype (neuron.autocast_dtype); None: float32.
     flip:    test-time flips: the logits averaged with those of the mirrored images
              (qkformer.predict). The recorder then sees two forward passes per image.
     Returns (results, recorder): results holds images, top1, top5 (percent), loss (mean
     cross-entropy) and the confusion matrix (rows: true class, columns: predicted class); the
     recorder holds the spike and input counts. Counts stay on the device until the end.
     """
-    model.eval().to(device)
+    model.eval().to(device)                     # eval: batch norm uses its running statistics
     # Every count is a tensor on the device, read once at the end: reading one per batch
     # (.item()) would make the CPU wait for the GPU at every batch.
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct1, correct5 = torch.zeros(2, dtype=torch.int64, device=device)   # (views, added in place)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # float64: a long sum stays exact
     seen = 0
     k = min(5, num_classes)                     # top-5 of fewer than 5 classes: top-all
     with SpikeRecorder(model) as recorder:
-        for images, labels in first_images(tqdm(batches, total=total, desc=desc, unit="batch",
-                                                leave=False), limit):
-            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+        for images, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+            if limit is not None and seen >= limit:
+                break
+            n = len(labels) if limit is None else limit - seen       # the last batch is cut
+            images, labels = images[:n].to(device), torch.as_tensor(labels[:n]).to(device)
             if prepare is not None:
-                images = prepare(images)
+                images = prepare(images)                # after the move: uint8 crosses the bus
             with torch.autocast(torch.device(device).type, dtype=amp_dtype,
                                 enabled=amp_dtype is not None):
-                logits = qkformer.predict(model, images, flip)
+                logits = qkformer.predict(model, images, flip)   # (B, classes)
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"the model predicts {logits.shape[-1]} classes but the data has "
                                  f"{num_classes}")
             top = logits.topk(k, dim=1).indices                   # (B, k), best first
             correct1 += (top[:, 0] == labels).sum()
-            correct5 += (top == labels[:, None]).any(dim=1).sum()
+            correct5 += (top == labels[:, None]).any(dim=1).sum()    # the label among the k best
+            # float(): under --amp the logits are fp16/bf16, too coarse for a loss summed over a test set
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-            confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2)
+            pairs = labels * num_classes + top[:, 0]                # (true, predicted) as one index
+            confusion += torch.bincount(pairs, minlength=num_classes ** 2)
             seen += len(labels)
     if seen == 0:
         raise ValueError("no test images to evaluate")
     correct1, correct5, loss = torch.stack([correct1.double(), correct5.double(), loss_sum]).tolist()
-    results = dict(images=seen, top1=100.0 * correct1 / seen, top5=100.0 * correct5 / seen,
-                   top5_k=k, loss=loss / seen,
-                   confusion=confusion.cpu().reshape(num_classes, num_classes))
+    results = dict(images=seen, top1=100.0 * correct1 / seen, top5=100.0 * correct5 / seen, top5_k=k,
+                   loss=loss / seen, confusion=confusion.cpu().reshape(num_classes, num_classes))
     return results, recorder
 
 
@@ -330,23 +316,20 @@ FIRST_LAYER_NOTE = (
 
 ENERGY_NOTES = [
     "Energy per operation (the paper's, Appendix 6.6): E_MAC = 4.6 pJ, E_AC = 0.9 pJ; "
-    "SOP = fr x T x FLOPs (Eq. 19); E_SNN = E_AC x SOPs + E_MAC x FLOPs of the first conv "
-    "(Eq. 20); E_ANN = E_MAC x FLOPs (Eq. 21).",
+    "SOP = fr x T x FLOPs (Eq. 19); E_SNN = E_AC x SOPs + E_MAC x FLOPs of the first conv (Eq. 20); "
+    "E_ANN = E_MAC x FLOPs (Eq. 21).",
     "FLOPs are multiply-accumulates (MACs) of one image at one time step, from "
     "torch.utils.flop_counter.FlopCounterMode (its FLOP counts halved; ours).",
-    "Batch norm is not counted (the paper's: folded into the convolutions); max-pooling, "
-    "residual additions and neuron updates are not counted either (ours: Eq. 20 has no term "
-    "for them).",
+    "Batch norm is not counted (the paper's: folded into the convolutions); max-pooling, residual "
+    "additions and neuron updates are not counted either (ours: Eq. 20 has no term for them).",
     FIRST_LAYER_NOTE,
-    "AC layers (fed by spikes or spike counts, 0.9 pJ per SOP): SOP = fr x T x FLOPs (Eq. 19), "
-    "fr = mean of the layer's input over the test set (ours; the paper: 'the firing rate of the "
-    "block/layer'. After a residual sum the input is a spike count, and each spike costs one "
-    "accumulate).",
-    "Attention: each qkformer.SpikeAttention reports its own operations on spikes "
-    "(synaptic_ops: MACs per image and step, and the firing rate of the driving spikes); "
-    "SOP = fr x T x MACs (ours).",
-    "SSA: K^T V counts fr_K x T x MACs and Q (K^T V) counts fr_Q x T x MACs; the scale is folded "
-    "into the threshold (ours).",
+    "AC layers (fed by spikes or spike counts, 0.9 pJ per SOP): SOP = fr x T x FLOPs (Eq. 19), fr = mean "
+    "of the layer's input over the test set (ours; the paper: 'the firing rate of the block/layer'. "
+    "After a residual sum the input is a spike count, and each spike costs one accumulate).",
+    "Attention: each qkformer.SpikeAttention reports its own operations on spikes (synaptic_ops: MACs "
+    "per image and step, and the firing rate of the driving spikes); SOP = fr x T x MACs (ours).",
+    "SSA: K^T V counts fr_K x T x MACs and Q (K^T V) counts fr_Q x T x MACs; the scale is folded into "
+    "the threshold (ours).",
     "QKTA/QKCA: the sum of Q counts one SOP per Q spike (fr_Q x T x N x C); the mask A (*) K is a "
     "logical AND, counted as 0 (ours).",
     "Any other module doing FLOPs of its own that its synaptic_ops do not report is an error.",
@@ -362,12 +345,6 @@ EVENT_INPUT_NOTE = (
     "SOP = fr x T x FLOPs with fr = the mean event count per input element (over the test set), "
     "and no layer is counted as MAC. The frames differ from step to step, so the first conv "
     "runs at every step (T times), unlike a static image (ours).")
-
-
-def _example_input(model: nn.Module):
-    """One image at one time step, (T=1, B=1, C, H, W), for a QKFormer."""
-    cfg = model.config
-    return torch.zeros(1, 1, cfg.in_channels, cfg.img_size, cfg.img_size)
 
 
 @contextlib.contextmanager
@@ -395,15 +372,16 @@ def layer_macs(model: nn.Module, example=None) -> dict:
     FlopCounterMode with the neurons on their reference loops (see reference_neurons).
     Returns {"layers": {conv/linear name: MACs}, "own": {name of any other module doing FLOPs
     of its own, i.e. not in its children: those MACs}, "total": all MACs}."""
-    if example is None:
-        example = _example_input(model)
+    if example is None:                         # (T=1, B=1, C, H, W): SOPs scale it by fr x T
+        size = model.config.img_size
+        example = torch.zeros(1, 1, model.config.in_channels, size, size)
     device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
+    model.eval()                                # counted as evaluated (BN: running statistics)
     counter = FlopCounterMode(display=False)
     with reference_neurons(model), counter:
         model(example.to(device))
-    model.train(was_training)
+    model.train(was_training)                   # the caller's mode back
     # get_flop_counts() maps "<RootClass>.<module name>" to {op: FLOPs}, the module's own ops
     # and those of its children.
     counts = counter.get_flop_counts()
@@ -418,11 +396,13 @@ def layer_macs(model: nn.Module, example=None) -> dict:
     called = [n for n in modules if f"{root}.{n}" in counts or (not n and root in counts)]
     own = {n: flops(n) for n in called}
     for name in called:
-        if name:
-            parts = name.split(".")
+        if name:                                # the root has no parent
+            parts = name.split(".")             # the nearest called ancestor, else the root:
             parent = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
                            if p in own), "")
             own[parent] -= flops(name)
+    # Halved: FlopCounterMode counts 2 FLOPs (a multiply and an add) per MAC. A conv/linear
+    # layer's FLOPs are all its own (it calls no module), so "own" lists the other modules.
     layers = {n: flops(n) // 2 for n, m in modules.items() if isinstance(m, LAYERS)}
     own = {n: f // 2 for n, f in own.items() if f > 0 and not isinstance(modules[n], LAYERS)}
     return dict(layers=layers, own=own, total=counter.get_total_flops() // 2)
@@ -444,7 +424,8 @@ def attention_operations(model: nn.Module, firing, T: int, macs: dict) -> dict:
         rows = [dict(name=f"{name} ({label})", kind="AC", macs=n, input_rate=rate,
                      ops=rate * T * n, energy_pJ=E_AC_PJ * rate * T * n)     # Eq. (19)
                 for label, n, rate in m.synaptic_ops(firing)]
-        reported[name] = sum(r["macs"] for r in rows)
+        reported[name] = sum(r["macs"] for r in rows)     # checked against its FLOPs below
+        # Its conv/linear layers in registration order: the output projection comes last.
         inner = [f"{name}.{c}" for c, sub in m.named_modules() if c and isinstance(sub, LAYERS)]
         before.setdefault(inner[-1] if inner else None, []).extend(rows)
     # Nothing slips through: FLOPs outside conv/linear layers that no synaptic_ops report
@@ -473,18 +454,15 @@ def energy_report(model: nn.Module, recorder: SpikeRecorder, images: int, T: int
     """
     rates = recorder.input_rates()
     if mac_layers is None:
-        mac_layers = [next(iter(macs["layers"]))]
+        mac_layers = [next(iter(macs["layers"]))]     # the stem conv: it sees the pixels
     before = attention_operations(model, recorder.firing_function(images, T), T, macs)
     rows = []
     for name, n in macs["layers"].items():
-        rows += before.pop(name, [])
-        if name in mac_layers:                       # real-valued input: once, no T (Eq. 20)
-            rows.append(dict(name=name, kind="MAC", macs=n, input_rate=rates.get(name),
-                             ops=n, energy_pJ=E_MAC_PJ * n))
-        else:
-            sop = rates.get(name, 0.0) * T * n                               # Eq. (19)
-            rows.append(dict(name=name, kind="AC", macs=n, input_rate=rates.get(name),
-                             ops=sop, energy_pJ=E_AC_PJ * sop))
+        rows += before.pop(name, [])                  # an attention's products, before its proj
+        mac = name in mac_layers
+        ops = n if mac else rates.get(name, 0.0) * T * n    # MAC: once, no T (Eq. 20); SOP: Eq. 19
+        rows.append(dict(name=name, kind="MAC" if mac else "AC", macs=n, input_rate=rates.get(name),
+                         ops=ops, energy_pJ=(E_MAC_PJ if mac else E_AC_PJ) * ops))
     rows += [r for rest in before.values() for r in rest]                    # attentions without layers
     mac_ops = sum(r["ops"] for r in rows if r["kind"] == "MAC")
     sops = sum(r["ops"] for r in rows if r["kind"] == "AC")
@@ -495,63 +473,12 @@ def energy_report(model: nn.Module, recorder: SpikeRecorder, images: int, T: int
                 ac_layers=[r["name"] for r in rows if r["kind"] == "AC"],
                 MACs_first_layer=mac_ops, SOPs=sops, ANN_MACs=macs["total"],
                 E_snn_mJ=e_snn * 1e-9, E_ann_mJ=e_ann * 1e-9,
-                ann_over_snn=e_ann / e_snn if e_snn else float("inf"),
+                ann_over_snn=e_ann / e_snn if e_snn else float("inf"),   # inf: no spike, no MAC
                 layers=rows, notes=ENERGY_NOTES)
 
 
 # ----------------------------------------------------------------------------------------
 # The command line
-
-def print_report(metrics: dict):
-    flips = ", each also mirrored (--flip-test)" if metrics.get("flip_test") else ""
-    print(f"\n{metrics['dataset']}: {metrics['images']} test images{flips}, T = {metrics['T']}")
-    print(f"top-1 {metrics['top1']:.2f} %   top-{metrics['top5_k']} {metrics['top5']:.2f} %   "
-          f"loss {metrics['loss']:.4f}")
-    if metrics["official_quirks"]:
-        print("official_quirks on (an official checkpoint): the stage-3 SSA neuron runs over "
-              "time x batch as in the official code, so results depend on --batch-size and on "
-              "the order of the test images (the official repository's issue 14: HST-10-384 "
-              "78.73 % at batch 32, 74.20 % at batch 1)")
-    print("\nFiring rate of every spiking layer (spikes per neuron per time step):")
-    for name, r in metrics["firing_rates"].items():
-        print(f"  {name:<44} {r:.4f}")
-    print("per stage: " + ", ".join(f"{s} {r:.4f}" for s, r in metrics["stage_firing_rates"].items()))
-    if metrics["table4"]:
-        stages = list(metrics["table4"])
-        print("\nAs the paper's Table 4:" + "".join(f"{s:>10}" for s in stages))
-        for row in metrics["table4"][stages[0]]:
-            print(f"  {row:<20}" + "".join(f"{metrics['table4'][s][row]:>10.4f}" for s in stages))
-    e = metrics["energy"]
-    print(f"\nEnergy per image (Appendix 6.6): E_MAC = {e['E_MAC_pJ']} pJ, E_AC = {e['E_AC_pJ']} pJ")
-    print(f"  {'layer':<52}{'kind':>5}{'MACs (T=1)':>14}{'input fr':>10}{'MACs or SOPs':>15}{'uJ':>9}")
-    for r in e["layers"]:
-        rate = "" if r["input_rate"] is None else f"{r['input_rate']:.4f}"
-        print(f"  {r['name']:<52}{r['kind']:>5}{r['macs']:>14,.0f}{rate:>10}{r['ops']:>15,.0f}"
-              f"{r['energy_pJ'] * 1e-6:>9.3f}")
-    print(f"  MAC layers (real-valued input): {', '.join(e['mac_layers']) or 'none (event counts)'}; "
-          f"every other row is AC.")
-    print(f"  SNN: {e['SOPs']:,.0f} SOPs + {e['MACs_first_layer']:,} MACs -> E = {e['E_snn_mJ']:.4f} mJ")
-    print(f"  ANN of the same shape: {e['ANN_MACs']:,} MACs -> E = {e['E_ann_mJ']:.4f} mJ "
-          f"({e['ann_over_snn']:.1f} x the SNN)")
-    if metrics.get("picture_images"):
-        print(f"\npictures of {', '.join(metrics['picture_images']['titles'])}")
-        if metrics["picture_images"]["note"]:
-            print(f"note: {metrics['picture_images']['note']}")
-
-
-# The test images the pictures show by default: indices into the test set in its own order.
-DEFAULT_IMAGES = (0, 1, 3, 6)
-
-def image_indices(text: str) -> tuple:
-    """--images "3,10,21" -> (3, 10, 21)."""
-    try:
-        indices = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected test image indices such as 3,10,21, got {text!r}")
-    if any(i < 0 for i in indices):
-        raise argparse.ArgumentTypeError(f"image indices start at 0, got {text!r}")
-    return indices
-
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -563,7 +490,7 @@ def build_parser():
     p.add_argument("--output", help="output folder (default: eval/<checkpoint name>)")
     p.add_argument("--limit", type=int, help="evaluate only N test images (spread evenly over the "
                                              "test set, as data.py picks them)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)   # no effect on results, but with official_quirks
     p.add_argument("--workers", type=int, help="data loading processes (default: 0 on the CPU, "
                                                "where the model needs every core; on a GPU one per "
                                                "CPU this process may use, at most 8)")
@@ -583,13 +510,7 @@ def build_parser():
     p.add_argument("--dvs-split", choices=data.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
                    "whose test part is evaluated (default: the checkpoint's run's, else official: per "
                    "class the last 10%% of the recordings in sorted file order)")
-    p.add_argument("--images", type=image_indices, default=DEFAULT_IMAGES,
-                   help="the test images the pictures show, by index into the test set in its "
-                        "own order (CIFAR: the official test file's, the same on every official "
-                        "copy), whatever --limit evaluates; comma-separated (default: "
-                        + ",".join(map(str, DEFAULT_IMAGES)) + ")")
-    p.add_argument("--pictures", type=int, help="show only the first N of --images (default: all; "
-                                                "0: no pictures)")
+    pictures.add_picture_arguments(p)          # --images, --pictures
     return p
 
 
@@ -610,21 +531,20 @@ def check_device(name: str) -> torch.device:
 def check_options(args):
     """Refuse impossible options before anything is loaded; returns (device, autocast dtype or
     None) with the device's settings applied, and fills in the default --workers."""
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.pictures is not None and args.pictures < 0:
-        raise ValueError(f"--pictures must be >= 0, got {args.pictures}")
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    for option, value, least, rule in (("--limit", args.limit, 1, "a positive number of images"),
+                                       ("--batch-size", args.batch_size, 1, "positive"),
+                                       ("--pictures", args.pictures, 0, ">= 0"),
+                                       ("--workers", args.workers, 0, ">= 0")):
+        if value is not None and value < least:          # None: the default
+            raise ValueError(f"{option} must be {rule}, got {value}")
     device = check_device(args.device)
-    amp_dtype = autocast_dtype(device, args.amp)
-    if args.amp != "off" and amp_dtype is None:        # said, not refused: the same command
-        print(f"note: --amp {args.amp} ignored: mixed precision is used on GPUs only")  # runs anywhere
-    apply_device_settings(device, fast=args.tf32)
+    amp_dtype = autocast_dtype(device, args.amp)         # None: float32 (always on a CPU)
+    # Said, not refused: one command line (the tutorial's, say) then runs on a CPU and a GPU.
+    if args.amp != "off" and amp_dtype is None:
+        print(f"note: --amp {args.amp} ignored: mixed precision is used on GPUs only")
+    apply_device_settings(device, fast=args.tf32)        # TF32, cuDNN autotuning: as train.py
     if args.workers is None:
-        args.workers = data.default_workers(device.type)
+        args.workers = data.default_workers(device.type)     # 0 on a CPU: the model needs every core
     return device, amp_dtype
 
 
@@ -632,7 +552,7 @@ def load_model(args, spec):
     """(the checkpoint, its model at --T or its own T), refused when the checkpoint was
     trained for other data: checked before any data is read, so a wrong pairing fails fast."""
     checkpoint = qkformer.load_checkpoint(args.checkpoint)
-    overrides = {} if args.T is None else dict(T=args.T)
+    overrides = {} if args.T is None else dict(T=args.T)     # another T: Table 7, T = 1 rows
     model = qkformer.model_from_checkpoint(checkpoint, **overrides)
     cfg = model.config
     if cfg.num_classes != spec.num_classes:
@@ -645,8 +565,8 @@ def load_model(args, spec):
 
 
 def test_sets(args, spec, checkpoint, cfg):
-    """(the test images evaluated, the whole test set that the pictures pick from or None when
-    none are drawn, the dataset's options), at the model's image size."""
+    """(the test images evaluated, the test set that the pictures pick from or None when none
+    are drawn, the dataset's options), at the model's image size."""
     # Event data: frames for the model's T, and the test part of the split the model was
     # trained on (train.py stores it in the checkpoint's args; other checkpoints: official).
     saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
@@ -655,16 +575,10 @@ def test_sets(args, spec, checkpoint, cfg):
     build = functools.partial(data.build_test_set, args.dataset, args.data_dir,
                               img_size=cfg.img_size, download_missing=False, **options)
     test_set = build(test_subset=args.limit)
-    chosen = args.images[:args.pictures]
-    if not chosen:
-        return test_set, None, options
     # --images counts in the whole test set: --limit takes an evenly spaced selection, whose
     # i-th image is not the test set's i-th.
-    full = test_set if args.limit is None else build()
-    if max(chosen) >= len(full):
-        raise ValueError(f"--images {max(chosen)}: the {spec.title} test set has {len(full)} "
-                         f"images (indices 0 to {len(full) - 1})")
-    return test_set, full, options
+    whole = (lambda: test_set) if args.limit is None else build
+    return test_set, pictures.test_set_shown(args.images[:args.pictures], whole, spec.title), options
 
 
 def measurements(args, spec, model, results: dict, recorder: SpikeRecorder, options: dict) -> dict:
@@ -677,11 +591,10 @@ def measurements(args, spec, model, results: dict, recorder: SpikeRecorder, opti
     energy = energy_report(model, recorder, results["images"] * passes, cfg.T, layer_macs(model),
                            mac_layers=[] if events else None)       # events: no MAC layer
     if events:
-        energy["notes"] = energy["notes"] + [EVENT_INPUT_NOTE]
+        energy["notes"] = energy["notes"] + [EVENT_INPUT_NOTE]   # a new list: ENERGY_NOTES unchanged
     return dict(checkpoint=os.path.abspath(args.checkpoint), dataset=spec.name,
-                class_names=list(spec.class_names_from(args.data_dir)),
-                images=results["images"], T=cfg.T, flip_test=args.flip_test,
-                top1=results["top1"], top5=results["top5"],
+                class_names=list(spec.class_names_from(args.data_dir)), images=results["images"],
+                T=cfg.T, flip_test=args.flip_test, top1=results["top1"], top5=results["top5"],
                 top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
                 official_quirks=cfg.official_quirks, input_kind=spec.input_kind,
                 data_options={k: options[k] for k in spec.options},   # event data: T and split
@@ -701,7 +614,6 @@ def run_evaluation(args) -> dict:
     os.makedirs(out, exist_ok=True)
     test_set, full, options = test_sets(args, spec, checkpoint, model.config)
     loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers)
-    model.to(device)
 
     def prepare(images):                      # uint8 pixels -> normalised floats, on the device
         return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))
@@ -710,14 +622,11 @@ def run_evaluation(args) -> dict:
                                  total=len(loader), amp_dtype=amp_dtype, flip=args.flip_test)
     metrics = measurements(args, spec, model, results, recorder, options)
     if full is not None:
-        chosen = list(args.images[:args.pictures])
-        titles, metrics["pictures"] = pictures.draw_test_images(
-            model, full, chosen, prepare, spec, results, metrics["firing_rates"], out,
-            metrics["class_names"])
-        metrics["picture_images"] = dict(indices=chosen, titles=titles,
-                                         note=pictures.picture_note(args.dataset, args.data_dir))
+        metrics["picture_images"], metrics["pictures"] = pictures.draw_test_images(
+            model, full, list(args.images[:args.pictures]), prepare, spec, results,
+            metrics["firing_rates"], out, metrics["class_names"], args.data_dir)
     print_report(metrics)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
+    with open(os.path.join(out, "metrics.json"), "w") as f:   # last: it marks a finished evaluation
         json.dump(metrics, f, indent=1)
     print(f"\nwrote {out}/metrics.json" + "".join(f", {os.path.basename(p)}" for p in metrics["pictures"]))
     return metrics
@@ -729,7 +638,7 @@ def main(argv=None) -> int:
         check_device(args.device)                            # before anything is loaded
         apply_memory_policy(return_freed_memory=False)       # inference keeps little alive
         run_evaluation(args)
-    except (ValueError, OSError, data.DataError) as e:
+    except (ValueError, OSError, data.DataError) as e:       # the user's to fix: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

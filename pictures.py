@@ -26,6 +26,7 @@ Imports qkformer, neuron and data only, never an entry script (evaluate.py, trai
 this file, so importing them back would be a cycle). Matplotlib is imported on the first
 picture (_pyplot), so that importing this file costs nothing to a run that draws none.
 """
+import argparse
 import hashlib
 import math
 import os
@@ -474,9 +475,10 @@ def draw_pictures(model: nn.Module, images: torch.Tensor, results: dict, rates: 
 
 
 def draw_test_images(model: nn.Module, test_set, indices, prepare, spec, results: dict,
-                     rates: dict, out_dir: str, class_names) -> tuple:
+                     rates: dict, out_dir: str, class_names, data_dir: str) -> tuple:
     """evaluate.py's pictures of the test images `indices` (into `test_set` in its own order,
-    whatever part of it was evaluated); returns (their titles, the paths written).
+    whatever part of it was evaluated); returns ({indices, titles, note}: which images they
+    show, the paths written). note: picture_note's warning, or None.
 
     prepare: uint8 test images -> the model's input, on the model's device (as evaluated).
     spec:    the data.DatasetSpec. Event data (input_kind "event counts") has no picture to
@@ -493,7 +495,7 @@ def draw_test_images(model: nn.Module, test_set, indices, prepare, spec, results
     if events:                          # a row label is narrow: the class goes on a second line
         paths.append(os.path.join(out_dir, "event_frames.png"))
         plot_event_frames(inputs, paths[-1], [t.replace(" (", "\n(") for t in titles])
-    return titles, paths
+    return dict(indices=indices, titles=titles, note=picture_note(spec.name, data_dir)), paths
 
 
 # ----------------------------------------------------------------------------------------
@@ -504,9 +506,48 @@ def draw_test_images(model: nn.Module, test_set, indices, prepare, spec, results
 # a copy rebuilt in another order (from image files, say) holds other images at the same
 # indices, and evaluate.py says so next to the pictures.
 
+# The test images the pictures show by default: indices into the test set in its own order.
+DEFAULT_IMAGES = (0, 1, 3, 6)
+
 # md5 of the official CIFAR test files (the python-format archives' test_batch / test).
 OFFICIAL_TEST_MD5 = {"cifar10": "40351d587109b95175f43aff81a1287e",
                      "cifar100": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
+
+
+def image_indices(text: str) -> tuple:
+    """--images "3,10,21" -> (3, 10, 21)."""
+    try:
+        indices = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected test image indices such as 3,10,21, got {text!r}")
+    if any(i < 0 for i in indices):
+        raise argparse.ArgumentTypeError(f"image indices start at 0, got {text!r}")
+    return indices
+
+
+def add_picture_arguments(parser):
+    """evaluate.py's --images and --pictures: which test images the pictures show."""
+    parser.add_argument("--images", type=image_indices, default=DEFAULT_IMAGES,
+                        help="the test images the pictures show, by index into the test set in its "
+                             "own order (CIFAR: the official test file's, the same on every official "
+                             "copy), whatever --limit evaluates; comma-separated (default: "
+                             + ",".join(map(str, DEFAULT_IMAGES)) + ")")
+    parser.add_argument("--pictures", type=int, help="show only the first N of --images (default: "
+                                                     "all; 0: no pictures)")
+
+
+def test_set_shown(indices, whole, title: str):
+    """The test set that --images `indices` count in, None when no picture is drawn; checked
+    before the evaluation (a wrong index fails at once, not after an hour of it).
+    whole: builds the whole test set (or returns it, when it is the one evaluated).
+    title: the dataset's name, for the message."""
+    if not indices:
+        return None
+    full = whole()
+    if max(indices) >= len(full):
+        raise ValueError(f"--images {max(indices)}: the {title} test set has {len(full)} "
+                         f"images (indices 0 to {len(full) - 1})")
+    return full
 
 
 def picture_note(dataset: str, data_dir: str):

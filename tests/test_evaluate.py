@@ -360,7 +360,7 @@ def test_image_indices_option():
     parser = ev.build_parser()
     args = parser.parse_args(["--checkpoint", "x.pt", "--images", "3,10,21"])
     assert args.images == (3, 10, 21) and args.pictures is None
-    assert parser.parse_args(["--checkpoint", "x.pt"]).images == ev.DEFAULT_IMAGES
+    assert parser.parse_args(["--checkpoint", "x.pt"]).images == pictures.DEFAULT_IMAGES
     for bad in ("3,x", "-1", ""):
         with pytest.raises(SystemExit):
             parser.parse_args(["--checkpoint", "x.pt", "--images", bad])
