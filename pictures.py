@@ -10,17 +10,19 @@ NeurIPS 2024 (arXiv:2403.16552). Of the pictures here, one is the paper's kind:
     denotes the token index [...] we choose a continuous segment with a length of 100"
     (stages 1 and 2 of an ImageNet model). plot_qk_attention draws that kind of picture (Q,
     A_t, K and X' = A_t (*) K of one image, head and time step).
-The others are ours (the official code draws none): plot_token_masks (A_t averaged over heads
+The others are ours: plot_token_masks (A_t averaged over heads
 and steps, laid over the image), plot_firing_rates (Table 4's quantity for every layer),
 plot_spike_raster, plot_confusion, plot_event_frames (event-camera data).
 
 Layout of this file:
   stage_of, neuron_of, ...      finding the spiking tensors of a QKFormer (evaluate.table4
-                                finds its rows with them too)
-  plot_*                        one picture each, from tensors already computed
+                                finds its rows with them too); kept_outputs records them
+  plot_*                        one picture each, from what was already computed (train.py's
+                                curves.png: plot_curves)
   draw_pictures                 evaluate.py's pictures of a few prepared images
   draw_test_images              ... of test images chosen by index (evaluate.py --images)
-  picture_note                  whether those indices pick the images of an official copy
+  add_picture_arguments         --images, --pictures; test_set_shown and picture_note check
+                                what those indices pick
 
 Imports qkformer, neuron and data only, never an entry script (evaluate.py, train.py import
 this file, so importing them back would be a cycle). Matplotlib is imported on the first
@@ -241,6 +243,9 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------
+# Inside the attention: token masks (ours) and Q-K token attention (Figure 3(a))
+
 def show_image(img: torch.Tensor, mean=None, std=None) -> np.ndarray:
     """A normalised image (3, H, W) back to displayable (H, W, 3) values in [0, 1]: undo the
     normalisation when mean and std are known, else stretch to [0, 1]."""
@@ -389,6 +394,9 @@ def _spike_matrices(fig, inner, stage: str, spikes: dict, step: int, head: int, 
             ax.set_xticklabels([str(lo + t) for t in ticks])
             ax.set_xlabel("token index", fontsize=9)
 
+
+# ----------------------------------------------------------------------------------------
+# Event-camera data: what a sample's frames hold
 
 def event_image(frames: torch.Tensor, top=None) -> torch.Tensor:
     """Event counts (..., 2, H, W) -> colour pictures (..., 3, H, W) in [0, 1]: ON events
