@@ -78,7 +78,7 @@ class SpikeRecorder:
         layers are fed binary spikes; those after a residual sum receive spike counts
         (0, 1, 2, ...) and the head averaged counts: their mean is then the average number
         of spikes per input element, which is exactly how many accumulates they trigger.
-      * optionally, the outputs of the modules named in `keep` (for the pictures).
+      * optionally, the outputs of the modules named in `keep`, to look at (the tutorial does).
 
     The sums stay on the model's device (float64: a test set has billions of outputs, beyond
     float32's exact integers) and are read once, when a result is first asked for: a hook
@@ -122,7 +122,7 @@ class SpikeRecorder:
                 self._sums[name] = self._sums[name] + total if name in self._sums else total
                 self.counts[name] = self.counts.get(name, 0) + x.numel()   # an int: no device read
                 self._read = None                                 # new sums: read them again
-            if name in self.keep:                                 # on the CPU: GPU memory is the model's
+            if name in self.keep:                                 # on the CPU: off the GPU's memory
                 self.kept.setdefault(name, []).append(out.detach().cpu())
         return hook
 
