@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import evaluate as ev
+import pictures
 import qkformer
 import data
 import neuron
@@ -303,13 +304,13 @@ def test_qk_attention_spikes_are_the_masked_k():
     which keeps K's column of a token where A_t is 1 and zeroes it where A_t is 0."""
     model = tiny(embed_dim=32, num_heads=2)                  # stage 1: 8 channels, 2 heads of 4
     force_bn_bias(model, 1.5)                                # some neurons fire, some do not
-    names = ev.qk_attention_neurons(model)
+    names = pictures.qk_attention_neurons(model)
     assert list(names) == ["stage 1", "stage 2"]
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with ev.SpikeRecorder(model, keep=[n for v in names.values() for n in v]) as rec, torch.no_grad():
         model(x)
     q, k, a = (rec.kept[n][0] for n in names["stage 1"])
-    spikes = ev.qk_attention_spikes(q, k, a, num_heads=2)
+    spikes = pictures.qk_attention_spikes(q, k, a, num_heads=2)
     assert spikes["Q"].shape == spikes["K"].shape == spikes["X'"].shape == (2, 2, 2, 4, 64)
     assert spikes["A_t"].shape == (2, 2, 2, 1, 64)           # (T, B, heads, 1, N)
     kept = spikes["A_t"].expand_as(spikes["K"]) > 0
@@ -325,31 +326,31 @@ def test_qk_attention_spikes_are_the_masked_k():
 def test_qk_attention_picture(tmp_path):
     model = tiny()
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    names = ev.qk_attention_neurons(model)
-    blocks = ev.qk_attention_blocks(model)
+    names = pictures.qk_attention_neurons(model)
+    blocks = pictures.qk_attention_blocks(model)
     with ev.SpikeRecorder(model, keep=[n for v in names.values() for n in v]) as rec, torch.no_grad():
         model(x)
     stages = {}
     for stage, (q, k, a) in names.items():
-        s = ev.qk_attention_spikes(rec.kept[q][0], rec.kept[k][0], rec.kept[a][0],
-                                   blocks[stage][1].num_heads)
+        s = pictures.qk_attention_spikes(rec.kept[q][0], rec.kept[k][0], rec.kept[a][0],
+                                         blocks[stage][1].num_heads)
         stages[stage] = {panel: v[:, 0] for panel, v in s.items()}
     path = tmp_path / "qk_attention.png"
-    ev.plot_qk_attention(ev.show_image(x[0]), stages, str(path), label="test image 0 (cat)")
+    pictures.plot_qk_attention(pictures.show_image(x[0]), stages, str(path), label="test image 0 (cat)")
     assert png_dpi(path)[0] == pytest.approx(150, abs=1)
-    assert ev.token_segment(1024) == (462, 562)              # 100 tokens from the middle
-    assert ev.token_segment(64) == (0, 64)                   # all, when there are fewer
-    assert ev.token_segment(256, start=0) == (0, 100)
+    assert pictures.token_segment(1024) == (462, 562)        # 100 tokens from the middle
+    assert pictures.token_segment(64) == (0, 64)             # all, when there are fewer
+    assert pictures.token_segment(256, start=0) == (0, 100)
     with pytest.raises(ValueError):
-        ev.token_segment(256, start=200)
+        pictures.token_segment(256, start=200)
 
 
 def test_pictures_are_written_at_150_dpi(tmp_path):
     model = tiny()
     results, rec = run(model)
     x = torch.randn(2, 3, 8, 8)
-    paths = ev.draw_pictures(model, x, results, rec.firing_rates(), str(tmp_path),
-                             titles=["test image 3 (cat)", "test image 10 (dog)"])
+    paths = pictures.draw_pictures(model, x, results, rec.firing_rates(), str(tmp_path),
+                                   titles=["test image 3 (cat)", "test image 10 (dog)"])
     assert [os.path.basename(p) for p in paths] == list(PICTURES)
     for p in paths:
         assert png_dpi(p)[0] == pytest.approx(150, abs=1), p
@@ -359,7 +360,7 @@ def test_image_indices_option():
     parser = ev.build_parser()
     args = parser.parse_args(["--checkpoint", "x.pt", "--images", "3,10,21"])
     assert args.images == (3, 10, 21) and args.pictures is None
-    assert parser.parse_args(["--checkpoint", "x.pt"]).images == ev.DEFAULT_IMAGES
+    assert parser.parse_args(["--checkpoint", "x.pt"]).images == pictures.DEFAULT_IMAGES
     for bad in ("3,x", "-1", ""):
         with pytest.raises(SystemExit):
             parser.parse_args(["--checkpoint", "x.pt", "--images", bad])
@@ -468,15 +469,15 @@ def test_cli_pictures_show_test_images_by_index_whatever_limit(tmp_path, cifar_d
 
 
 def test_picture_note_knows_the_official_cifar_test_files(tmp_path, monkeypatch):
-    assert ev.picture_note("imagenet", str(tmp_path)) is None
+    assert pictures.picture_note("imagenet", str(tmp_path)) is None
     folder = tmp_path / "cifar-10-batches-py"
     write_fake_cifar10(tmp_path)
     (folder / "test_batch").write_bytes(b"official")
     import hashlib                                       # this stand-in plays the official file
-    monkeypatch.setitem(ev.OFFICIAL_TEST_MD5, "cifar10", hashlib.md5(b"official").hexdigest())
-    assert ev.picture_note("cifar10", str(tmp_path)) is None
+    monkeypatch.setitem(pictures.OFFICIAL_TEST_MD5, "cifar10", hashlib.md5(b"official").hexdigest())
+    assert pictures.picture_note("cifar10", str(tmp_path)) is None
     (folder / "test_batch").write_bytes(b"rebuilt in another order")
-    assert "not the official test file" in ev.picture_note("cifar10", str(tmp_path))
+    assert "not the official test file" in pictures.picture_note("cifar10", str(tmp_path))
 
 
 def test_cli_on_a_checkpoint_train_py_wrote(tmp_path, cifar_dir):
