@@ -174,24 +174,24 @@ def optimizer_update(ctx, bad_loss):
     optimizer, args = ctx.optimizer, ctx.args
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if ctx.scaler.is_enabled():
-        ctx.scaler.unscale_(optimizer)
-    found = bad_loss.clone()
+        ctx.scaler.unscale_(optimizer)  # fp16: the true gradients, before they are checked and clipped
+    found = bad_loss.clone()  # the caller's flag stays as it was
     if grads:  # sets found to 1 if any gradient holds inf or NaN (multiplies them by 1)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
-    if args.clip_grad:
+    if args.clip_grad:  # after unscaling: the threshold is in the gradients' true units
         nn.utils.clip_grad_norm_(ctx.model.parameters(), args.clip_grad)
     if ctx.scaler.is_enabled():
-        ctx.scaler.step(optimizer)
-        ctx.scaler.update()
+        ctx.scaler.step(optimizer)  # skips the step itself if it found inf/NaN
+        ctx.scaler.update()  # the scale halves after a skip, grows after a run of good steps
     elif optimizer.defaults.get("fused"):
-        optimizer.grad_scale, optimizer.found_inf = None, found
+        optimizer.grad_scale, optimizer.found_inf = None, found  # read by AdamW's step, as a scaler sets them
         try:
             optimizer.step()
         finally:
             del optimizer.grad_scale, optimizer.found_inf
     elif not found.item():  # an optimizer that cannot skip on the device: ask the host
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # None: the next backward writes instead of adding
     return found
 
 
