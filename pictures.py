@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import data
 from neuron import SpikingNeuron
-from qkformer import QKAttention
+from qkformer import QKAttention, write_atomically
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,6 +241,34 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def plot_curves(records, path):
+    """train.py's curves.png: loss and accuracy per epoch, redrawn from the run's whole
+    log.jsonl after every epoch (train_guards.finish_epoch calls it)."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in records]
+    evals = [r for r in records if r.get("top1") is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in records], label="train loss (augmented)")
+    if evals:
+        ax1.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax2.plot(epochs, [r["train_top1"] for r in records], label="train top-1 (augmented)")
+    if evals:
+        ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", label="test top-1")
+        ax2.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], "o-", label="test top-5")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.legend()
+    fig.tight_layout()
+    try:
+        # atomically: a kill while drawing leaves the previous picture, not half a PNG
+        write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------

@@ -319,9 +319,9 @@ def check_command(line, where=None):
     the parser's message, if the script would reject the options.
 
     What is checked, per script (nothing is run, no file is read):
-      * train.py: `train.parse_args` and `train.resolve_args` (the recipes and the checks of
-        `train.check_args`), then the model configuration the options describe (preset,
-        --attention, --neuron, sizes), as `train.build_model` would build it. A --resume
+      * train.py: `train_settings.parse_args` and `train_settings.resolve_args` (the recipes and
+        the checks of `train_settings.check_args`), then the model configuration the options
+        describe (preset, --attention, --neuron, sizes), as `train.build_model` would build it. A --resume
         line is checked against the defaults, not against the checkpoint's options.
       * evaluate.py, complexity.py: their `build_parser`.
       * benchmark.py: `benchmark.parse_args`, as on a machine with a GPU (a `--device cuda`
@@ -342,7 +342,7 @@ def check_command(line, where=None):
             return True
         message = err.getvalue().strip().splitlines()    # argparse: its usage, then "prog: error: ..."
         problem = message[-1].split("error: ", 1)[-1] if message else f"exit status {e.code}"
-    except Exception as e:                          # train.TrainError, a bad model config
+    except Exception as e:                          # train_guards.TrainError, a bad model config
         problem = f"{type(e).__name__}: {e}"
     if problem:
         raise AssertionError(f"{where}\n  {script} rejects these options: {problem}")
@@ -353,11 +353,11 @@ def _parse(script, argv):
     """Parse argv as `script` does; returns a problem (str) or None. Parser errors exit."""
     if script == "train.py":
         import qkformer
-        import train
-        args = train.resolve_args(train.parse_args(argv))
+        import train_settings
+        args = train_settings.resolve_args(train_settings.parse_args(argv))
         if args.model not in qkformer.PRESETS:
             return f"unknown --model {args.model!r}; choose one of {sorted(qkformer.PRESETS)}"
-        qkformer.QKFormerConfig(**{**qkformer.PRESETS[args.model], **train.model_overrides(args)})
+        qkformer.QKFormerConfig(**{**qkformer.PRESETS[args.model], **train_settings.model_overrides(args)})
         return None
     if script in ("evaluate.py", "complexity.py"):
         module = __import__(script[:-len(".py")])

@@ -469,16 +469,16 @@ def test_event_batches_pass_the_per_batch_steps_and_reach_the_model_time_first()
 
 
 def test_official_dvs_recipes_are_train_defaults():
-    import train
-    a = train.resolve_args(train.parse_args(["--dataset", "cifar10dvs"]))
+    import train_settings
+    a = train_settings.resolve_args(train_settings.parse_args(["--dataset", "cifar10dvs"]))
     assert (a.model, a.T, a.batch_size, a.lr, a.min_lr, a.weight_decay) == ("cifar10dvs", 16, 16, 5e-3, 1e-5, 0.06)
     assert (a.epochs, a.cooldown_epochs, a.warmup_epochs, a.warmup_lr, a.warmup_prefix) == (96, 10, 10, 1e-5, False)
     assert (a.smoothing, a.mixup, a.mixup_prob, a.cutmix, a.mixup_off_epoch) == (0.1, 0.5, 0.5, 0.0, 75)
     assert (a.reprob, a.aa, a.hflip, a.dvs_split, a.amp, a.seed) == (0.0, None, 0.5, "official", "auto", 2021)
-    g = train.resolve_args(train.parse_args(["--dataset", "dvs128gesture"]))
+    g = train_settings.resolve_args(train_settings.parse_args(["--dataset", "dvs128gesture"]))
     assert (g.model, g.epochs, g.lr, g.min_lr, g.T) == ("dvs128gesture", 192, 1e-3, 2e-5, 16)
     # the CIFAR recipe keeps timm's default: every batch mixed
-    assert train.resolve_args(train.parse_args(["--dataset", "cifar10"])).mixup_prob == 1.0
+    assert train_settings.resolve_args(train_settings.parse_args(["--dataset", "cifar10"])).mixup_prob == 1.0
 
 
 NARROW = ["--embed-dim", "32", "--T", "2", "--epochs", "1", "--warmup-epochs", "0", "--device", "cpu",

@@ -24,6 +24,8 @@ import torch
 import data
 import qkformer
 import train
+import train_guards
+import train_settings
 from _fakedata import write_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +62,8 @@ def finite(ckpt):
 # ---------------------------------------------------------------- 1. diverging runs
 
 def test_an_update_with_nan_gradients_never_reaches_the_weights():
-    a = train.resolve_args(train.parse_args([*TINY, "--lr", "1e-2", "--epochs", "2", "--warmup-epochs", "0"]))
+    a = train_settings.resolve_args(train_settings.parse_args([*TINY, "--lr", "1e-2", "--epochs", "2",
+                                                               "--warmup-epochs", "0"]))
     model = train.build_model(a, 10)
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, updates_per_epoch=4)
@@ -73,7 +76,7 @@ def test_an_update_with_nan_gradients_never_reaches_the_weights():
     adam = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
     head = model.head.weight
     head.register_hook(lambda g: g * float("nan"))             # the gradients turn NaN, the loss does not
-    with pytest.raises(train.NonFiniteLoss, match="not finite in 3 steps in a row"):  # a whole (short) epoch
+    with pytest.raises(train_guards.NonFiniteLoss, match="not finite in 3 steps in a row"):  # a whole (short) epoch
         train.train_one_epoch(ctx, [(images, labels)] * 3, 0)
     assert sched.last_epoch == 4                                # skipped, but the schedule moved on
     for k, v in model.state_dict().items():
@@ -86,7 +89,8 @@ def test_an_update_with_nan_gradients_never_reaches_the_weights():
 
 def test_item_host_reads_are_few(monkeypatch):
     """Statistics stay on the device: the host reads them every LOG_EVERY steps, not every step."""
-    a = train.resolve_args(train.parse_args([*TINY, "--lr", "1e-3", "--epochs", "2", "--warmup-epochs", "0"]))
+    a = train_settings.resolve_args(train_settings.parse_args([*TINY, "--lr", "1e-3", "--epochs", "2",
+                                                               "--warmup-epochs", "0"]))
     model = train.build_model(a, 10)
     opt = train.build_optimizer(model, a)
     spec = data.get_dataset("cifar10")
@@ -101,7 +105,7 @@ def test_item_host_reads_are_few(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", counting)
     train.train_one_epoch(ctx, [batch] * 40, 0)
     monkeypatch.undo()
-    assert reads[0] <= 3 * 40 // train.LOG_EVERY + 6, reads[0]  # was 2 per step (loss, accuracy)
+    assert reads[0] <= 3 * 40 // train_guards.LOG_EVERY + 6, reads[0]  # was 2 per step (loss, accuracy)
 
 
 def test_diverged_weights_are_never_saved_as_good(cifar, tmp_path, capsys):
@@ -125,8 +129,8 @@ def test_resume_with_another_batch_size_and_lr_follows_the_schedule(cifar, tmp_p
     train.main(["--resume", out, "--batch-size", "4", "--lr", "1e-2", "--stop-after", "2"])
     printed = capsys.readouterr().out
     assert "peak lr 0.01" in printed and "3 epochs of 10 updates" in printed
-    a = train.resolve_args(train.parse_args(["--epochs", "3", "--lr", "1e-2", "--warmup-epochs", "0.5",
-                                             "--cooldown-epochs", "0"]))
+    a = train_settings.resolve_args(train_settings.parse_args(["--epochs", "3", "--lr", "1e-2",
+                                                               "--warmup-epochs", "0.5", "--cooldown-epochs", "0"]))
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     # the lr after epoch 2 is the curve's at 2.0 epochs, for the peak that was printed
     assert [r["epoch"] for r in records] == [1, 2] and records[1]["lr"] == pytest.approx(train.lr_at(2, a))
@@ -136,18 +140,18 @@ def test_resume_with_another_batch_size_and_lr_follows_the_schedule(cifar, tmp_p
 
 def test_resume_without_fp16_into_a_run_with_a_grad_scaler():
     """A run saved without fp16 stores an empty scaler state; a resume that uses one starts it fresh."""
-    a = train.resolve_args(train.parse_args([*TINY, "--lr", "1e-3"]))
+    a = train_settings.resolve_args(train_settings.parse_args([*TINY, "--lr", "1e-3"]))
     model = train.build_model(a, 10)
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, 4)
     off = torch.amp.GradScaler("cpu", enabled=False)
-    ckpt = qkformer.training_checkpoint(model, opt, sched, off, 1, [train.rng_state()], vars(a), None)
+    ckpt = qkformer.training_checkpoint(model, opt, sched, off, 1, [train_guards.rng_state()], vars(a), None)
     assert ckpt["scaler"] == {}
-    s = train.Session(0, 1, torch.device("cpu"), ckpt=ckpt, args=a, updates_per_epoch=4)
+    s = train_settings.Session(0, 1, torch.device("cpu"), ckpt=ckpt, args=a, updates_per_epoch=4)
     on = torch.amp.GradScaler("cpu", enabled=True)
     s.ctx = train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(), a, s.device, (0,) * 3, (1,) * 3,
                               on)
-    train.restore_state(s)
+    train_guards.restore_state(s)
     assert s.start_epoch == 1 and on.is_enabled() and on.get_scale() == 2.0 ** 16
 
 
@@ -197,7 +201,7 @@ def test_a_run_folder_in_use_is_refused(cifar, tmp_path, capsys):
         assert "another train.py is running in" in line and "choose another --output" in line
     assert not (out / "last.pt").exists()
     run(cifar, out, "--epochs", "1", "--lr", "1e-3", "--subset", "8")  # free again: it runs, and lets go
-    lock = train.lock_run_folder(str(out))
+    lock = train_guards.lock_run_folder(str(out))
     assert lock is not None
     lock.close()
 
@@ -336,7 +340,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch, capsys):
         train.main(["--device", "cpu", "--dist-timeout", "3", "--no-low-memory"])
     assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 180
     assert "rank 1: error: stop here" in capsys.readouterr().err
-    assert "--dist-timeout" in train.build_parser().format_help()
+    assert "--dist-timeout" in train_settings.build_parser().format_help()
 
 
 # ---------------------------------------------------------------- 11. memory, test sets, bare weights
@@ -362,9 +366,9 @@ def test_a_bare_state_dict_asks_for_the_training_checkpoint():
 
 def test_sync_bn_says_the_fused_path_is_off(monkeypatch):
     flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    s = train.Session(0, 2, torch.device("cuda", 0))
-    s.args = train.resolve_args(train.parse_args(["--sync-bn", "--no-tf32"]))
+    s = train_settings.Session(0, 2, torch.device("cuda", 0))
+    s.args = train_settings.resolve_args(train_settings.parse_args(["--sync-bn", "--no-tf32"]))
     s.sources = {"amp": "default"}
-    train.setup_device(s)
+    train_settings.setup_device(s)
     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     assert any("--sync-bn" in n and "more memory, the same results" in n for n in s.notes)

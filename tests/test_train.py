@@ -18,6 +18,8 @@ import torch
 import data
 import qkformer
 import train
+import train_guards
+import train_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # embed_dim 32: stage widths 8, 16, 32. (Width 4 once crashed oneDNN's AVX2 backward of the strided
@@ -36,7 +38,7 @@ def run(cifar, out, *extra):
 
 
 def args_of(*argv):
-    return train.resolve_args(train.parse_args(list(argv)))
+    return train_settings.resolve_args(train_settings.parse_args(list(argv)))
 
 
 # ---------------------------------------------------------------- recipes and schedule
@@ -129,24 +131,24 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def test_settings_name_their_layer_and_rescaling_is_said():
-    s = train.resolve_settings(train.parse_args(["--recipe", "cpu", "--T", "1"]))
+    s = train_settings.resolve_settings(train_settings.parse_args(["--recipe", "cpu", "--T", "1"]))
     assert s.notes == []
     assert (s.sources["T"], s.sources["model"], s.sources["smoothing"], s.sources["seed"]) == \
         ("command line", "--recipe cpu", "cifar10 recipe", "default")
-    s = train.resolve_settings(train.parse_args(["--epochs", "40"]))
+    s = train_settings.resolve_settings(train_settings.parse_args(["--epochs", "40"]))
     assert (s.args.warmup_epochs, s.args.cooldown_epochs) == (2.0, 0)
     assert s.sources["warmup_epochs"] == s.sources["cooldown_epochs"] == "--epochs rescale"
     assert s.notes == ["note: --epochs 40 given alone: the warm-up scaled from 20 to 2 epochs (the same "
                        "share of 400 epochs) and the 10 cool-down epochs dropped; give --warmup-epochs / "
                        "--cooldown-epochs to choose them"]
     # a resumed run's saved settings beat the recipes, the command line beats them; no rescale on resume
-    saved = vars(train.resolve_args(train.parse_args(["--epochs", "40", "--recipe", "cpu"])))
-    s = train.resolve_settings(train.parse_args(["--epochs", "50", "--seed", "3"]), saved)
+    saved = vars(train_settings.resolve_args(train_settings.parse_args(["--epochs", "40", "--recipe", "cpu"])))
+    s = train_settings.resolve_settings(train_settings.parse_args(["--epochs", "50", "--seed", "3"]), saved)
     assert (s.args.epochs, s.args.warmup_epochs, s.args.recipe, s.args.seed) == (50, saved["warmup_epochs"], "cpu", 3)
     assert (s.sources["epochs"], s.sources["warmup_epochs"], s.sources["model"]) == \
         ("command line", "resumed run", "resumed run")
     assert s.notes == []
-    table = "\n".join(train.settings_table(s.args, s.sources))
+    table = "\n".join(train_settings.settings_table(s.args, s.sources))
     assert re.search(r"\n  epochs +50 +command line", table) and re.search(r"\n  model +small +resumed run", table)
 
 
@@ -156,7 +158,7 @@ def test_checkpoint_format_round_trip(tmp_path):
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, updates_per_epoch=4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ckpt = qkformer.training_checkpoint(model, opt, sched, scaler, epoch=3, rng=[train.rng_state()],
+    ckpt = qkformer.training_checkpoint(model, opt, sched, scaler, epoch=3, rng=[train_guards.rng_state()],
                                         args=vars(a), best_top1=12.5)
     path = str(tmp_path / "last.pt")
     qkformer.save_checkpoint(ckpt, path)
@@ -171,7 +173,7 @@ def test_checkpoint_format_round_trip(tmp_path):
     # a checkpoint of version 1 (best value named best_acc1) still resumes
     old = {k: v for k, v in back.items() if k not in ("version", "best_top1")}
     qkformer.save_checkpoint({**old, "best_acc1": 7.0}, path)
-    ckpt, _ = train.read_training_checkpoint(str(tmp_path))
+    ckpt, _ = train_guards.read_training_checkpoint(str(tmp_path))
     assert ckpt["best_top1"] == 7.0 and qkformer.missing_training_keys(ckpt) == []
 
 
@@ -295,7 +297,7 @@ def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
     ddp = torch.load(out / "last.pt", weights_only=True)
 
     # The reference: one process, the same model, each update from rank 0's and rank 1's batch.
-    a = train.resolve_args(train.parse_args(flags + ["--accum-iter", "2"]))
+    a = train_settings.resolve_args(train_settings.parse_args(flags + ["--accum-iter", "2"]))
     train_set, _ = data.build_datasets("cifar10", cifar, 32, 0, 0.0, "none", subset=32, download_missing=False)
     per_rank = []
     for rank in (0, 1):
@@ -340,7 +342,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_path, monk
         run(cifar, tmp_path / "run", "--epochs", "3", "--lr", "1e-3")
     assert e.value.code == 2
     err = capsys.readouterr().err
-    # every step of epoch 2 (5 steps, shorter than train.LOG_EVERY) was non-finite: skipped, then the stop
+    # every step of epoch 2 (5 steps, shorter than train_guards.LOG_EVERY) was non-finite: skipped, then the stop
     assert "not finite in 5 steps in a row (up to epoch 2, step 5)" in err, err
     assert "last good checkpoint" in err and "after epoch 1" in err
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -382,8 +384,8 @@ def test_resume_errors(cifar, tmp_path, capsys):
 
 
 def test_tau_option_reaches_every_neuron():
-    args = train.resolve_args(train.parse_args(["--recipe", "cpu", "--tau", "4"]))
-    model = qkformer.create_model(args.model, **train.model_overrides(args))
+    args = train_settings.resolve_args(train_settings.parse_args(["--recipe", "cpu", "--tau", "4"]))
+    model = qkformer.create_model(args.model, **train_settings.model_overrides(args))
     from neuron import LIFNode
     taus = {m.tau for m in model.modules() if isinstance(m, LIFNode)}
     assert taus == {4.0} and model.config.tau == 4.0          # stored with the config in checkpoints

@@ -1,0 +1,580 @@
+"""Guards of a training run: train.py's wing for what can go wrong, and for an exact resume.
+
+train.py holds the training loop of QKFormer (Zhou et al., "QKFormer: Hierarchical Spiking
+Transformer using Q-K Attention", NeurIPS 2024); this file holds what a long run needs around
+that loop, and a first reading may skip. Nothing is lost and nothing is silent
+(tests/test_faults.py makes each fault happen):
+
+  * every problem the user can fix (TrainError, data.DataError) is one line and exit code 2,
+    on whichever DDP process it happens (user_errors); what only rank 0 can decide (a
+    download, the run folder, a checkpoint written, an evaluation) it decides once, for all
+    processes (rank0_decides), so that none waits forever for one that stopped;
+  * updates with non-finite losses or gradients are skipped on the device, and a run whose
+    steps stay non-finite stops (NonFiniteWatch, NonFiniteLoss); weights with inf/NaN are
+    never saved (check_saveable);
+  * a run can be split into sessions (--stop-after, --resume) and, on the CPU, gives bit for
+    bit the parameters of an uninterrupted run: the random generators of every process, the
+    optimizer, the schedule and the grad scaler are saved and put back (restore_state);
+  * the run folder is locked for the life of the run (<run>/.lock); checkpoints, settings
+    and log are written atomically, so that a kill or a full disk keeps the previous file
+    (setup_run_folder, write_checkpoint, finish_epoch);
+  * options that can only exhaust memory, and data with more classes than the model has
+    outputs, are refused before training (check_memory, check_classes).
+"""
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from data import DataError
+from pictures import plot_curves
+from qkformer import load_checkpoint, missing_training_keys, save_checkpoint, training_checkpoint, \
+    write_atomically
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad option, unusable checkpoint, diverged run); the message says how."""
+
+
+# ----------------------------------------------------------------------------
+# Errors: one line each, and one verdict for all processes
+# ----------------------------------------------------------------------------
+
+def shared_error(cls, message):
+    """An error that every process raises alike (rank 0's verdict, from rank0_decides):
+    user_errors prints it once, on rank 0, instead of once per process."""
+    error = cls(message)
+    error.shared = True
+    return error
+
+
+def rank0_decides(s, work, share=False):
+    """work() on rank 0 alone; returns its result there (on every process if share).
+
+    A problem work() raises that the user can fix (TrainError, DataError) is sent to every
+    process, which all raise it alike. The other processes wait here for rank 0's verdict
+    (up to --dist-timeout): so all of them go on, or all stop with the same message, instead
+    of some waiting forever in a collective for one that stopped. A problem of another kind
+    (a bug) stops rank 0 alone, and the others after --dist-timeout."""
+    result, problem = None, None
+    if s.rank == 0:
+        try:
+            result = work()
+        except (DataError, TrainError) as e:
+            problem = (DataError if isinstance(e, DataError) else TrainError, str(e))
+    if s.world > 1:
+        shared = [result if share else None, problem]
+        dist.broadcast_object_list(shared, src=0)
+        result = shared[0] if share else result
+        problem = shared[1]
+    if problem:
+        raise shared_error(*problem)
+    return result
+
+
+PEER_GONE = "Connection closed by peer"  # gloo's words when another process has died
+
+
+@contextlib.contextmanager
+def user_errors():
+    """main()'s frame: problems the user can fix end as one message (exit code 2), not as a
+    traceback; the DDP process group is closed at the end, however the run ends."""
+    try:
+        yield
+    except (DataError, TrainError) as e:
+        message = str(e)
+        # An error raised in a DataLoader worker arrives wrapped in the worker's
+        # traceback; its last line is the message.
+        if "Traceback" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        # Every process prints its own errors (with DDP prefixed by its rank: torchrun
+        # shows only exit codes); an error all processes share is printed by rank 0 alone.
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0 or not getattr(e, "shared", False):
+            print(f"{f'rank {rank}: ' if world > 1 else ''}error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    except RuntimeError as e:
+        # Another process died (its error is printed above, with its rank) or hung past
+        # --dist-timeout: this process says so in one line instead of a traceback. (gloo
+        # reports a peer that is gone as a plain RuntimeError.)
+        if not (isinstance(e, dist.DistError) or PEER_GONE in str(e)):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"rank {rank}: error: stopped because another process failed or did not answer within "
+              f"--dist-timeout (see its message above): {str(e).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------
+# Non-finite losses and gradients
+# ----------------------------------------------------------------------------
+
+class NonFiniteLoss(TrainError):
+    """The loss (or the gradients) stayed NaN or infinite for a whole logging interval:
+    training cannot go on from these weights. Their updates were skipped."""
+
+    def __init__(self, epoch, step, count):
+        self.epoch, self.step, self.count = epoch, step, count
+        super().__init__(f"the loss or the gradients were not finite in {count} steps in a row (up to "
+                         f"epoch {epoch + 1}, step {step + 1}); their updates were skipped")
+
+
+# Statistics stay on the device and are read every LOG_EVERY steps (and at the end of an
+# epoch): reading a number from a GPU makes the host wait for all queued work. A run
+# whose loss or gradients were non-finite in LOG_EVERY steps in a row (or in every step
+# of a shorter epoch) stops with NonFiniteLoss.
+LOG_EVERY = 20
+
+
+class NonFiniteWatch:
+    """The non-finite bookkeeping of one epoch of train.train_one_epoch, all on the device:
+    the losses of the current accumulation window, the sum of the finite losses and their
+    count (the epoch's mean loss leaves the others out), the updates skipped, and the number
+    of non-finite steps in a row (ctx.bad_streak, carried across epochs)."""
+
+    def __init__(self, ctx, epoch, steps):
+        self.ctx, self.epoch, self.steps = ctx, epoch, steps
+        self.zero = torch.zeros((), device=ctx.device)
+        self.total_loss, self.finite_steps, self.skipped, self.window = (self.zero.clone() for _ in range(4))
+        if ctx.bad_streak is None:
+            ctx.bad_streak = self.zero.clone()
+
+    def window_bad(self, mean_loss):
+        """1 (a 0/1 device tensor) if a loss of this accumulation window, this step's
+        included, was not finite: the update that ends the window is then skipped."""
+        return torch.maximum(self.window, (~torch.isfinite(mean_loss)).float())
+
+    def step(self, i, mean_loss, skip=None):
+        """Count step i: its loss (the mean over the processes) and, if it ended with an update,
+        whether that update was skipped (skip, 0/1 device tensor). Returns True every
+        LOG_EVERY steps and at the end of the epoch, after the one host read: the number of
+        non-finite steps in a row, which stops the run (NonFiniteLoss) when it reaches
+        LOG_EVERY, or the whole epoch when that is shorter."""
+        bad = (~torch.isfinite(mean_loss)).float()            # 0/1, on the device
+        if skip is None:                                      # inside an accumulation window
+            self.window = torch.maximum(self.window, bad)
+        else:
+            self.skipped += skip
+            bad = torch.maximum(bad, skip)
+            self.window = self.zero.clone()
+        self.ctx.bad_streak = (self.ctx.bad_streak + 1) * bad    # non-finite steps in a row
+        self.total_loss += torch.where(bad > 0, self.zero, mean_loss)
+        self.finite_steps += 1 - bad
+        if (i + 1) % LOG_EVERY and i + 1 != self.steps:
+            return False
+        streak = int(self.ctx.bad_streak.item())
+        if streak >= min(LOG_EVERY, self.steps):
+            raise NonFiniteLoss(self.epoch, i, streak)
+        return True
+
+    def mean_loss(self):
+        """The mean of the finite losses so far (NaN if there is none)."""
+        finite = self.finite_steps.item()
+        return self.total_loss.item() / finite if finite else float("nan")
+
+
+@contextlib.contextmanager
+def stop_if_diverged(s):
+    """NonFiniteLoss out of train.train_one_epoch ends the run with a message saying what is
+    kept. Every process stops at the same step: the losses and gradients are shared."""
+    try:
+        yield
+    except NonFiniteLoss as e:
+        raise shared_error(TrainError, f"training stopped: {e}; {kept_checkpoint(s)}. Try a lower --lr "
+                           f"(now {s.args.lr:.3g}), --clip-grad 1.0, or without --amp.") from None
+
+
+def say_skipped(s, epoch, n):
+    """The updates of an epoch skipped for non-finite losses or gradients, if any."""
+    if n:
+        s.say(f"note: {n} update{'s' if n > 1 else ''} of epoch {epoch + 1} skipped: the loss or the "
+              f"gradients were not finite")
+
+
+def non_finite_state(model, optimizer):
+    """Names of the parameters, buffers and optimizer states that hold inf or NaN."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    for i, state in optimizer.state_dict()["state"].items():
+        bad += [f"optimizer state {i}.{k}" for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
+
+
+def check_saveable(s, epoch):
+    """Rank 0, after an epoch: weights or optimizer state that hold inf/NaN are never saved;
+    the run stops with the previous checkpoint kept. (Rank 0's weights are the ones saved.)"""
+    bad = non_finite_state(s.raw_model, s.ctx.optimizer)
+    if bad:
+        raise TrainError(f"training stopped: after epoch {epoch + 1} the weights or optimizer state hold "
+                         f"inf/NaN ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}), not saved; "
+                         f"{kept_checkpoint(s)}. Try a lower --lr (now {s.args.lr:.3g}) or "
+                         f"--clip-grad 1.0.")
+
+
+# ----------------------------------------------------------------------------
+# Exact resume: random generators, checkpoints, optimizer and schedule
+# ----------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    """The state of every random generator, as tensors and numbers (storable with weights_only)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(world):
+    """Every process's generator states, in rank order: augmentations differ per
+    process, so an exact resume needs all of them."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def read_training_checkpoint(path):
+    """A checkpoint written by train.py, checked for what a resume needs, and its path."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True: cannot run code
+    except ValueError as e:
+        raise TrainError(f"cannot resume: {e}") from None
+    missing = missing_training_keys(ckpt)
+    if missing:
+        raise TrainError(f"cannot resume from {path}: it is not a checkpoint written by train.py "
+                         f"(it lacks {', '.join(missing)}). A file with weights only can be "
+                         f"evaluated, not resumed.")
+    return ckpt, path
+
+
+def load_resumed_weights(s, model):
+    """The resumed checkpoint's weights into the model, if it is the same model."""
+    saved_config, config = s.ckpt["config"], dataclasses.asdict(model.config)
+    if saved_config != config:
+        diff = {k: (v, saved_config.get(k)) for k, v in config.items() if saved_config.get(k) != v}
+        raise TrainError(f"{s.resume_path} holds another model than this run builds "
+                         f"(this run vs checkpoint: {diff}); drop the options that change the "
+                         f"model to resume it, or start a new run without --resume")
+    try:
+        model.load_state_dict(s.ckpt["model"])
+    except RuntimeError as e:
+        raise TrainError(f"the weights in {s.resume_path} do not fit its own model config: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def place_scheduler(scheduler, peak_lr, epoch, updates_per_epoch):
+    """Put the schedule (train.build_scheduler) at the start of `epoch` (epochs done) for this
+    run's peak learning rate and updates per epoch. The schedule is a function of the training
+    progress in epochs (train.lr_at), so a run resumed with another batch size, number of
+    processes or --lr follows the same curve from where it stopped. (The saved update count and
+    base rates of the scheduler are not used: they count updates of the old batch geometry.)"""
+    scheduler.base_lrs = [peak_lr] * len(scheduler.optimizer.param_groups)
+    scheduler.last_epoch = epoch * updates_per_epoch
+    lr = peak_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # as LambdaLR computes it: the same bits
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"], group["lr"] = peak_lr, lr
+    scheduler._last_lr = [lr] * len(scheduler.optimizer.param_groups)
+
+
+def restore_state(s):
+    """Optimizer, schedule, scaler and random generators: from the resumed checkpoint
+    (where it stopped), or seeded afresh (augmentations differ between processes).
+    The schedule is placed by the epochs done (place_scheduler), so another batch size,
+    number of processes or --lr continues the same curve; the grad scaler's state is
+    loaded only when both the checkpoint and this run use one (fp16)."""
+    if s.ckpt is None:
+        seed_everything(s.args.seed + s.rank)
+        return
+    s.ctx.optimizer.load_state_dict(s.ckpt["optimizer"])
+    s.ctx.scheduler.load_state_dict(s.ckpt["scheduler"])
+    s.start_epoch, s.best_top1 = s.ckpt["epoch"], s.ckpt["best_top1"]
+    place_scheduler(s.ctx.scheduler, s.args.lr, s.start_epoch, s.updates_per_epoch)
+    if s.ckpt["scaler"] and s.ctx.scaler.is_enabled():
+        s.ctx.scaler.load_state_dict(s.ckpt["scaler"])
+    if len(s.ckpt["rng"]) == s.world:
+        set_rng_state(s.ckpt["rng"][s.rank])
+    else:
+        s.notes.append(f"note: the checkpoint was written by {len(s.ckpt['rng'])} processes, this run "
+                       f"has {s.world}: random augmentations will differ from an uninterrupted run")
+        seed_everything(s.args.seed + 1000 * s.start_epoch + s.rank)
+
+
+# ----------------------------------------------------------------------------
+# Memory and classes: refused before training
+# ----------------------------------------------------------------------------
+
+def device_memory(device):
+    """The memory of the device in bytes (a GPU's, or the machine's RAM), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(s, model):
+    """Refuse options that can only exhaust memory, where the limit is obvious: the output
+    of the first convolution for one batch (T x batch x channels x H x W floats, kept for
+    the backward pass) alone would not fit in the device's memory."""
+    args = s.args
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    side = math.ceil(args.img_size / conv.stride[0])
+    batch = max(args.batch_size, args.eval_batch_size or 0)
+    need = args.T * batch * conv.out_channels * side * side * 4
+    have = device_memory(s.device)
+    if have and need > have:
+        raise TrainError(f"--T {args.T} with a batch of {batch} images of {args.img_size}x{args.img_size} "
+                         f"needs {need / 2 ** 30:.0f} GiB for the first layer's output alone, more than "
+                         f"the {have / 2 ** 30:.0f} GiB of {s.device}: lower --T, --batch-size or --img-size")
+
+
+def class_count(dataset):
+    """The number of classes a dataset's labels use: its class folders (ImageFiles) or its
+    largest label + 1 (images in memory)."""
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and len(labels):
+        return int(max(int(l) for l in labels)) + 1
+    return None
+
+
+def check_classes(s, train_set, test_set):
+    """The classes of the data must fit the model's outputs."""
+    num_classes = s.spec.num_classes
+    for name, dataset in (("training", train_set), ("test", test_set)):
+        found = class_count(dataset)
+        if found is not None and found > num_classes:
+            raise TrainError(f"the {name} images of {s.args.data_dir} have {found} classes, but the "
+                             f"{s.spec.title} model has {num_classes} outputs: remove the extra class "
+                             f"folders (every folder is a class), or point --data-dir at {s.spec.title}")
+
+
+# ----------------------------------------------------------------------------
+# The run folder: its lock, checkpoints, settings and log
+# ----------------------------------------------------------------------------
+
+# Temporary files of train.py in a run folder (save_checkpoint, write_atomically,
+# plot_curves): unique names; those of a killed run are removed at the next start.
+STALE_TEMPORARY = ("last.pt.*.tmp", "best.pt.*.tmp", "log.jsonl.*.tmp", "log.jsonl.tmp", "args.json.*.tmp",
+                   "curves.png.*.tmp")
+
+
+def lock_run_folder(out_dir):
+    """Lock the run folder for the life of this process: an exclusive flock on
+    out_dir/.lock, which the operating system releases when the process ends, however it
+    ends. Returns the open lock file, or None if another process holds it."""
+    lock = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def claim_run_folder(s, out_dir, cleanup):
+    """Rank 0: create and lock the run folder (cleanup, an ExitStack, lets go of the lock at
+    the end), check that a new run overwrites nothing, and remove the temporary files of
+    killed runs."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainError(f"--output {out_dir} is a file, not a folder: choose another --output")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise OSError(errno.EACCES, "not writable")
+        lock = lock_run_folder(out_dir)
+    except OSError as e:
+        raise TrainError(f"cannot write to the run folder {out_dir} ({e.strerror or e}): choose a "
+                         f"writable --output") from None
+    if lock is None:
+        raise TrainError(f"another train.py is running in {out_dir} (it holds "
+                         f"{os.path.join(out_dir, '.lock')}): wait for it to end, or choose another --output")
+    cleanup.callback(lock.close)  # (the operating system releases it too when the process dies)
+    if s.ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
+        raise TrainError(f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
+                         f"or choose another --output")
+    for pattern in STALE_TEMPORARY:  # nobody else writes here: we hold the lock
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            os.remove(stale)
+
+
+def start_run_folder(s, out_dir, cleanup):
+    """Rank 0: claim the run folder, write its args.json and start its log.jsonl."""
+    claim_run_folder(s, out_dir, cleanup)
+    try:
+        write_text_atomically(os.path.join(out_dir, "args.json"), json.dumps(vars(s.args), indent=1))
+        # A fresh run starts an empty log; a resumed one forgets the lines of epochs
+        # after its checkpoint (written before a kill, and about to be redone) and a
+        # torn last line.
+        records = [r for r in read_log(os.path.join(out_dir, "log.jsonl"), s.notes.append)
+                   if r["epoch"] <= s.start_epoch] if s.ckpt else []
+        write_text_atomically(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    except OSError as e:
+        raise TrainError(f"cannot write to the run folder {out_dir} ({e.strerror or e}): choose a "
+                         f"writable --output") from None
+    return out_dir
+
+
+def setup_run_folder(s, cleanup):
+    """The run folder (rank 0's choice for all), locked for the life of the run, its
+    args.json and log.jsonl. A new run may not overwrite an old one; a resumed run
+    continues in its own folder."""
+    if s.ckpt is not None:
+        out_dir = s.args.output or os.path.dirname(os.path.abspath(s.resume_path))
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = s.args.output or os.path.join("runs", f"{s.args.dataset}-{s.args.model}-{stamp}")
+    s.out_dir = rank0_decides(s, lambda: start_run_folder(s, out_dir, cleanup), share=True)
+
+
+def kept_checkpoint(s):
+    """What a stopped run leaves to continue from, in words."""
+    last = os.path.join(s.out_dir, "last.pt")
+    if not os.path.exists(last):
+        return "no checkpoint was written yet"
+    try:
+        epoch = load_checkpoint(last)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return f"{last} is kept"
+    return f"the last good checkpoint, {last} (after epoch {epoch}), is kept"
+
+
+def write_checkpoint(s, checkpoint, name):
+    """save_checkpoint into the run folder; a full disk or another write error is a
+    TrainError saying that the previous file is kept (the write is atomic)."""
+    path = os.path.join(s.out_dir, name)
+    try:
+        save_checkpoint(checkpoint, path)
+    except OSError as e:
+        kept = kept_checkpoint(s) if name == "last.pt" else f"the previous {path} is kept"
+        raise TrainError(f"cannot write {path} ({e.strerror or e}; a full disk?): {kept}, nothing "
+                         f"half-written. Free space and continue with --resume {s.out_dir}") from None
+
+
+def save_epoch(s, record, rngs):
+    """Rank 0, before the evaluation: last.pt, so that a failing evaluation loses no
+    training. Returns the checkpoint (finish_epoch writes it again with the new best)."""
+    checkpoint = training_checkpoint(s.raw_model, s.ctx.optimizer, s.ctx.scheduler, s.ctx.scaler,
+                                     record["epoch"], rngs, vars(s.args), s.best_top1)
+    write_checkpoint(s, checkpoint, "last.pt")
+    return checkpoint
+
+
+def write_text_atomically(path, text):
+    """A small text file (args.json, a repaired log.jsonl), atomically: qkformer.write_atomically."""
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path, warn=None):
+    """The records of log.jsonl. A line that is not a whole JSON record (the torn last line
+    of a run killed while appending, or of a full disk) is left out, and warn(message)
+    says so; start_run_folder then writes the log back without it."""
+    if not os.path.exists(path):
+        return []
+    records, torn = [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "epoch" in record:
+                records.append(record)
+            else:
+                torn.append(number)
+    if torn and warn is not None:
+        warn(f"warning: {path}: line {', '.join(map(str, torn))} is not a whole record (torn by a kill "
+             f"or a full disk while it was written): left out, the {len(records)} good records are kept")
+    return records
+
+
+def finish_epoch(s, record, checkpoint):
+    """Rank 0, after the evaluation: the epoch's line, log.jsonl, last.pt again when the
+    best top-1 changed (and best.pt), curves.png."""
+    line = (f"epoch {record['epoch']}/{s.total_epochs}: loss {record['train_loss']:.4f}, "
+            f"lr {record['lr']:.2e}, {record['img_per_s']:.0f} img/s, {record['train_time_s']:.0f} s")
+    if "top1" in record:
+        line += f"; test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
+        line += " (with flips)" if s.args.flip_test else ""
+    s.say(line)
+    if checkpoint["best_top1"] != s.best_top1:
+        checkpoint["best_top1"] = s.best_top1
+        write_checkpoint(s, checkpoint, "last.pt")
+    if record.get("best"):
+        write_checkpoint(s, checkpoint, "best.pt")
+    try:
+        append_log(s.log_path, record)  # a torn line (full disk) is repaired by the next resume
+        plot_curves(read_log(s.log_path), os.path.join(s.out_dir, "curves.png"))
+    except OSError as e:
+        raise TrainError(f"cannot write {s.log_path} or curves.png ({e.strerror or e}; a full disk?): "
+                         f"{kept_checkpoint(s)}. Free space and continue with --resume {s.out_dir}") from None
+
+
+def print_summary(s, session_start):
+    """Rank 0, at the end of a session: its time, the run's accuracy, and its files."""
+    records = read_log(s.log_path) if s.rank == 0 else []
+    if not records:
+        return
+    train_time = sum(r["train_time_s"] for r in records)
+    last = records[-1]
+    summary = (f"done in {(time.time() - session_start) / 60:.1f} min this session; "
+               f"training time over the run {train_time / 60:.1f} min")
+    if last.get("top1") is not None:
+        summary += f"; final test top-1 {last['top1']:.2f}%, best {s.best_top1:.2f}%"
+    s.say(summary)
+    s.say(f"files: {s.log_path}, {os.path.join(s.out_dir, 'curves.png')}, "
+          f"{os.path.join(s.out_dir, 'last.pt')}")
