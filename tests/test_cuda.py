@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import neuron
 from neuron import (LIFNode, ParametricLIFNode, SpikingNeuron, apply_device_settings,
                     lif_reference, plif_reference)
-from qkformer import (QKFormer, QKFormerConfig, convert_official_state_dict, create_model,
-                      load_official_state_dict)
+from checkpoints import convert_official_state_dict, load_official_state_dict
+from qkformer import QKFormer, QKFormerConfig, create_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
