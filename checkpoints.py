@@ -19,11 +19,11 @@ import pickle
 import re
 import tempfile
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from qkformer import LAYOUTS, QKFormer, QKFormerConfig
+from qkformer import LAYOUTS, EmbedLayout, QKFormer, QKFormerConfig
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,10 +134,32 @@ def release_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float32) -> 
 # ----------------------------------------------------------------------------------------
 # The official weights (like nanoGPT's from_pretrained: someone else's names, our model)
 
+# What the official code calls the layers of each family (qkformer.LAYOUTS), and what leaves
+# no trace in its weights:
+#   embeds    per patch embedding, its layers patch_embed<i>.<name>_conv in the order of
+#             EmbedLayout's stem then main layers; the shortcut is proj_res in every family
+#   heads     the official number of heads, as a function of D (embed_dim)
+#   img_size  the size of the images the official models were trained on
+# (cifar10/, cifar100/ model.py; imagenet/qkformer.py; cifar10-dvs/, dvs128-gesture/ model.py)
+OFFICIAL: Dict[str, dict] = {
+    "cifar": dict(embeds=(("proj", "proj1"), ("proj3", "proj4"), ("proj3", "proj4")),
+                  heads=lambda dim: 8, img_size=32),
+    "imagenet": dict(embeds=(("proj", "proj1", "proj2"), ("proj3", "proj4"), ("proj3", "proj4")),
+                     heads=lambda dim: dim // 64, img_size=224),
+    "dvs": dict(embeds=(("proj", "proj1", "proj2", "proj3"), ("proj", "proj4")),
+                heads=lambda dim: 16, img_size=128),
+}
 _OFFICIAL_UNIT = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "proj": "attn.proj",
                   "mlp1": "mlp.fc1", "fc1": "mlp.fc1", "mlp2": "mlp.fc2", "fc2": "mlp.fc2"}
 _EMBED_KEY = re.compile(r"patch_embed([123])\.(proj\d?|proj_res)_(conv|bn)\.(\w+)$")
 _BLOCK_KEY = re.compile(r"stage([123])\.(\d+)\.(?:tssa|ssa|attn|mlp)\.(\w+?)_(conv|bn)\.(\w+)$")
+
+
+def _module_names(embed: EmbedLayout, official: Tuple[str, ...]) -> Dict[str, str]:
+    """Official layer name -> this model's module path inside a SPEDS (see qkformer.build_speds)."""
+    stem = ["stem"] if len(embed.stem) == 1 else [f"stem.{j}" for j in range(len(embed.stem))]
+    ours = stem + [f"main.{j}" for j in range(len(embed.main))]
+    return {**dict(zip(official, ours)), "proj_res": "shortcut"}
 
 
 def unwrap_state_dict(obj) -> dict:
@@ -157,8 +179,8 @@ def official_family(state_dict: dict) -> str:
     first patch embedding: CIFAR proj, proj1; ImageNet proj..proj2; DVS proj..proj3."""
     sd = unwrap_state_dict(state_dict)
     names = {m.group(2) for k in sd if (m := _EMBED_KEY.match(k)) and m.group(1) == "1"} - {"proj_res"}
-    for family, layout in LAYOUTS.items():
-        if names == set(layout.embeds[0].official):
+    for family, official in OFFICIAL.items():
+        if names == set(official["embeds"][0]):
             return family
     raise ValueError(f"the first patch embedding of this state dict has the layers {sorted(names)}, "
                      f"which no official QKFormer family has: is it an official QKFormer checkpoint?")
@@ -173,12 +195,13 @@ def convert_official_state_dict(state_dict: dict) -> dict:
         patch_embed1.proj1_conv.weight  -> stages.0.embed.stem.1.conv.weight   (DVS family)
 
     The names of the patch-embedding layers depend on the family (`official_family`,
-    EmbedLayout.official). The official attention layers are Conv1d (weight C x C x 1);
-    here every token-wise linear layer is a 1x1 Conv2d (C x C x 1 x 1), so those weights
-    gain an axis. Raises ValueError naming any key that belongs to no QKFormer layer.
+    OFFICIAL). The official attention layers are Conv1d (weight C x C x 1); here every
+    token-wise linear layer is a 1x1 Conv2d (C x C x 1 x 1), so those weights gain an
+    axis. Raises ValueError naming any key that belongs to no QKFormer layer.
     """
     state_dict = unwrap_state_dict(state_dict)
-    embeds = [e.module_names() for e in LAYOUTS[official_family(state_dict)].embeds]
+    family = official_family(state_dict)
+    embeds = [_module_names(e, names) for e, names in zip(LAYOUTS[family].embeds, OFFICIAL[family]["embeds"])]
     converted, unexpected = {}, []
     for key, value in state_dict.items():
         if key.startswith("head."):
@@ -204,20 +227,20 @@ def official_config(state_dict: dict, **overrides) -> QKFormerConfig:
     """Read the architecture of an official checkpoint from its tensor shapes.
 
     Heads leave no trace in the weights: the official CIFAR models use 8, the ImageNet
-    ones embed_dim / 64 (6, 8, 12), the DVS ones 16 (FamilyLayout.official_heads); pass
-    num_heads= to say otherwise. The MLP ratio is read from the first MLP's width."""
+    ones embed_dim / 64 (6, 8, 12), the DVS ones 16 (OFFICIAL's heads); pass num_heads=
+    to say otherwise. The MLP ratio is read from the first MLP's width."""
     sd = unwrap_state_dict(state_dict)
     if "head.weight" not in sd or "patch_embed1.proj_conv.weight" not in sd:
         raise ValueError("not an official QKFormer state dict: no head.weight or "
                          "patch_embed1.proj_conv.weight")
     family = official_family(sd)
-    layout = LAYOUTS[family]
+    official = OFFICIAL[family]
     num_classes, embed_dim = sd["head.weight"].shape
     blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in sd if k.startswith("stage")}
     mlp = sd.get("stage1.0.mlp.mlp1_conv.weight")                 # (ratio * C, C, 1, 1)
     settings = dict(family=family, num_classes=num_classes, embed_dim=embed_dim,
                     depths=len(blocks), in_channels=sd["patch_embed1.proj_conv.weight"].shape[1],
-                    num_heads=layout.official_heads(embed_dim), img_size=layout.official_img_size,
+                    num_heads=official["heads"](embed_dim), img_size=official["img_size"],
                     official_quirks=True)
     if mlp is not None:
         settings["mlp_ratio"] = mlp.shape[0] / mlp.shape[1]

@@ -8,7 +8,6 @@ Network Meets Transformer", ICLR 2023. The spiking neurons are in neuron.py; che
 files, this project's and the official released weights, in checkpoints.py.
 
 Read it top to bottom, next to the paper (section and equation numbers of arXiv v2):
-  LAYOUTS              the official model families (CIFAR, ImageNet, DVS): stages and SPEDS layouts
   QKFormerConfig       the configuration: sizes, attention per stage, the neuron's settings
   ConvBNLIF            the building brick: conv -> batch norm -> (max-pool) -> spiking neuron
   SpikeAttention       what every attention is (and how it reports its operations on spikes)
@@ -16,9 +15,11 @@ Read it top to bottom, next to the paper (section and equation numbers of arXiv 
   SpikingSelfAttention Section 3.1, Eq. (3)-(4): Spikformer's SSA, used in the last stage
   ATTENTIONS           the table of attentions a stage can use
   SpikingMLP, QKFormerBlock   Section 3.4, Eq. (8): X = X + Attn(X); X = X + MLP(X)
-  SPEDS                Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut
+  LAYOUTS, SPEDS       Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut,
+                       as the official model families (CIFAR, ImageNet, DVS) lay it out
   QKFormer             Section 3.4 / Figure 2: three stages of widths D/4, D/2, D (DVS: two)
-  PRESETS, create_model, fold_batchnorm, predict      the presets, inference folding, flips
+  PRESETS, create_model, fold_batchnorm, predict   the presets, inference folding, flips
+  _check_config        last: why a configuration cannot be built, said before building it
 
 Every tensor inside the network is indexed (T, B, C, H, W): time steps, batch,
 channels, height, width; N = H * W is the number of tokens. Layers without memory
@@ -29,6 +30,7 @@ product with no reordering), measured about 2x faster for the 1x1 layers of stag
 1.4x for the 3x3 ones than the default (T, B, C, H, W). Indexing, shapes and results are
 the same either way; only the strides differ.
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,92 +41,14 @@ from neuron import NEURONS, SpikingNeuron, make_neuron
 
 
 # ----------------------------------------------------------------------------------------
-# Configuration: the layouts of the official model families, then the config itself
-
-@dataclass(frozen=True)
-class EmbedLayout:
-    """One SPEDS patch embedding (Section 3.5) as an official model family builds it.
-
-    stem, main: the 3x3 conv-BN-SN layers before the shortcut branches off (the stem) and
-                those of F (see `SPEDS`), each as (output width as a divisor of the stage's
-                width, whether a max-pool sits between batch norm and neuron).
-    official:   the official code's names of these layers, in order (patch_embed<i>.<name>_conv);
-                the shortcut is proj_res in every family.
-    The shortcut's stride is that of F's max-pools, so that the two branches meet.
-    """
-    stem: Tuple[Tuple[int, bool], ...]
-    main: Tuple[Tuple[int, bool], ...]
-    official: Tuple[str, ...]
-
-    @property
-    def stride(self) -> int:
-        """How much the embedding shrinks the token grid."""
-        return 2 ** sum(pool for _, pool in self.stem + self.main)
-
-    @property
-    def shortcut_stride(self) -> int:
-        return 2 ** sum(pool for _, pool in self.main)
-
-    def module_names(self) -> Dict[str, str]:
-        """Official layer name -> this model's module path inside the SPEDS."""
-        stem = ["stem"] if len(self.stem) == 1 else [f"stem.{j}" for j in range(len(self.stem))]
-        ours = stem + [f"main.{j}" for j in range(len(self.main))]
-        return {**dict(zip(self.official, ours)), "proj_res": "shortcut"}
-
-
-@dataclass(frozen=True)
-class FamilyLayout:
-    """What QKFormerConfig.family decides: the stages of one official model family.
-
-    widths:       the width of each stage as a divisor of D (embed_dim): (4, 2, 1) is D/4, D/2, D.
-    early_depths: the blocks of every stage but the last; the last has the rest of `depths`.
-    embeds:       the SPEDS patch embedding of each stage.
-    official_heads, official_img_size: what the official code uses; heads leave no trace in
-                  the weights, so `official_config` needs them (official_heads maps D to heads).
-    """
-    widths: Tuple[int, ...]
-    early_depths: Tuple[int, ...]
-    embeds: Tuple[EmbedLayout, ...]
-    official_heads: Callable[[int], int]
-    official_img_size: int
-
-
-_LATER_CIFAR = EmbedLayout(stem=(), main=((1, False), (1, True)), official=("proj3", "proj4"))
-_LATER_IMAGENET = EmbedLayout(stem=(), main=((1, True), (1, False)), official=("proj3", "proj4"))
-LAYOUTS: Dict[str, FamilyLayout] = {
-    # cifar10/ and cifar100/ model.py: tokens at full resolution in stage 1 (32x32).
-    "cifar": FamilyLayout(
-        widths=(4, 2, 1), early_depths=(1, 1),
-        embeds=(EmbedLayout(stem=((2, False),), main=((1, False),), official=("proj", "proj1")),
-                _LATER_CIFAR, _LATER_CIFAR),
-        official_heads=lambda dim: 8, official_img_size=32),
-    # imagenet/qkformer.py: stage 1 downsamples 4x (224 -> 56), pools after the first conv.
-    "imagenet": FamilyLayout(
-        widths=(4, 2, 1), early_depths=(1, 2),
-        embeds=(EmbedLayout(stem=((2, True),), main=((1, True), (1, False)),
-                            official=("proj", "proj1", "proj2")),
-                _LATER_IMAGENET, _LATER_IMAGENET),
-        official_heads=lambda dim: dim // 64, official_img_size=224),
-    # cifar10-dvs/ and dvs128-gesture/ model.py: two stages, D/2 (QKTA) and D (SSA), on
-    # 128x128 event frames; stage 1 downsamples 8x with a two-layer stem (its shortcut starts
-    # after the stem's second layer, stride 4) and 16 heads.
-    "dvs": FamilyLayout(
-        widths=(2, 1), early_depths=(1,),
-        embeds=(EmbedLayout(stem=((8, False), (4, True)), main=((2, True), (1, True)),
-                            official=("proj", "proj1", "proj2", "proj3")),
-                EmbedLayout(stem=(), main=((1, False), (1, True)), official=("proj", "proj4"))),
-        official_heads=lambda dim: 16, official_img_size=128),
-}
-FAMILIES = tuple(LAYOUTS)
-
+# The configuration
 
 @dataclass
 class QKFormerConfig:
     """Everything needed to rebuild a model (it is stored in every checkpoint).
 
-    family:      "cifar", "imagenet" or "dvs": the layouts of the official code (LAYOUTS).
-                 They differ in the stages, where SPEDS downsamples (see `SPEDS`) and the
-                 blocks per stage.
+    family:      "cifar", "imagenet" or "dvs": the stages and patch embeddings of one of the
+                 official code's model families (LAYOUTS, with SPEDS below).
     embed_dim:   D, the width of the last stage; CIFAR and ImageNet have three stages of
                  D/4, D/2, D channels, DVS two of D/2, D.
     depths:      total number of blocks, as the official code counts them. CIFAR: 1, 1 and
@@ -132,15 +56,13 @@ class QKFormerConfig:
                  has 1 + 2 + 7 blocks); DVS: 1 and depths-1 (the official models: depths=2).
     num_heads:   heads of every attention layer (the official code uses one value for all stages).
     attention:   the attention of each stage, a key of ATTENTIONS: "token" (QKTA), "channel"
-                 (QKCA) or "ssa". None: the paper's model, "token" in every stage but the
-                 last and "ssa" there, e.g. ("token", "token", "ssa"); the others rerun its
-                 ablation.
+                 (QKCA) or "ssa". None: the paper's model, "token" in every stage but the last
+                 and "ssa" there, e.g. ("token", "token", "ssa"); the others rerun its ablation.
     official_quirks: reproduce the official code's batch-mixing SSA neuron (see
                  `SpikingSelfAttention`); needed to match the released checkpoints exactly.
-    speds:       True: every patch embedding has the deformed shortcut of Eq. (9) (the
-                 paper's model). False: F alone, a plain spiking patch embedding without
-                 shortcut, the "w/o SPEDS" rows of the paper's ablation (Table 5); our
-                 reading of that ablation, as the paper shows no code for it.
+    speds:       True: every patch embedding has Eq. (9)'s deformed shortcut (the paper's
+                 model). False: F alone, without shortcut: the "w/o SPEDS" rows of Table 5's
+                 ablation, in our reading (the paper shows no code for it).
     The spiking neurons (neuron.py; every neuron of the model is built by `make_neuron`):
     neuron:      a key of neuron.NEURONS: "lif" (the paper's), "if" (integrate-and-fire, no
                  leak) or "plif" (parametric LIF, a learned tau): Table 7's ablation.
@@ -169,55 +91,12 @@ class QKFormerConfig:
     surrogate_alpha: float = 4.0
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        stages = len(self.layout.widths)
-        if self.attention is None:
-            self.attention = ("token",) * (stages - 1) + ("ssa",)
+        if self.family not in LAYOUTS:
+            raise ValueError(f"family must be one of {tuple(LAYOUTS)}, got {self.family!r}")
+        if self.attention is None:                      # the paper's model
+            self.attention = ("token",) * (len(self.layout.widths) - 1) + ("ssa",)
         self.attention = tuple(self.attention)  # a list after a round trip through JSON
-        for name in ("num_classes", "img_size", "in_channels", "embed_dim", "num_heads", "T"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self._check_neuron()
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if len(self.attention) != stages or any(a not in ATTENTIONS for a in self.attention):
-            raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the "
-                             f"{stages} stages of the {self.family} family, got {self.attention!r}")
-        if min(self.stage_depths) < 1:
-            raise ValueError(f"depths={self.depths} leaves a stage without blocks: the {self.family} "
-                             f"family needs depths >= {sum(self.layout.early_depths) + 1}")
-        # the narrowest layer: stage 1's first convolution (CIFAR, ImageNet: D/8; DVS: D/16)
-        narrowest = max(w * d for w, e in zip(self.layout.widths, self.layout.embeds)
-                        for d, _ in e.stem + e.main)
-        if self.embed_dim % narrowest:
-            raise ValueError(f"embed_dim must be divisible by {narrowest} (the {self.family} family's "
-                             f"narrowest layer has D/{narrowest} channels), got {self.embed_dim}")
-        for width in self.stage_widths:
-            if width % self.num_heads:
-                first = self.layout.widths[0]
-                raise ValueError(f"the stage widths {self.stage_widths} must be divisible by "
-                                 f"num_heads={self.num_heads}; choose embed_dim divisible by "
-                                 f"{first} * num_heads = {first * self.num_heads}")
-        if self.img_size % self.downsampling:
-            raise ValueError(f"img_size={self.img_size} cannot be divided by the {self.family} "
-                             f"patch embeddings: it must be a multiple of {self.downsampling}")
-
-    def _check_neuron(self):
-        if self.neuron not in NEURONS:
-            raise ValueError(f"neuron must be one of {sorted(NEURONS)}, got {self.neuron!r}")
-        for name in ("tau", "v_threshold", "attn_v_threshold", "surrogate_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            setattr(self, name, float(value))
-        least = "greater than 1" if self.neuron == "plif" else "at least 1"
-        if self.tau < 1 or (self.neuron == "plif" and self.tau == 1):
-            raise ValueError(f"tau must be {least} for neuron={self.neuron!r}, got {self.tau}")
-        for name in ("v_threshold", "attn_v_threshold", "surrogate_alpha"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_config(self)                     # at the end of this file: a clear error, not a crash later
 
     def make_neuron(self, attention: bool = False) -> SpikingNeuron:
         """A spiking neuron of this model (through neuron.make_neuron, the one factory);
@@ -226,7 +105,7 @@ class QKFormerConfig:
         return make_neuron(self.neuron, threshold, tau=self.tau, alpha=self.surrogate_alpha)
 
     @property
-    def layout(self) -> FamilyLayout:
+    def layout(self) -> "FamilyLayout":
         return LAYOUTS[self.family]
 
     @property
@@ -241,10 +120,7 @@ class QKFormerConfig:
     @property
     def downsampling(self) -> int:
         """Total stride of the patch embeddings (CIFAR 1*2*2, ImageNet 4*2*2, DVS 8*2)."""
-        stride = 1
-        for embed in self.layout.embeds:
-            stride *= embed.stride
-        return stride
+        return math.prod(embed.stride for embed in self.layout.embeds)
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,24 +129,21 @@ class QKFormerConfig:
 class ConvBNLIF(nn.Module):
     """SN(MaxPool(BN(Conv(X)))), the unit every equation of the paper is made of.
 
-    Convolution and batch norm treat the T*B images as one batch (they have no memory);
-    the spiking neuron SN (`config.neuron`, LIF in the paper) then runs over the time
-    axis. A kernel of 1 is the paper's "Linear" layer applied to every token. The
-    max-pool, when present, sits between batch norm and the neuron, as in the official
-    code, so the pool picks the largest membrane input rather than or-ing spikes.
+    Convolution and batch norm see the T*B images as one batch; the spiking neuron SN
+    (`config.neuron`, LIF in the paper) then runs over the time axis. A kernel of 1 is the
+    paper's "Linear" layer applied to every token. The max-pool, when present, sits between
+    batch norm and the neuron, as in the official code, so the pool picks the largest
+    membrane input rather than or-ing spikes.
 
     Without a pool the neuron is handed the batch norm (`lif(y, norm=bn)`): in training,
-    a LIF or IF neuron runs both as one fused step that keeps only the convolution's
-    output (neuron.py, part 2): the same numbers with less memory. The neuron is called as
-    a module on every path, so forward hooks on it see every call (see
-    neuron.SpikingNeuron for what they receive).
-
-    Activations are stored channels-last (see the top of this file).
+    a LIF or IF neuron runs both as one fused step that keeps only the convolution's output
+    (neuron_fast.py): the same numbers with less memory. The neuron is called as a module on
+    every path, so forward hooks on it see every call (neuron.SpikingNeuron says what they get).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, bias: bool = False, pool: bool = False,
-                 config: Optional["QKFormerConfig"] = None):
+                 config: Optional[QKFormerConfig] = None):
         super().__init__()
         config = config or QKFormerConfig()
         # A strided 1x1 convolution (the SPEDS shortcuts) reads only every stride-th pixel, so
@@ -456,8 +329,7 @@ ATTENTIONS: Dict[str, Callable[[int, int, QKFormerConfig], SpikeAttention]] = {
 # The block (Section 3.4)
 
 class SpikingMLP(nn.Module):
-    """The spiking MLP of every block, Section 3.4: two 1x1 conv-BN-SN layers,
-    C -> ratio*C -> C."""
+    """The spiking MLP of every block, Section 3.4: two 1x1 conv-BN-SN layers, C -> ratio*C -> C."""
 
     def __init__(self, dim: int, hidden: int, config: Optional[QKFormerConfig] = None):
         super().__init__()
@@ -505,20 +377,10 @@ class SPEDS(nn.Module):
     F is two conv-BN-LIF layers that change the width and downsample with a max-pool;
     the "deformed" shortcut W_d is a strided 1x1 conv ("1 x 1 kernel and stride > 1") with
     the official code's BN and a neuron, so that the two branches meet at the same shape.
-    Z is the input, or, for the first embedding, the output of a stem layer on the image
-    (Z = SN(BN(Conv3x3(image)))).
-    The sum of two spike tensors is the block's output (values 0, 1 or 2).
-
-    Where the max-pools sit differs between the official families (LAYOUTS, `build_speds`):
-      CIFAR    stage 1: stem, F = [conv]                  no downsampling (32x32 tokens)
-               stage 2, 3: F = [conv, conv + pool]        stride 2
-      ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4
-               stage 2, 3: F = [conv + pool, conv]        stride 2
-      DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]
-                        (widths D/16, D/8 | D/4, D/2; the shortcut from the stem, stride 4)
-                                                          stride 8 (128x128 -> 16x16 tokens)
-               stage 2: F = [conv, conv + pool]           stride 2
-    A stem of one layer is that ConvBNLIF, of several an nn.Sequential of them.
+    Z is the input, or, for the first embedding, the output of a stem on the image
+    (Z = SN(BN(Conv3x3(image)))). The sum of two spike tensors is the block's output
+    (values 0, 1 or 2). Where the max-pools sit differs between the official families:
+    LAYOUTS, below. A stem of one layer is that ConvBNLIF, of several an nn.Sequential.
 
     With shortcut=None it is Y = F(Z) alone: the ablation "without SPEDS" (Table 5;
     QKFormerConfig.speds=False).
@@ -528,14 +390,71 @@ class SPEDS(nn.Module):
                  shortcut: Optional[ConvBNLIF]):
         super().__init__()
         self.stem = stem if stem is not None else nn.Identity()
-        self.main = main
-        self.shortcut = shortcut
+        self.main, self.shortcut = main, shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.stem(x)
         if self.shortcut is None:
             return self.main(z)
         return self.main(z) + self.shortcut(z)
+
+
+@dataclass(frozen=True)
+class EmbedLayout:
+    """One SPEDS patch embedding (Section 3.5) as an official model family builds it.
+
+    stem, main: the 3x3 conv-BN-SN layers before the shortcut branches off (the stem) and
+                those of F (see `SPEDS`), each as (output width as a divisor of the stage's
+                width, whether a max-pool sits between batch norm and neuron).
+    The shortcut's stride is that of F's max-pools, so that the two branches meet.
+    """
+    stem: Tuple[Tuple[int, bool], ...]
+    main: Tuple[Tuple[int, bool], ...]
+
+    @property
+    def stride(self) -> int:
+        """How much the embedding shrinks the token grid."""
+        return 2 ** sum(pool for _, pool in self.stem + self.main)
+
+    @property
+    def shortcut_stride(self) -> int:
+        return 2 ** sum(pool for _, pool in self.main)
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """What QKFormerConfig.family decides: the stages of one official model family.
+
+    widths:       the width of each stage as a divisor of D (embed_dim): (4, 2, 1) is D/4, D/2, D.
+    early_depths: the blocks of every stage but the last; the last has the rest of `depths`.
+    embeds:       the SPEDS patch embedding of each stage.
+    """
+    widths: Tuple[int, ...]
+    early_depths: Tuple[int, ...]
+    embeds: Tuple[EmbedLayout, ...]
+
+
+# Where each official family puts the layers and max-pools of SPEDS (build_speds reads it):
+#   CIFAR    stage 1: stem, F = [conv]                   no downsampling (32x32 tokens)
+#            stage 2, 3: F = [conv, conv + pool]         stride 2
+#   ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4 (224 -> 56)
+#            stage 2, 3: F = [conv + pool, conv]         stride 2
+#   DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]   stride 8
+#            (widths D/16, D/8 | D/4, D/2; the shortcut from the stem, stride 4)   (16x16 tokens)
+#            stage 2: F = [conv, conv + pool]            stride 2
+# DVS models have two stages, D/2 (QKTA) and D (SSA), on 128x128 event frames. Official code:
+# cifar10/, cifar100/ model.py; imagenet/qkformer.py; cifar10-dvs/, dvs128-gesture/ model.py.
+_LATER_CIFAR = EmbedLayout(stem=(), main=((1, False), (1, True)))
+_LATER_IMAGENET = EmbedLayout(stem=(), main=((1, True), (1, False)))
+LAYOUTS: Dict[str, FamilyLayout] = {
+    "cifar": FamilyLayout(widths=(4, 2, 1), early_depths=(1, 1), embeds=(
+        EmbedLayout(stem=((2, False),), main=((1, False),)), _LATER_CIFAR, _LATER_CIFAR)),
+    "imagenet": FamilyLayout(widths=(4, 2, 1), early_depths=(1, 2), embeds=(
+        EmbedLayout(stem=((2, True),), main=((1, True), (1, False))), _LATER_IMAGENET, _LATER_IMAGENET)),
+    "dvs": FamilyLayout(widths=(2, 1), early_depths=(1,), embeds=(
+        EmbedLayout(stem=((8, False), (4, True)), main=((2, True), (1, True))),
+        EmbedLayout(stem=(), main=((1, False), (1, True))))),
+}
 
 
 def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int) -> SPEDS:
@@ -562,13 +481,11 @@ def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int
 # The hierarchical network (Section 3.4, Figure 2)
 
 class Stage(nn.Module):
-    """One stage of the hierarchy (Section 3.4, Figure 2): a SPEDS patch embedding, then its
-    transformer blocks."""
+    """One stage of the hierarchy (Section 3.4, Figure 2): a SPEDS, then its blocks."""
 
     def __init__(self, embed: SPEDS, blocks: nn.ModuleList):
         super().__init__()
-        self.embed = embed
-        self.blocks = blocks
+        self.embed, self.blocks = embed, blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -595,8 +512,7 @@ class QKFormer(nn.Module):
     def __init__(self, config: QKFormerConfig):
         super().__init__()
         self.config = config
-        stages = []
-        in_channels = config.in_channels
+        stages, in_channels = [], config.in_channels
         for i, (width, depth, attention) in enumerate(
                 zip(config.stage_widths, config.stage_depths, config.attention)):
             blocks = nn.ModuleList(
@@ -655,31 +571,27 @@ class QKFormer(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Presets
 
+# What the models of a family share (mlp_ratio 4: the official models but the CIFAR10-DVS one).
+_CIFAR = dict(family="cifar", img_size=32, mlp_ratio=4.0)
+_IMAGENET = dict(family="imagenet", num_classes=1000, img_size=224, mlp_ratio=4.0)
+_DVS = dict(family="dvs", img_size=128, in_channels=2, embed_dim=256, depths=2, num_heads=16, T=16)
 PRESETS = {
     # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
-    "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
-                 num_heads=4, mlp_ratio=4.0, T=2),
+    "tiny": dict(**_CIFAR, num_classes=10, embed_dim=128, depths=3, num_heads=4, T=2),
     # The model of train.py's --recipe cpu and --recipe lab: CIFAR images through the ImageNet
     # family's layout, whose first embedding downsamples by 4 (tokens 8x8, 4x4, 2x2; the CIFAR
     # layout keeps 32x32 tokens in stage 1). Each image costs a few times less on a CPU.
     "small": dict(family="imagenet", num_classes=10, img_size=32, embed_dim=128, depths=4,
                   num_heads=4, mlp_ratio=4.0, T=2),                          # 608,730
     # The official models. Parameter counts (checked by the tests) equal the released ones.
-    "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
-                    num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
-    "cifar100": dict(family="cifar", num_classes=100, img_size=32, embed_dim=384, depths=4,
-                     num_heads=8, mlp_ratio=4.0, T=4),                       # 6,740,884
-    "imagenet_10_384": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=384,
-                            depths=10, num_heads=6, mlp_ratio=4.0, T=4),     # 16,473,688
-    "imagenet_10_512": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=512,
-                            depths=10, num_heads=8, mlp_ratio=4.0, T=4),     # 29,079,336
-    "imagenet_10_768": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=768,
-                            depths=10, num_heads=12, mlp_ratio=4.0, T=4),    # 64,962,760
+    "cifar10": dict(**_CIFAR, num_classes=10, embed_dim=384, depths=4, num_heads=8, T=4),     # 6,706,234
+    "cifar100": dict(**_CIFAR, num_classes=100, embed_dim=384, depths=4, num_heads=8, T=4),   # 6,740,884
+    "imagenet_10_384": dict(**_IMAGENET, embed_dim=384, depths=10, num_heads=6, T=4),        # 16,473,688
+    "imagenet_10_512": dict(**_IMAGENET, embed_dim=512, depths=10, num_heads=8, T=4),        # 29,079,336
+    "imagenet_10_768": dict(**_IMAGENET, embed_dim=768, depths=10, num_heads=12, T=4),       # 64,962,760
     # Event cameras: input (T, B, 2, 128, 128), frames of event counts per polarity (data.py).
-    "cifar10dvs": dict(family="dvs", num_classes=10, img_size=128, in_channels=2, embed_dim=256,
-                       depths=2, num_heads=16, mlp_ratio=1.0, T=16),         # 1,504,138
-    "dvs128gesture": dict(family="dvs", num_classes=11, img_size=128, in_channels=2, embed_dim=256,
-                          depths=2, num_heads=16, mlp_ratio=4.0, T=16),      # 1,999,371
+    "cifar10dvs": dict(**_DVS, num_classes=10, mlp_ratio=1.0),                               # 1,504,138
+    "dvs128gesture": dict(**_DVS, num_classes=11, mlp_ratio=4.0),                            # 1,999,371
 }
 
 
@@ -733,3 +645,54 @@ def predict(model: nn.Module, x: torch.Tensor, flip: bool = False) -> torch.Tens
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# Checking a configuration (QKFormerConfig.__post_init__): not the paper
+
+def _check_config(config: QKFormerConfig):
+    """Raise ValueError, naming the setting, for a configuration whose model cannot be built:
+    said at once, rather than as a failed reshape somewhere inside the network."""
+    layout, family = config.layout, config.family
+    for name in ("num_classes", "img_size", "in_channels", "embed_dim", "num_heads", "T"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_neuron(config)
+    if config.mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be positive, got {config.mlp_ratio}")
+    if len(config.attention) != len(layout.widths) or any(a not in ATTENTIONS for a in config.attention):
+        raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the "
+                         f"{len(layout.widths)} stages of the {family} family, got {config.attention!r}")
+    if min(config.stage_depths) < 1:
+        raise ValueError(f"depths={config.depths} leaves a stage without blocks: the {family} "
+                         f"family needs depths >= {sum(layout.early_depths) + 1}")
+    # the narrowest layer: stage 1's first convolution (CIFAR, ImageNet: D/8; DVS: D/16)
+    narrowest = max(w * d for w, e in zip(layout.widths, layout.embeds) for d, _ in e.stem + e.main)
+    if config.embed_dim % narrowest:
+        raise ValueError(f"embed_dim must be divisible by {narrowest} (the {family} family's "
+                         f"narrowest layer has D/{narrowest} channels), got {config.embed_dim}")
+    if any(width % config.num_heads for width in config.stage_widths):
+        first = layout.widths[0]
+        raise ValueError(f"the stage widths {config.stage_widths} must be divisible by "
+                         f"num_heads={config.num_heads}; choose embed_dim divisible by "
+                         f"{first} * num_heads = {first * config.num_heads}")
+    if config.img_size % config.downsampling:
+        raise ValueError(f"img_size={config.img_size} cannot be divided by the {family} "
+                         f"patch embeddings: it must be a multiple of {config.downsampling}")
+
+
+def _check_neuron(config: QKFormerConfig):
+    """The neuron's settings: a known kind, numbers (stored as floats), a tau the kind allows."""
+    if config.neuron not in NEURONS:
+        raise ValueError(f"neuron must be one of {sorted(NEURONS)}, got {config.neuron!r}")
+    for name in ("tau", "v_threshold", "attn_v_threshold", "surrogate_alpha"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if name != "tau" and value <= 0:
+            raise ValueError(f"{name} must be positive, got {float(value)}")
+        setattr(config, name, float(value))
+    if config.tau < 1 or (config.neuron == "plif" and config.tau == 1):
+        least = "greater than 1" if config.neuron == "plif" else "at least 1"
+        raise ValueError(f"tau must be {least} for neuron={config.neuron!r}, got {config.tau}")
