@@ -107,7 +107,7 @@ def markdown_table_after(text, marker):
     return rows[0], rows[1:]
 
 
-CITED_MODULES = ("neuron", "qkformer", "evaluate", "complexity", "train", "data")
+CITED_MODULES = ("neuron", "qkformer", "checkpoints", "evaluate", "complexity", "train", "data")
 
 
 def cited_names(text):
