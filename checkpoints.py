@@ -42,7 +42,7 @@ from qkformer import LAYOUTS, EmbedLayout, QKFormer, QKFormerConfig
 #   rng        every process's random generator states, in rank order
 #   args       the run's settings (a dict of option name -> value)
 #   best_top1  the best test top-1 accuracy so far (percent), None before any evaluation
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 2  # 1 named the best value best_acc1; it never left this repository and is not read
 CHECKPOINT_KEYS = ("version", "model", "config", "optimizer", "scheduler", "scaler", "epoch", "rng",
                    "args", "best_top1")
 

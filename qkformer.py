@@ -439,8 +439,8 @@ class FamilyLayout:
 #            stage 2, 3: F = [conv, conv + pool]         stride 2
 #   ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4 (224 -> 56)
 #            stage 2, 3: F = [conv + pool, conv]         stride 2
-#   DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]   stride 8
-#            (widths D/16, D/8 | D/4, D/2; the shortcut from the stem, stride 4)   (16x16 tokens)
+#   DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]   stride 8 (16x16 tokens)
+#            (widths D/16, D/8 | D/4, D/2; the shortcut starts after the stem, stride 4)
 #            stage 2: F = [conv, conv + pool]            stride 2
 # DVS models have two stages, D/2 (QKTA) and D (SSA), on 128x128 event frames. Official code:
 # cifar10/, cifar100/ model.py; imagenet/qkformer.py; cifar10-dvs/, dvs128-gesture/ model.py.
