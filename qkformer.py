@@ -4,10 +4,10 @@ transformer, in plain PyTorch.
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K
 Attention", NeurIPS 2024 (arXiv:2403.16552); official code github.com/zhouchenlin2096/QKFormer.
 Spiking self-attention (SSA) comes from Zhou et al., "Spikformer: When Spiking Neural
-Network Meets Transformer", ICLR 2023. The spiking neurons are in neuron.py.
+Network Meets Transformer", ICLR 2023. The spiking neurons are in neuron.py; checkpoint
+files, this project's and the official released weights, in checkpoints.py.
 
 Read it top to bottom, next to the paper (section and equation numbers of arXiv v2):
-  LAYOUTS              the official model families (CIFAR, ImageNet, DVS): stages and SPEDS layouts
   QKFormerConfig       the configuration: sizes, attention per stage, the neuron's settings
   ConvBNLIF            the building brick: conv -> batch norm -> (max-pool) -> spiking neuron
   SpikeAttention       what every attention is (and how it reports its operations on spikes)
@@ -15,10 +15,11 @@ Read it top to bottom, next to the paper (section and equation numbers of arXiv 
   SpikingSelfAttention Section 3.1, Eq. (3)-(4): Spikformer's SSA, used in the last stage
   ATTENTIONS           the table of attentions a stage can use
   SpikingMLP, QKFormerBlock   Section 3.4, Eq. (8): X = X + Attn(X); X = X + MLP(X)
-  SPEDS                Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut
+  LAYOUTS, SPEDS       Section 3.5, Eq. (9): spiking patch embedding with deformed shortcut,
+                       as the official model families (CIFAR, ImageNet, DVS) lay it out
   QKFormer             Section 3.4 / Figure 2: three stages of widths D/4, D/2, D (DVS: two)
-  PRESETS, create_model, fold_batchnorm                the presets, inference folding
-  convert_official_state_dict, load_checkpoint, ...    the released weights, checkpoints
+  PRESETS, create_model, fold_batchnorm, predict   the presets, inference folding, flips
+  _check_config        last: why a configuration cannot be built, said before building it
 
 Every tensor inside the network is indexed (T, B, C, H, W): time steps, batch,
 channels, height, width; N = H * W is the number of tokens. Layers without memory
@@ -29,11 +30,8 @@ product with no reordering), measured about 2x faster for the 1x1 layers of stag
 1.4x for the 3x3 ones than the default (T, B, C, H, W). Indexing, shapes and results are
 the same either way; only the strides differ.
 """
-import os
-import pickle
-import re
-import tempfile
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -43,92 +41,14 @@ from neuron import NEURONS, SpikingNeuron, make_neuron
 
 
 # ----------------------------------------------------------------------------------------
-# Configuration: the layouts of the official model families, then the config itself
-
-@dataclass(frozen=True)
-class EmbedLayout:
-    """One SPEDS patch embedding (Section 3.5) as an official model family builds it.
-
-    stem, main: the 3x3 conv-BN-SN layers before the shortcut branches off (the stem) and
-                those of F (see `SPEDS`), each as (output width as a divisor of the stage's
-                width, whether a max-pool sits between batch norm and neuron).
-    official:   the official code's names of these layers, in order (patch_embed<i>.<name>_conv);
-                the shortcut is proj_res in every family.
-    The shortcut's stride is that of F's max-pools, so that the two branches meet.
-    """
-    stem: Tuple[Tuple[int, bool], ...]
-    main: Tuple[Tuple[int, bool], ...]
-    official: Tuple[str, ...]
-
-    @property
-    def stride(self) -> int:
-        """How much the embedding shrinks the token grid."""
-        return 2 ** sum(pool for _, pool in self.stem + self.main)
-
-    @property
-    def shortcut_stride(self) -> int:
-        return 2 ** sum(pool for _, pool in self.main)
-
-    def module_names(self) -> Dict[str, str]:
-        """Official layer name -> this model's module path inside the SPEDS."""
-        stem = ["stem"] if len(self.stem) == 1 else [f"stem.{j}" for j in range(len(self.stem))]
-        ours = stem + [f"main.{j}" for j in range(len(self.main))]
-        return {**dict(zip(self.official, ours)), "proj_res": "shortcut"}
-
-
-@dataclass(frozen=True)
-class FamilyLayout:
-    """What QKFormerConfig.family decides: the stages of one official model family.
-
-    widths:       the width of each stage as a divisor of D (embed_dim): (4, 2, 1) is D/4, D/2, D.
-    early_depths: the blocks of every stage but the last; the last has the rest of `depths`.
-    embeds:       the SPEDS patch embedding of each stage.
-    official_heads, official_img_size: what the official code uses; heads leave no trace in
-                  the weights, so `official_config` needs them (official_heads maps D to heads).
-    """
-    widths: Tuple[int, ...]
-    early_depths: Tuple[int, ...]
-    embeds: Tuple[EmbedLayout, ...]
-    official_heads: Callable[[int], int]
-    official_img_size: int
-
-
-_LATER_CIFAR = EmbedLayout(stem=(), main=((1, False), (1, True)), official=("proj3", "proj4"))
-_LATER_IMAGENET = EmbedLayout(stem=(), main=((1, True), (1, False)), official=("proj3", "proj4"))
-LAYOUTS: Dict[str, FamilyLayout] = {
-    # cifar10/ and cifar100/ model.py: tokens at full resolution in stage 1 (32x32).
-    "cifar": FamilyLayout(
-        widths=(4, 2, 1), early_depths=(1, 1),
-        embeds=(EmbedLayout(stem=((2, False),), main=((1, False),), official=("proj", "proj1")),
-                _LATER_CIFAR, _LATER_CIFAR),
-        official_heads=lambda dim: 8, official_img_size=32),
-    # imagenet/qkformer.py: stage 1 downsamples 4x (224 -> 56), pools after the first conv.
-    "imagenet": FamilyLayout(
-        widths=(4, 2, 1), early_depths=(1, 2),
-        embeds=(EmbedLayout(stem=((2, True),), main=((1, True), (1, False)),
-                            official=("proj", "proj1", "proj2")),
-                _LATER_IMAGENET, _LATER_IMAGENET),
-        official_heads=lambda dim: dim // 64, official_img_size=224),
-    # cifar10-dvs/ and dvs128-gesture/ model.py: two stages, D/2 (QKTA) and D (SSA), on
-    # 128x128 event frames; stage 1 downsamples 8x with a two-layer stem (its shortcut starts
-    # after the stem's second layer, stride 4) and 16 heads.
-    "dvs": FamilyLayout(
-        widths=(2, 1), early_depths=(1,),
-        embeds=(EmbedLayout(stem=((8, False), (4, True)), main=((2, True), (1, True)),
-                            official=("proj", "proj1", "proj2", "proj3")),
-                EmbedLayout(stem=(), main=((1, False), (1, True)), official=("proj", "proj4"))),
-        official_heads=lambda dim: 16, official_img_size=128),
-}
-FAMILIES = tuple(LAYOUTS)
-
+# The configuration
 
 @dataclass
 class QKFormerConfig:
     """Everything needed to rebuild a model (it is stored in every checkpoint).
 
-    family:      "cifar", "imagenet" or "dvs": the layouts of the official code (LAYOUTS).
-                 They differ in the stages, where SPEDS downsamples (see `SPEDS`) and the
-                 blocks per stage.
+    family:      "cifar", "imagenet" or "dvs": the stages and patch embeddings of one of the
+                 official code's model families (LAYOUTS, with SPEDS below).
     embed_dim:   D, the width of the last stage; CIFAR and ImageNet have three stages of
                  D/4, D/2, D channels, DVS two of D/2, D.
     depths:      total number of blocks, as the official code counts them. CIFAR: 1, 1 and
@@ -136,15 +56,13 @@ class QKFormerConfig:
                  has 1 + 2 + 7 blocks); DVS: 1 and depths-1 (the official models: depths=2).
     num_heads:   heads of every attention layer (the official code uses one value for all stages).
     attention:   the attention of each stage, a key of ATTENTIONS: "token" (QKTA), "channel"
-                 (QKCA) or "ssa". None: the paper's model, "token" in every stage but the
-                 last and "ssa" there, e.g. ("token", "token", "ssa"); the others rerun its
-                 ablation.
+                 (QKCA) or "ssa". None: the paper's model, "token" in every stage but the last
+                 and "ssa" there, e.g. ("token", "token", "ssa"); the others rerun its ablation.
     official_quirks: reproduce the official code's batch-mixing SSA neuron (see
                  `SpikingSelfAttention`); needed to match the released checkpoints exactly.
-    speds:       True: every patch embedding has the deformed shortcut of Eq. (9) (the
-                 paper's model). False: F alone, a plain spiking patch embedding without
-                 shortcut, the "w/o SPEDS" rows of the paper's ablation (Table 5); our
-                 reading of that ablation, as the paper shows no code for it.
+    speds:       True: every patch embedding has Eq. (9)'s deformed shortcut (the paper's
+                 model). False: F alone, without shortcut: the "w/o SPEDS" rows of Table 5's
+                 ablation, in our reading (the paper shows no code for it).
     The spiking neurons (neuron.py; every neuron of the model is built by `make_neuron`):
     neuron:      a key of neuron.NEURONS: "lif" (the paper's), "if" (integrate-and-fire, no
                  leak) or "plif" (parametric LIF, a learned tau): Table 7's ablation.
@@ -173,55 +91,12 @@ class QKFormerConfig:
     surrogate_alpha: float = 4.0
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        stages = len(self.layout.widths)
-        if self.attention is None:
-            self.attention = ("token",) * (stages - 1) + ("ssa",)
+        if self.family not in LAYOUTS:
+            raise ValueError(f"family must be one of {tuple(LAYOUTS)}, got {self.family!r}")
+        if self.attention is None:                      # the paper's model
+            self.attention = ("token",) * (len(self.layout.widths) - 1) + ("ssa",)
         self.attention = tuple(self.attention)  # a list after a round trip through JSON
-        for name in ("num_classes", "img_size", "in_channels", "embed_dim", "num_heads", "T"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self._check_neuron()
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if len(self.attention) != stages or any(a not in ATTENTIONS for a in self.attention):
-            raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the "
-                             f"{stages} stages of the {self.family} family, got {self.attention!r}")
-        if min(self.stage_depths) < 1:
-            raise ValueError(f"depths={self.depths} leaves a stage without blocks: the {self.family} "
-                             f"family needs depths >= {sum(self.layout.early_depths) + 1}")
-        # the narrowest layer: stage 1's first convolution (CIFAR, ImageNet: D/8; DVS: D/16)
-        narrowest = max(w * d for w, e in zip(self.layout.widths, self.layout.embeds)
-                        for d, _ in e.stem + e.main)
-        if self.embed_dim % narrowest:
-            raise ValueError(f"embed_dim must be divisible by {narrowest} (the {self.family} family's "
-                             f"narrowest layer has D/{narrowest} channels), got {self.embed_dim}")
-        for width in self.stage_widths:
-            if width % self.num_heads:
-                first = self.layout.widths[0]
-                raise ValueError(f"the stage widths {self.stage_widths} must be divisible by "
-                                 f"num_heads={self.num_heads}; choose embed_dim divisible by "
-                                 f"{first} * num_heads = {first * self.num_heads}")
-        if self.img_size % self.downsampling:
-            raise ValueError(f"img_size={self.img_size} cannot be divided by the {self.family} "
-                             f"patch embeddings: it must be a multiple of {self.downsampling}")
-
-    def _check_neuron(self):
-        if self.neuron not in NEURONS:
-            raise ValueError(f"neuron must be one of {sorted(NEURONS)}, got {self.neuron!r}")
-        for name in ("tau", "v_threshold", "attn_v_threshold", "surrogate_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            setattr(self, name, float(value))
-        least = "greater than 1" if self.neuron == "plif" else "at least 1"
-        if self.tau < 1 or (self.neuron == "plif" and self.tau == 1):
-            raise ValueError(f"tau must be {least} for neuron={self.neuron!r}, got {self.tau}")
-        for name in ("v_threshold", "attn_v_threshold", "surrogate_alpha"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_config(self)                     # at the end of this file: a clear error, not a crash later
 
     def make_neuron(self, attention: bool = False) -> SpikingNeuron:
         """A spiking neuron of this model (through neuron.make_neuron, the one factory);
@@ -230,7 +105,7 @@ class QKFormerConfig:
         return make_neuron(self.neuron, threshold, tau=self.tau, alpha=self.surrogate_alpha)
 
     @property
-    def layout(self) -> FamilyLayout:
+    def layout(self) -> "FamilyLayout":
         return LAYOUTS[self.family]
 
     @property
@@ -245,10 +120,7 @@ class QKFormerConfig:
     @property
     def downsampling(self) -> int:
         """Total stride of the patch embeddings (CIFAR 1*2*2, ImageNet 4*2*2, DVS 8*2)."""
-        stride = 1
-        for embed in self.layout.embeds:
-            stride *= embed.stride
-        return stride
+        return math.prod(embed.stride for embed in self.layout.embeds)
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,24 +129,21 @@ class QKFormerConfig:
 class ConvBNLIF(nn.Module):
     """SN(MaxPool(BN(Conv(X)))), the unit every equation of the paper is made of.
 
-    Convolution and batch norm treat the T*B images as one batch (they have no memory);
-    the spiking neuron SN (`config.neuron`, LIF in the paper) then runs over the time
-    axis. A kernel of 1 is the paper's "Linear" layer applied to every token. The
-    max-pool, when present, sits between batch norm and the neuron, as in the official
-    code, so the pool picks the largest membrane input rather than or-ing spikes.
+    Convolution and batch norm see the T*B images as one batch; the spiking neuron SN
+    (`config.neuron`, LIF in the paper) then runs over the time axis. A kernel of 1 is the
+    paper's "Linear" layer applied to every token. The max-pool, when present, sits between
+    batch norm and the neuron, as in the official code, so the pool picks the largest
+    membrane input rather than or-ing spikes.
 
     Without a pool the neuron is handed the batch norm (`lif(y, norm=bn)`): in training,
-    a LIF or IF neuron runs both as one fused step that keeps only the convolution's
-    output (neuron.py, part 2): the same numbers with less memory. The neuron is called as
-    a module on every path, so forward hooks on it see every call (see
-    neuron.SpikingNeuron for what they receive).
-
-    Activations are stored channels-last (see the top of this file).
+    a LIF or IF neuron runs both as one fused step that keeps only the convolution's output
+    (neuron_fast.py): the same numbers with less memory. The neuron is called as a module on
+    every path, so forward hooks on it see every call (neuron.SpikingNeuron says what they get).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, bias: bool = False, pool: bool = False,
-                 config: Optional["QKFormerConfig"] = None):
+                 config: Optional[QKFormerConfig] = None):
         super().__init__()
         config = config or QKFormerConfig()
         # A strided 1x1 convolution (the SPEDS shortcuts) reads only every stride-th pixel, so
@@ -460,8 +329,7 @@ ATTENTIONS: Dict[str, Callable[[int, int, QKFormerConfig], SpikeAttention]] = {
 # The block (Section 3.4)
 
 class SpikingMLP(nn.Module):
-    """The spiking MLP of every block, Section 3.4: two 1x1 conv-BN-SN layers,
-    C -> ratio*C -> C."""
+    """The spiking MLP of every block, Section 3.4: two 1x1 conv-BN-SN layers, C -> ratio*C -> C."""
 
     def __init__(self, dim: int, hidden: int, config: Optional[QKFormerConfig] = None):
         super().__init__()
@@ -509,20 +377,10 @@ class SPEDS(nn.Module):
     F is two conv-BN-LIF layers that change the width and downsample with a max-pool;
     the "deformed" shortcut W_d is a strided 1x1 conv ("1 x 1 kernel and stride > 1") with
     the official code's BN and a neuron, so that the two branches meet at the same shape.
-    Z is the input, or, for the first embedding, the output of a stem layer on the image
-    (Z = SN(BN(Conv3x3(image)))).
-    The sum of two spike tensors is the block's output (values 0, 1 or 2).
-
-    Where the max-pools sit differs between the official families (LAYOUTS, `build_speds`):
-      CIFAR    stage 1: stem, F = [conv]                  no downsampling (32x32 tokens)
-               stage 2, 3: F = [conv, conv + pool]        stride 2
-      ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4
-               stage 2, 3: F = [conv + pool, conv]        stride 2
-      DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]
-                        (widths D/16, D/8 | D/4, D/2; the shortcut from the stem, stride 4)
-                                                          stride 8 (128x128 -> 16x16 tokens)
-               stage 2: F = [conv, conv + pool]           stride 2
-    A stem of one layer is that ConvBNLIF, of several an nn.Sequential of them.
+    Z is the input, or, for the first embedding, the output of a stem on the image
+    (Z = SN(BN(Conv3x3(image)))). The sum of two spike tensors is the block's output
+    (values 0, 1 or 2). Where the max-pools sit differs between the official families:
+    LAYOUTS, below. A stem of one layer is that ConvBNLIF, of several an nn.Sequential.
 
     With shortcut=None it is Y = F(Z) alone: the ablation "without SPEDS" (Table 5;
     QKFormerConfig.speds=False).
@@ -532,14 +390,71 @@ class SPEDS(nn.Module):
                  shortcut: Optional[ConvBNLIF]):
         super().__init__()
         self.stem = stem if stem is not None else nn.Identity()
-        self.main = main
-        self.shortcut = shortcut
+        self.main, self.shortcut = main, shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.stem(x)
         if self.shortcut is None:
             return self.main(z)
         return self.main(z) + self.shortcut(z)
+
+
+@dataclass(frozen=True)
+class EmbedLayout:
+    """One SPEDS patch embedding (Section 3.5) as an official model family builds it.
+
+    stem, main: the 3x3 conv-BN-SN layers before the shortcut branches off (the stem) and
+                those of F (see `SPEDS`), each as (output width as a divisor of the stage's
+                width, whether a max-pool sits between batch norm and neuron).
+    The shortcut's stride is that of F's max-pools, so that the two branches meet.
+    """
+    stem: Tuple[Tuple[int, bool], ...]
+    main: Tuple[Tuple[int, bool], ...]
+
+    @property
+    def stride(self) -> int:
+        """How much the embedding shrinks the token grid."""
+        return 2 ** sum(pool for _, pool in self.stem + self.main)
+
+    @property
+    def shortcut_stride(self) -> int:
+        return 2 ** sum(pool for _, pool in self.main)
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """What QKFormerConfig.family decides: the stages of one official model family.
+
+    widths:       the width of each stage as a divisor of D (embed_dim): (4, 2, 1) is D/4, D/2, D.
+    early_depths: the blocks of every stage but the last; the last has the rest of `depths`.
+    embeds:       the SPEDS patch embedding of each stage.
+    """
+    widths: Tuple[int, ...]
+    early_depths: Tuple[int, ...]
+    embeds: Tuple[EmbedLayout, ...]
+
+
+# Where each official family puts the layers and max-pools of SPEDS (build_speds reads it):
+#   CIFAR    stage 1: stem, F = [conv]                   no downsampling (32x32 tokens)
+#            stage 2, 3: F = [conv, conv + pool]         stride 2
+#   ImageNet stage 1: stem + pool, F = [conv + pool, conv]   stride 4 (224 -> 56)
+#            stage 2, 3: F = [conv + pool, conv]         stride 2
+#   DVS      stage 1: stem = [conv, conv + pool], F = [conv + pool, conv + pool]   stride 8 (16x16 tokens)
+#            (widths D/16, D/8 | D/4, D/2; the shortcut starts after the stem, stride 4)
+#            stage 2: F = [conv, conv + pool]            stride 2
+# DVS models have two stages, D/2 (QKTA) and D (SSA), on 128x128 event frames. Official code:
+# cifar10/, cifar100/ model.py; imagenet/qkformer.py; cifar10-dvs/, dvs128-gesture/ model.py.
+_LATER_CIFAR = EmbedLayout(stem=(), main=((1, False), (1, True)))
+_LATER_IMAGENET = EmbedLayout(stem=(), main=((1, True), (1, False)))
+LAYOUTS: Dict[str, FamilyLayout] = {
+    "cifar": FamilyLayout(widths=(4, 2, 1), early_depths=(1, 1), embeds=(
+        EmbedLayout(stem=((2, False),), main=((1, False),)), _LATER_CIFAR, _LATER_CIFAR)),
+    "imagenet": FamilyLayout(widths=(4, 2, 1), early_depths=(1, 2), embeds=(
+        EmbedLayout(stem=((2, True),), main=((1, True), (1, False))), _LATER_IMAGENET, _LATER_IMAGENET)),
+    "dvs": FamilyLayout(widths=(2, 1), early_depths=(1,), embeds=(
+        EmbedLayout(stem=((8, False), (4, True)), main=((2, True), (1, True))),
+        EmbedLayout(stem=(), main=((1, False), (1, True))))),
+}
 
 
 def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int) -> SPEDS:
@@ -566,13 +481,11 @@ def build_speds(config: QKFormerConfig, stage: int, in_channels: int, width: int
 # The hierarchical network (Section 3.4, Figure 2)
 
 class Stage(nn.Module):
-    """One stage of the hierarchy (Section 3.4, Figure 2): a SPEDS patch embedding, then its
-    transformer blocks."""
+    """One stage of the hierarchy (Section 3.4, Figure 2): a SPEDS, then its blocks."""
 
     def __init__(self, embed: SPEDS, blocks: nn.ModuleList):
         super().__init__()
-        self.embed = embed
-        self.blocks = blocks
+        self.embed, self.blocks = embed, blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -599,8 +512,7 @@ class QKFormer(nn.Module):
     def __init__(self, config: QKFormerConfig):
         super().__init__()
         self.config = config
-        stages = []
-        in_channels = config.in_channels
+        stages, in_channels = [], config.in_channels
         for i, (width, depth, attention) in enumerate(
                 zip(config.stage_widths, config.stage_depths, config.attention)):
             blocks = nn.ModuleList(
@@ -659,31 +571,27 @@ class QKFormer(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Presets
 
+# What the models of a family share (mlp_ratio 4: the official models but the CIFAR10-DVS one).
+_CIFAR = dict(family="cifar", img_size=32, mlp_ratio=4.0)
+_IMAGENET = dict(family="imagenet", num_classes=1000, img_size=224, mlp_ratio=4.0)
+_DVS = dict(family="dvs", img_size=128, in_channels=2, embed_dim=256, depths=2, num_heads=16, T=16)
 PRESETS = {
     # Narrow and shallow, for CPUs and courses: trains on CIFAR-10 on a laptop.
-    "tiny": dict(family="cifar", num_classes=10, img_size=32, embed_dim=128, depths=3,
-                 num_heads=4, mlp_ratio=4.0, T=2),
+    "tiny": dict(**_CIFAR, num_classes=10, embed_dim=128, depths=3, num_heads=4, T=2),
     # The model of train.py's --recipe cpu and --recipe lab: CIFAR images through the ImageNet
     # family's layout, whose first embedding downsamples by 4 (tokens 8x8, 4x4, 2x2; the CIFAR
     # layout keeps 32x32 tokens in stage 1). Each image costs a few times less on a CPU.
     "small": dict(family="imagenet", num_classes=10, img_size=32, embed_dim=128, depths=4,
                   num_heads=4, mlp_ratio=4.0, T=2),                          # 608,730
     # The official models. Parameter counts (checked by the tests) equal the released ones.
-    "cifar10": dict(family="cifar", num_classes=10, img_size=32, embed_dim=384, depths=4,
-                    num_heads=8, mlp_ratio=4.0, T=4),                        # 6,706,234
-    "cifar100": dict(family="cifar", num_classes=100, img_size=32, embed_dim=384, depths=4,
-                     num_heads=8, mlp_ratio=4.0, T=4),                       # 6,740,884
-    "imagenet_10_384": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=384,
-                            depths=10, num_heads=6, mlp_ratio=4.0, T=4),     # 16,473,688
-    "imagenet_10_512": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=512,
-                            depths=10, num_heads=8, mlp_ratio=4.0, T=4),     # 29,079,336
-    "imagenet_10_768": dict(family="imagenet", num_classes=1000, img_size=224, embed_dim=768,
-                            depths=10, num_heads=12, mlp_ratio=4.0, T=4),    # 64,962,760
+    "cifar10": dict(**_CIFAR, num_classes=10, embed_dim=384, depths=4, num_heads=8, T=4),     # 6,706,234
+    "cifar100": dict(**_CIFAR, num_classes=100, embed_dim=384, depths=4, num_heads=8, T=4),   # 6,740,884
+    "imagenet_10_384": dict(**_IMAGENET, embed_dim=384, depths=10, num_heads=6, T=4),        # 16,473,688
+    "imagenet_10_512": dict(**_IMAGENET, embed_dim=512, depths=10, num_heads=8, T=4),        # 29,079,336
+    "imagenet_10_768": dict(**_IMAGENET, embed_dim=768, depths=10, num_heads=12, T=4),       # 64,962,760
     # Event cameras: input (T, B, 2, 128, 128), frames of event counts per polarity (data.py).
-    "cifar10dvs": dict(family="dvs", num_classes=10, img_size=128, in_channels=2, embed_dim=256,
-                       depths=2, num_heads=16, mlp_ratio=1.0, T=16),         # 1,504,138
-    "dvs128gesture": dict(family="dvs", num_classes=11, img_size=128, in_channels=2, embed_dim=256,
-                          depths=2, num_heads=16, mlp_ratio=4.0, T=16),      # 1,999,371
+    "cifar10dvs": dict(**_DVS, num_classes=10, mlp_ratio=1.0),                               # 1,504,138
+    "dvs128gesture": dict(**_DVS, num_classes=11, mlp_ratio=4.0),                            # 1,999,371
 }
 
 
@@ -735,260 +643,56 @@ def predict(model: nn.Module, x: torch.Tensor, flip: bool = False) -> torch.Tens
     return logits
 
 
-# ----------------------------------------------------------------------------------------
-# The released checkpoints
-
-_OFFICIAL_UNIT = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "proj": "attn.proj",
-                  "mlp1": "mlp.fc1", "fc1": "mlp.fc1", "mlp2": "mlp.fc2", "fc2": "mlp.fc2"}
-_EMBED_KEY = re.compile(r"patch_embed([123])\.(proj\d?|proj_res)_(conv|bn)\.(\w+)$")
-_BLOCK_KEY = re.compile(r"stage([123])\.(\d+)\.(?:tssa|ssa|attn|mlp)\.(\w+?)_(conv|bn)\.(\w+)$")
-
-
-def unwrap_state_dict(obj) -> dict:
-    """The state dict inside a checkpoint: strips the usual {"model": ...} or
-    {"state_dict": ...} wrappers and the "module." prefix that DDP adds."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError("this file holds no state dict (a dict of tensor names to tensors)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
-def official_family(state_dict: dict) -> str:
-    """The family (a key of LAYOUTS) of an official state dict, told by the layers of its
-    first patch embedding: CIFAR proj, proj1; ImageNet proj..proj2; DVS proj..proj3."""
-    sd = unwrap_state_dict(state_dict)
-    names = {m.group(2) for k in sd if (m := _EMBED_KEY.match(k)) and m.group(1) == "1"} - {"proj_res"}
-    for family, layout in LAYOUTS.items():
-        if names == set(layout.embeds[0].official):
-            return family
-    raise ValueError(f"the first patch embedding of this state dict has the layers {sorted(names)}, "
-                     f"which no official QKFormer family has: is it an official QKFormer checkpoint?")
-
-
-def convert_official_state_dict(state_dict: dict) -> dict:
-    """Rename the official QKFormer keys to this model's, e.g.
-
-        patch_embed2.proj4_conv.weight  -> stages.1.embed.main.1.conv.weight
-        stage3.0.ssa.q_bn.running_mean  -> stages.2.blocks.0.attn.q.bn.running_mean
-        stage1.0.mlp.mlp1_conv.bias     -> stages.0.blocks.0.mlp.fc1.conv.bias
-        patch_embed1.proj1_conv.weight  -> stages.0.embed.stem.1.conv.weight   (DVS family)
-
-    The names of the patch-embedding layers depend on the family (`official_family`,
-    EmbedLayout.official). The official attention layers are Conv1d (weight C x C x 1);
-    here every token-wise linear layer is a 1x1 Conv2d (C x C x 1 x 1), so those weights
-    gain an axis. Raises ValueError naming any key that belongs to no QKFormer layer.
-    """
-    state_dict = unwrap_state_dict(state_dict)
-    embeds = [e.module_names() for e in LAYOUTS[official_family(state_dict)].embeds]
-    converted, unexpected = {}, []
-    for key, value in state_dict.items():
-        if key.startswith("head."):
-            converted[key] = value
-        elif (m := _EMBED_KEY.match(key)) and int(m.group(1)) <= len(embeds) \
-                and m.group(2) in embeds[int(m.group(1)) - 1]:
-            stage, layer, kind, param = m.groups()
-            converted[f"stages.{int(stage) - 1}.embed.{embeds[int(stage) - 1][layer]}.{kind}.{param}"] = value
-        elif (m := _BLOCK_KEY.match(key)) and m.group(3) in _OFFICIAL_UNIT:
-            stage, block, layer, kind, param = m.groups()
-            if kind == "conv" and value.dim() == 3:
-                value = value.unsqueeze(-1)                          # Conv1d -> 1x1 Conv2d
-            converted[f"stages.{int(stage) - 1}.blocks.{block}.{_OFFICIAL_UNIT[layer]}.{kind}.{param}"] = value
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise ValueError(f"{len(unexpected)} key(s) of this state dict belong to no QKFormer layer, "
-                         f"e.g. {unexpected[:5]}: is it an official QKFormer checkpoint?")
-    return converted
-
-
-def official_config(state_dict: dict, **overrides) -> QKFormerConfig:
-    """Read the architecture of an official checkpoint from its tensor shapes.
-
-    Heads leave no trace in the weights: the official CIFAR models use 8, the ImageNet
-    ones embed_dim / 64 (6, 8, 12), the DVS ones 16 (FamilyLayout.official_heads); pass
-    num_heads= to say otherwise. The MLP ratio is read from the first MLP's width."""
-    sd = unwrap_state_dict(state_dict)
-    if "head.weight" not in sd or "patch_embed1.proj_conv.weight" not in sd:
-        raise ValueError("not an official QKFormer state dict: no head.weight or "
-                         "patch_embed1.proj_conv.weight")
-    family = official_family(sd)
-    layout = LAYOUTS[family]
-    num_classes, embed_dim = sd["head.weight"].shape
-    blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in sd if k.startswith("stage")}
-    mlp = sd.get("stage1.0.mlp.mlp1_conv.weight")                 # (ratio * C, C, 1, 1)
-    settings = dict(family=family, num_classes=num_classes, embed_dim=embed_dim,
-                    depths=len(blocks), in_channels=sd["patch_embed1.proj_conv.weight"].shape[1],
-                    num_heads=layout.official_heads(embed_dim), img_size=layout.official_img_size,
-                    official_quirks=True)
-    if mlp is not None:
-        settings["mlp_ratio"] = mlp.shape[0] / mlp.shape[1]
-    return QKFormerConfig(**{**settings, **overrides})
-
-
-def load_official_state_dict(model: QKFormer, state_dict: dict) -> QKFormer:
-    """Load official QKFormer weights into `model` (strictly) and switch on official_quirks,
-    since the released models were trained with the batch-mixing SSA neuron."""
-    converted = convert_official_state_dict(state_dict)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(converted))
-    extra = sorted(set(converted) - set(own))
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
-             if k in own and v.shape != own[k].shape]
-    if missing or extra or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if extra:
-            problems.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
-        if wrong:
-            problems.append(f"{len(wrong)} of another shape (e.g. {wrong[:3]})")
-        raise ValueError("the official state dict does not fit this model: " + "; ".join(problems)
-                         + ". Build the model with official_config(state_dict) to match it.")
-    model.load_state_dict(converted, strict=True)
-    model.set_official_quirks(True)
-    return model
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints: the one place where their format is written and read
-# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
+# Checking a configuration (QKFormerConfig.__post_init__): not the paper
 
-# A checkpoint is a dict of plain data and tensors (loadable with weights_only=True),
-# nanoGPT-style: the weights and the config that rebuilds their model, then what a
-# training run needs to continue exactly where it stopped. train.py writes it with
-# training_checkpoint + save_checkpoint and resumes from load_checkpoint; evaluate.py
-# rebuilds the model with model_from_checkpoint, which needs "model" and "config" only.
-#   version    CHECKPOINT_VERSION of the writer
-#   model      the state dict (no "module." prefix)
-#   config     dataclasses.asdict(QKFormerConfig): model_from_checkpoint rebuilds from it
-#   optimizer, scheduler, scaler   their state dicts
-#   epoch      epochs done
-#   rng        every process's random generator states, in rank order
-#   args       the run's settings (a dict of option name -> value)
-#   best_top1  the best test top-1 accuracy so far (percent), None before any evaluation
-CHECKPOINT_VERSION = 2  # 1: before the metric names top1/top5 (the best value was "best_acc1")
-CHECKPOINT_KEYS = ("version", "model", "config", "optimizer", "scheduler", "scaler", "epoch", "rng",
-                   "args", "best_top1")
-
-
-def training_checkpoint(model: "QKFormer", optimizer, scheduler, scaler, epoch: int, rng: list,
-                        args: dict, best_top1: Optional[float]) -> dict:
-    """The checkpoint of a training run (keys: CHECKPOINT_KEYS), ready for save_checkpoint."""
-    return {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": asdict(model.config),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng, "args": dict(args),
-            "best_top1": best_top1}
-
-
-def missing_training_keys(checkpoint) -> list:
-    """The CHECKPOINT_KEYS a dict lacks to resume training from it (all of them for a non-dict)."""
-    return [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Read a checkpoint file safely: `weights_only=True`, so a file can never run code.
-    Raises ValueError with a clear message for a missing, unreadable or foreign file.
-    A training checkpoint of an older version comes back in the current format."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"refusing to load {path!r}: it is not a PyTorch checkpoint, or it holds "
-                         f"objects other than tensors and plain data, which could run code") from None
-    except Exception as e:  # a truncated or damaged zip archive
-        raise ValueError(f"cannot read checkpoint {path!r}: the file is damaged or incomplete "
-                         f"({type(e).__name__})") from None
-    if isinstance(checkpoint, dict) and "best_acc1" in checkpoint and "best_top1" not in checkpoint:
-        checkpoint["best_top1"] = checkpoint.pop("best_acc1")   # version 1
-        checkpoint["version"] = CHECKPOINT_VERSION
-    return checkpoint
+def _check_config(config: QKFormerConfig):
+    """Raise ValueError, naming the setting, for a configuration whose model cannot be built:
+    said at once, rather than as a failed reshape somewhere inside the network."""
+    layout, family = config.layout, config.family
+    for name in ("num_classes", "img_size", "in_channels", "embed_dim", "num_heads", "T"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_neuron(config)
+    if config.mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be positive, got {config.mlp_ratio}")
+    if len(config.attention) != len(layout.widths) or any(a not in ATTENTIONS for a in config.attention):
+        raise ValueError(f"attention must name one of {tuple(ATTENTIONS)} for each of the "
+                         f"{len(layout.widths)} stages of the {family} family, got {config.attention!r}")
+    if min(config.stage_depths) < 1:
+        raise ValueError(f"depths={config.depths} leaves a stage without blocks: the {family} "
+                         f"family needs depths >= {sum(layout.early_depths) + 1}")
+    # the narrowest layer: stage 1's first convolution (CIFAR, ImageNet: D/8; DVS: D/16)
+    narrowest = max(w * d for w, e in zip(layout.widths, layout.embeds) for d, _ in e.stem + e.main)
+    if config.embed_dim % narrowest:
+        raise ValueError(f"embed_dim must be divisible by {narrowest} (the {family} family's "
+                         f"narrowest layer has D/{narrowest} channels), got {config.embed_dim}")
+    if any(width % config.num_heads for width in config.stage_widths):
+        first = layout.widths[0]
+        raise ValueError(f"the stage widths {config.stage_widths} must be divisible by "
+                         f"num_heads={config.num_heads}; choose embed_dim divisible by "
+                         f"{first} * num_heads = {first * config.num_heads}")
+    if config.img_size % config.downsampling:
+        raise ValueError(f"img_size={config.img_size} cannot be divided by the {family} "
+                         f"patch embeddings: it must be a multiple of {config.downsampling}")
 
 
-def write_atomically(path: str, write: Callable):
-    """Write a file by `write(f)` (f: a binary file) into a temporary file in the same folder,
-    then os.replace it over `path`. os.replace is atomic: a kill at any moment leaves either
-    the old file or the new one, never half of one. The temporary name is unique (mkstemp,
-    `<name>.<random>.tmp`), so two writers never share one, and it is removed when anything
-    goes wrong. Checkpoints are written so, and train.py's log, settings and plot."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-RELEASE_KEYS = ("version", "model", "config", "args", "best_top1")
-
-
-def release_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float32) -> dict:
-    """What a training checkpoint holds that is needed to use the model: its weights (floats
-    stored as `dtype`), its config and the run's settings and top-1 (RELEASE_KEYS); not the
-    optimizer's state, which is twice the weights. The format of README's shipped checkpoint:
-    `model_from_checkpoint` reads it as any other (weights come back as float32).
-
-    float16 would halve the file, but a spiking network's accuracy moves with the rounding:
-    a weight a little off moves a membrane potential across the threshold now and then, and
-    the spike that appears or vanishes changes everything after it. The CPU recipe's model
-    went from 75.10 % to 74.77 % top-1 in float16 (README), so the shipped file keeps the
-    trained float32 weights."""
-    missing = [k for k in ("model", "config") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"not a checkpoint of this project's training: it lacks {missing}")
-    weights = {k: v.to(dtype) if v.is_floating_point() else v
-               for k, v in unwrap_state_dict(checkpoint["model"]).items()}
-    return {**{k: checkpoint[k] for k in RELEASE_KEYS if k in checkpoint}, "model": weights}
-
-
-def save_checkpoint(obj: dict, path: str):
-    """torch.save, atomically (see write_atomically)."""
-    write_atomically(path, lambda f: torch.save(obj, f))
-
-
-# The names this project's QKFormer gives its weights start so (the official ones: patch_embed,
-# stage, head): a bare state dict of our model, without its config, is told apart by them.
-OWN_KEY_PREFIXES = ("stages.",)
-
-
-def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
-    """Rebuild a model from a checkpoint dict: this project's own ({"model", "config", ...},
-    as train.py writes them) or an official QKFormer checkpoint (converted, official_quirks on).
-    `overrides` change config fields that do not affect the weights (e.g. T, official_quirks)."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) \
-            and isinstance(checkpoint.get("model"), dict):
-        unknown = sorted(set(checkpoint["config"]) - set(QKFormerConfig.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"the checkpoint's config has fields this QKFormerConfig lacks ({unknown}): "
-                             f"was it written by a newer version of this code?")
-        model = QKFormer(QKFormerConfig(**{**checkpoint["config"], **overrides}))
-        state = unwrap_state_dict(checkpoint["model"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        wrong = [k for k, v in state.items() if k in model.state_dict()
-                 and v.shape != model.state_dict()[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"the checkpoint's weights do not fit its own config: {len(missing)} "
-                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape")
-        return model
-    state = unwrap_state_dict(checkpoint)
-    if any(k.startswith(OWN_KEY_PREFIXES) for k in state) and not any(_EMBED_KEY.match(k) for k in state):
-        raise ValueError("this file holds the weights of this project's QKFormer without the config that "
-                         "rebuilds the model (a bare state dict): use a checkpoint written by train.py "
-                         "(last.pt or best.pt: weights and config)")
-    model = QKFormer(official_config(state, **overrides))
-    return load_official_state_dict(model, state)
+def _check_neuron(config: QKFormerConfig):
+    """The neuron's settings: a known kind, numbers (stored as floats), a tau the kind allows."""
+    if config.neuron not in NEURONS:
+        raise ValueError(f"neuron must be one of {sorted(NEURONS)}, got {config.neuron!r}")
+    for name in ("tau", "v_threshold", "attn_v_threshold", "surrogate_alpha"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if name != "tau" and value <= 0:
+            raise ValueError(f"{name} must be positive, got {float(value)}")
+        setattr(config, name, float(value))
+    if config.tau < 1 or (config.neuron == "plif" and config.tau == 1):
+        least = "greater than 1" if config.neuron == "plif" else "at least 1"
+        raise ValueError(f"tau must be {least} for neuron={config.neuron!r}, got {config.tau}")

@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import neuron_fast                            # the neurons' fast path, which this file checks
+from checkpoints import convert_official_state_dict, load_official_state_dict
 from neuron import LIFNode, ParametricLIFNode, SpikingNeuron, lif_reference, plif_reference
 from neuron_fast import apply_device_settings
-from qkformer import (QKFormer, QKFormerConfig, convert_official_state_dict, create_model,
-                      load_official_state_dict)
+from qkformer import QKFormer, QKFormerConfig, create_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -18,7 +18,8 @@ import torch
 import data
 import data_events
 from data import DataError
-from qkformer import create_model, official_family
+from checkpoints import official_family
+from qkformer import create_model
 from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
                          write_aedat2, write_aedat31, write_cifar10dvs_tree, write_gesture_tree, write_labels)
 

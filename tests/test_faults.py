@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import data
 import qkformer
 import train
@@ -145,7 +146,7 @@ def test_resume_without_fp16_into_a_run_with_a_grad_scaler():
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, 4)
     off = torch.amp.GradScaler("cpu", enabled=False)
-    ckpt = qkformer.training_checkpoint(model, opt, sched, off, 1, [train_guards.rng_state()], vars(a), None)
+    ckpt = checkpoints.training_checkpoint(model, opt, sched, off, 1, [train_guards.rng_state()], vars(a), None)
     assert ckpt["scaler"] == {}
     s = train_settings.Session(0, 1, torch.device("cpu"), ckpt=ckpt, args=a, updates_per_epoch=4)
     on = torch.amp.GradScaler("cpu", enabled=True)
@@ -361,7 +362,7 @@ def test_imagenet_test_set_needs_val_only(tmp_path):
 def test_a_bare_state_dict_asks_for_the_training_checkpoint():
     model = qkformer.create_model("tiny", num_classes=10, embed_dim=32, num_heads=1, depths=3, T=1)
     with pytest.raises(ValueError, match="without the config .* checkpoint written by train.py"):
-        qkformer.model_from_checkpoint(model.state_dict())
+        checkpoints.model_from_checkpoint(model.state_dict())
 
 
 def test_sync_bn_says_the_fused_path_is_off(monkeypatch):

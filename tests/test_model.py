@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoints import (convert_official_state_dict, load_checkpoint, load_official_state_dict,
+                         model_from_checkpoint, release_checkpoint, save_checkpoint,
+                         official_config, official_family, unwrap_state_dict)
 from neuron import IFNode, LIFNode, ParametricLIFNode, SpikingNeuron
 from qkformer import (ATTENTIONS, PRESETS, QKAttention, QKFormer, QKFormerConfig, SpikeAttention,
-                      SpikingSelfAttention,
-                      convert_official_state_dict, count_parameters, create_model,
-                      fold_batchnorm, load_checkpoint, load_official_state_dict, model_from_checkpoint,
-                      predict, release_checkpoint, save_checkpoint,
-                      official_config, official_family, unwrap_state_dict)
+                      SpikingSelfAttention, count_parameters, create_model, fold_batchnorm, predict)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 OFFICIAL_PARAMS = {"cifar10": 6_706_234, "cifar100": 6_740_884, "imagenet_10_384": 16_473_688,

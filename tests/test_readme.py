@@ -61,6 +61,7 @@ def test_shipped_checkpoint_is_the_one_described():
 
     import torch
 
+    import checkpoints
     import qkformer
     import train_settings
     path = os.path.join(ROOT, "checkpoints", "cpu-recipe.pt")
@@ -68,10 +69,10 @@ def test_shipped_checkpoint_is_the_one_described():
         stated = re.search(r"sha256\s+`([0-9a-f]{64})`", f.read()).group(1)
     with open(path, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == stated
-    checkpoint = qkformer.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     assert checkpoint["args"]["recipe"] == "cpu"
     assert {k: checkpoint["args"][k] for k in train_settings.CPU_RECIPE} == train_settings.CPU_RECIPE   # today's recipe
-    model = qkformer.model_from_checkpoint(checkpoint).eval()
+    model = checkpoints.model_from_checkpoint(checkpoint).eval()
     assert model.config == qkformer.QKFormerConfig(**qkformer.PRESETS[train_settings.CPU_RECIPE["model"]])
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

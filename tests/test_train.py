@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import data
 import qkformer
 import train
@@ -158,23 +159,18 @@ def test_checkpoint_format_round_trip(tmp_path):
     opt = train.build_optimizer(model, a)
     sched = train.build_scheduler(opt, a, updates_per_epoch=4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ckpt = qkformer.training_checkpoint(model, opt, sched, scaler, epoch=3, rng=[train_guards.rng_state()],
-                                        args=vars(a), best_top1=12.5)
+    ckpt = checkpoints.training_checkpoint(model, opt, sched, scaler, epoch=3, rng=[train_guards.rng_state()],
+                                           args=vars(a), best_top1=12.5)
     path = str(tmp_path / "last.pt")
-    qkformer.save_checkpoint(ckpt, path)
+    checkpoints.save_checkpoint(ckpt, path)
     assert os.listdir(tmp_path) == ["last.pt"]
-    back = qkformer.load_checkpoint(path)
-    assert tuple(back) == qkformer.CHECKPOINT_KEYS and qkformer.missing_training_keys(back) == []
-    assert back["version"] == qkformer.CHECKPOINT_VERSION and back["best_top1"] == 12.5 and back["epoch"] == 3
-    rebuilt = qkformer.model_from_checkpoint(back)
+    back = checkpoints.load_checkpoint(path)
+    assert tuple(back) == checkpoints.CHECKPOINT_KEYS and checkpoints.missing_training_keys(back) == []
+    assert back["version"] == checkpoints.CHECKPOINT_VERSION and back["best_top1"] == 12.5 and back["epoch"] == 3
+    rebuilt = checkpoints.model_from_checkpoint(back)
     assert rebuilt.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(v, rebuilt.state_dict()[k]), k
-    # a checkpoint of version 1 (best value named best_acc1) still resumes
-    old = {k: v for k, v in back.items() if k not in ("version", "best_top1")}
-    qkformer.save_checkpoint({**old, "best_acc1": 7.0}, path)
-    ckpt, _ = train_guards.read_training_checkpoint(str(tmp_path))
-    assert ckpt["best_top1"] == 7.0 and qkformer.missing_training_keys(ckpt) == []
 
 
 # ---------------------------------------------------------------- it learns
@@ -224,7 +220,7 @@ def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
     with open(os.path.join(out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)  # plain data only: no code
-    assert set(qkformer.CHECKPOINT_KEYS) <= set(ckpt) and ckpt["epoch"] == 2
+    assert set(checkpoints.CHECKPOINT_KEYS) <= set(ckpt) and ckpt["epoch"] == 2
     assert ckpt["config"]["embed_dim"] == 32 and ckpt["args"]["dataset"] == "cifar10"
     best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert best["best_top1"] == max(r["top1"] for r in records)
@@ -233,7 +229,7 @@ def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
 
 def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    qkformer.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
 
     def killed_midway(obj, f, *a, **k):
         f.write(b"half a checkpoint")
@@ -241,7 +237,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        qkformer.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+        checkpoints.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
@@ -394,7 +390,7 @@ def test_tau_option_reaches_every_neuron():
 def test_atomic_writes_are_readable_as_usual_files(tmp_path):
     """mkstemp makes private files (0600); the checkpoint, log and settings get the usual mode."""
     path = str(tmp_path / "args.json")
-    qkformer.write_atomically(path, lambda f: f.write(b"{}"))
+    checkpoints.write_atomically(path, lambda f: f.write(b"{}"))
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
