@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import data_events                         # registers the event-camera datasets in data.DATASETS
 from neuron import SpikingNeuron
 from neuron_fast import (add_device_arguments, apply_device_settings, apply_memory_policy,
                          autocast_dtype)

@@ -48,12 +48,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import checkpoints
 import data
+import data_events                         # registers the event-camera datasets in data.DATASETS
 import pictures
 import qkformer
 from evaluate_report import print_report
-from neuron import (AMP_CHOICES, SpikingNeuron, apply_device_settings, apply_memory_policy,
-                    autocast_dtype)
+from neuron import SpikingNeuron
+from neuron_fast import add_device_arguments, apply_device_settings, apply_memory_policy, autocast_dtype
 from pictures import attention_neuron, is_token_attention, neuron_of, stage_of
 from qkformer import SpikeAttention
 
@@ -494,20 +496,13 @@ def build_parser():
     p.add_argument("--workers", type=int, help="data loading processes (default: 0 on the CPU, "
                                                "where the model needs every core; on a GPU one per "
                                                "CPU this process may use, at most 8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
-    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=AMP_CHOICES,
-                   help="mixed precision on GPU, as train.py: --amp alone picks bf16 where the GPU "
-                        "computes it natively (Ampere and newer), else fp16")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPU: cuDNN autotuning and TF32 matrix products, as train.py (--no-tf32: "
-                        "bit-stable float32)")
+    add_device_arguments(p)                    # --device, --amp, --tf32, as train.py's
     p.add_argument("--flip-test", action="store_true", help="test-time flips: average the logits of "
                    "each image and its mirror image (as train.py --flip-test); firing rates and "
                    "energy are then those of one forward pass, of which each image takes two")
     p.add_argument("--T", type=int, help="evaluate with this many time steps instead of the "
                                          "checkpoint's (the paper's Table 7 / Table 2 T=1 rows)")
-    p.add_argument("--dvs-split", choices=data.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
+    p.add_argument("--dvs-split", choices=data_events.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
                    "whose test part is evaluated (default: the checkpoint's run's, else official: per "
                    "class the last 10%% of the recordings in sorted file order)")
     pictures.add_picture_arguments(p)          # --images, --pictures
@@ -551,9 +546,9 @@ def check_options(args):
 def load_model(args, spec):
     """(the checkpoint, its model at --T or its own T), refused when the checkpoint was
     trained for other data: checked before any data is read, so a wrong pairing fails fast."""
-    checkpoint = qkformer.load_checkpoint(args.checkpoint)
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint)
     overrides = {} if args.T is None else dict(T=args.T)     # another T: Table 7, T = 1 rows
-    model = qkformer.model_from_checkpoint(checkpoint, **overrides)
+    model = checkpoints.model_from_checkpoint(checkpoint, **overrides)
     cfg = model.config
     if cfg.num_classes != spec.num_classes:
         raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {spec.title} has "

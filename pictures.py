@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 import data
 from neuron import SpikingNeuron
-from qkformer import QKAttention, write_atomically
+from checkpoints import write_atomically
+from qkformer import QKAttention
 
 
 # ----------------------------------------------------------------------------------------

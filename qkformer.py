@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+import neuron_fast  # noqa: F401  (plugs the fast path into neuron.fast_path: same numbers, less memory)
 from neuron import NEURONS, SpikingNeuron, make_neuron
 
 
@@ -589,7 +590,7 @@ PRESETS = {
     "imagenet_10_384": dict(**_IMAGENET, embed_dim=384, depths=10, num_heads=6, T=4),        # 16,473,688
     "imagenet_10_512": dict(**_IMAGENET, embed_dim=512, depths=10, num_heads=8, T=4),        # 29,079,336
     "imagenet_10_768": dict(**_IMAGENET, embed_dim=768, depths=10, num_heads=12, T=4),       # 64,962,760
-    # Event cameras: input (T, B, 2, 128, 128), frames of event counts per polarity (data.py).
+    # Event cameras: input (T, B, 2, 128, 128), frames of event counts per polarity (data_events.py).
     "cifar10dvs": dict(**_DVS, num_classes=10, mlp_ratio=1.0),                               # 1,504,138
     "dvs128gesture": dict(**_DVS, num_classes=11, mlp_ratio=4.0),                            # 1,999,371
 }

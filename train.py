@@ -47,6 +47,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import data_events                         # registers the event-camera datasets in data.DATASETS
+import data_files
 from data import DataError
 from qkformer import create_model, predict
 from train_guards import (NonFiniteWatch, TrainError, check_classes, check_memory, check_saveable,
@@ -302,7 +304,7 @@ def setup_data(s):
         args.subset, args.test_subset, download_missing=False, T=args.T, dvs_split=args.dvs_split)
     check_classes(s, train_set, test_set)
     if hasattr(test_set, "samples"):  # image files
-        rank0_decides(s, lambda: data.verify_images(test_set.samples, desc="checking the test images"))
+        rank0_decides(s, lambda: data_files.verify_images(test_set.samples, desc="checking the test images"))
     workers = args.workers
     if workers is None:
         workers = data.default_workers(s.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from data import DataError
 from pictures import plot_curves
-from qkformer import load_checkpoint, missing_training_keys, save_checkpoint, training_checkpoint, \
+from checkpoints import load_checkpoint, missing_training_keys, save_checkpoint, training_checkpoint, \
     write_atomically
 
 

@@ -32,7 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
-from neuron import NEURONS, apply_device_settings, apply_memory_policy, autocast_dtype
+import data_events                         # registers the event-camera datasets in data.DATASETS
+from neuron import NEURONS
+from neuron_fast import add_device_arguments, apply_device_settings, apply_memory_policy, autocast_dtype
 from qkformer import count_parameters
 from train_guards import TrainError
 
@@ -142,7 +144,7 @@ def add_data_options(g):
                    help="download the dataset when it is missing and can be downloaded (default on)")
     g.add_argument("--subset", type=int, help="train on the first N training images only (quick runs)")
     g.add_argument("--test-subset", type=int, help="evaluate on N evenly spaced test images only")
-    g.add_argument("--dvs-split", choices=list(data.DVS_SPLITS), help="CIFAR10-DVS train/test split: "
+    g.add_argument("--dvs-split", choices=list(data_events.DVS_SPLITS), help="CIFAR10-DVS train/test split: "
                    "official (per class the first 90%% of the recordings in sorted file order train, "
                    "the rest test, as the official code) or random (per class, seed 0)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process "
@@ -206,14 +208,7 @@ def add_run_options(g):
     g.add_argument("--flip-test", action=argparse.BooleanOptionalAction, help="test-time flips: "
                    "average the logits of each test image and its mirror image (qkformer.predict)")
     g.add_argument("--eval-batch-size", type=int, help="batch size of the evaluation (default: --batch-size)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (auto: CUDA when present); chosen "
-                   "anew by each invocation, also on --resume")
-    g.add_argument("--amp", nargs="?", const="auto", choices=["off", "auto", "bf16", "fp16"],
-                   help="mixed precision on GPU: --amp alone picks bf16 where the GPU computes it "
-                        "natively (Ampere and newer), else fp16 (with a grad scaler)")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction,
-                   help="GPU: TF32 matrix products and cuDNN's autotuned convolutions (default on: "
-                        "faster, not bit-reproducible); --no-tf32 for exact fp32 arithmetic")
+    add_device_arguments(g, defaults=False)    # --device, --amp, --tf32: their defaults come from DEFAULTS
     g.add_argument("--dist-timeout", type=float, metavar="MINUTES",
                    help="DDP: minutes a process waits for the others before the run stops with an "
                         "error (default 15; PyTorch's own is 60). A process that hangs or died stops "
