@@ -161,7 +161,7 @@ def get_dataset(name):
 # Which recipe uses what: the official cifar10.yml / cifar100.yml ask for a flip
 # and RandAugment (no crop: see CIFAR_RECIPE), the ImageNet script for a random
 # resized crop, a flip and RandAugment; the paper's CIFAR setup names none of them.
-# The classic CIFAR pad-and-crop is here for the CPU recipe (train.CPU_RECIPE).
+# The classic CIFAR pad-and-crop is here for the CPU recipe (train_settings.CPU_RECIPE).
 
 def _uniform(lo, hi):
     # every draw from torch's generator, whose state checkpoints save (exact resume)

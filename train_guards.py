@@ -508,7 +508,7 @@ def save_epoch(s, record, rngs):
 
 
 def write_text_atomically(path, text):
-    """A small text file (args.json, a repaired log.jsonl), atomically: qkformer.write_atomically."""
+    """A small text file (args.json, a repaired log.jsonl), atomically: checkpoints.write_atomically."""
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
