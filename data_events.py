@@ -31,9 +31,11 @@ Folder layout under the data folder (--data-dir):
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tarfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -113,16 +115,77 @@ def _read_bytes(path):
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def read_cifar10dvs(path):
+# What says that a recording is a DVS128's. The recording software may name the sensor in the
+# header: jAER's AEDAT 2.0 '# AEChip: ch.unizh.ini.jaer.chip.retina.DVS128' (or Tmpdiff128, the
+# DVS128's chip; other writers put a short name such as 'Dvs128'), AEDAT 3.1 '#Source 1: DVS128'.
+# Names are compared by their last dotted part, in lower case; a header without one passes.
+DVS128_NAMES = ("dvs128", "tmpdiff128")
+# A DVS128 pixel event uses address bits 0-14 (AEDAT 2.0: polarity bit 0, x bits 1-7, y bits
+# 8-14). jAER reads an address with bit 15 (the DVS128's sync input) or bit 31 set as a special
+# event, not a pixel; other sensors put their pixels higher (DAVIS240: x bits 12-21, y 22-30).
+DVS128_ADDRESS_BITS = 15
+
+
+def _check_version(path, raw, version, dataset):
+    """A DataError naming the file unless its first line is '#!AER-DAT<version>' (e.g. '2.0')."""
+    magic = b"#!AER-DAT" + version.encode()
+    if raw.startswith(magic):
+        return
+    first = raw[:80].split(b"\n")[0].rstrip(b"\r")  # (the first line, or as much as fits)
+    if raw.startswith(b"#!AER-DAT"):
+        found = first[len(b"#!AER-DAT"):].strip().decode("ascii", "replace")
+        raise DataError(f"{path} is an AEDAT {found} file, not AEDAT {version} ({dataset}'s format): "
+                        f"replace it with the recording from the official archive")
+    raise DataError(f"{path} does not begin with '#!AER-DAT{version}' (it begins with {first[:20]!r}): "
+                    f"damaged or not an AEDAT {version} recording; replace it with the recording "
+                    f"from the official archive")
+
+
+def _not_dvs128(header, addresses=None):
+    """What in a recording says it is not a DVS128's: a list of phrases (empty for a DVS128's).
+
+    header: the ASCII header's bytes; addresses: AEDAT 2.0's raw addresses (uint32), if any.
+    """
+    found = []
+    for line in header.decode("ascii", "replace").splitlines():
+        named = re.match(r"#\s*(?:AEChip|Source \d+)\s*:\s*(\S+)", line)
+        if named and named.group(1).rsplit(".", 1)[-1].lower() not in DVS128_NAMES:
+            found.append(f"its header names the sensor {named.group(1)}, not a DVS128")
+    if addresses is not None:
+        high = int(np.count_nonzero(addresses >> DVS128_ADDRESS_BITS))
+        if high:
+            found.append(f"{high} of its {len(addresses)} events have address bits above the "
+                         f"DVS128's {DVS128_ADDRESS_BITS} set (another sensor, or special events)")
+    return found
+
+
+def _report(path, found, notes):
+    """Append a line about a recording that is not a DVS128's to notes, or warn without a list."""
+    if not found:
+        return
+    line = f"{path}: " + "; ".join(found)
+    if notes is None:
+        warnings.warn(f"{line}; it is read as a DVS128 recording, and its events may be wrong",
+                      stacklevel=3)
+    else:
+        notes.append(line)
+
+
+def read_cifar10dvs(path, notes=None):
     """Events of one CIFAR10-DVS recording (AEDAT 2.0): dict of numpy arrays t, x, y, p.
 
-    The file: ASCII header lines starting with '#', then big-endian uint32
-    pairs (address, timestamp in us). Address bit 0 is the polarity, bits 1-7
-    x, bits 8-14 y. SpikingJelly, which the official code reads the files with,
-    turns the picture upright: x' = 127 - y, y' = 127 - x, p' = 1 - p; we do the
-    same, so that the frames (and accuracies) are the official ones.
+    The file: the line '#!AER-DAT2.0', more ASCII header lines starting with
+    '#', then big-endian uint32 pairs (address, timestamp in us). Address bit 0
+    is the polarity, bits 1-7 x, bits 8-14 y (the DVS128's layout). SpikingJelly,
+    which the official code reads the files with, turns the picture upright:
+    x' = 127 - y, y' = 127 - x, p' = 1 - p; we do the same, so that the frames
+    (and accuracies) are the official ones. A file without the first line is a
+    DataError. One whose header names another sensor, or whose addresses set
+    higher bits, is read all the same (as SpikingJelly reads it) and reported:
+    a line appended to the list notes, or, without one, a warning.
     """
     raw = _read_bytes(path)
+    _check_version(path, raw, "2.0", "CIFAR10-DVS")
     start = 0
     while raw.startswith(b"#", start):  # header lines
         end = raw.find(b"\n", start)
@@ -137,29 +200,34 @@ def read_cifar10dvs(path):
                         f"(address, timestamp) pairs of 8 bytes; download or unpack it again")
     words = np.frombuffer(raw, dtype=">u4", offset=start).reshape(-1, 2)  # (N, 2): address, timestamp
     addr = words[:, 0]
+    _report(path, _not_dvs128(raw[:start], addr), notes)
     x = (addr >> 1) & 0x7F
     y = (addr >> 8) & 0x7F
     p = addr & 1
     return _events(words[:, 1], 127 - y, 127 - x, 1 - p)
 
 
-def read_aedat31(path):
+def read_aedat31(path, notes=None):
     """Polarity events of an AEDAT 3.1 file (DVS128 Gesture): dict of numpy arrays t, x, y, p.
 
-    After the ASCII header (ending with the line '#!END-HEADER\\r\\n') come
+    After the ASCII header (first line '#!AER-DAT3.1', last '#!END-HEADER\\r\\n') come
     packets: a 28-byte little-endian header (type u16 at 0, source u16, event
     size u32 at 4, offset u32, tsOverflow u32 at 12, capacity u32 at 16,
     number u32, valid u32) followed by capacity * size bytes. Only type 1
     (polarity) packets hold events: a u32 data word (x = d >> 17, y = d >> 2,
     each 15 bits; p = bit 1) and a u32 timestamp, plus tsOverflow << 31. Other
     packet types (e.g. special events) are skipped. One Python step per packet,
-    numpy within a packet.
+    numpy within a packet. A header naming another sensor than a DVS128 is
+    reported (notes, as in read_cifar10dvs); pixels off the 128x128 sensor are
+    a DataError when the frames are made (events_to_frames).
     """
     raw = _read_bytes(path)
+    _check_version(path, raw, "3.1", "DVS128 Gesture")
     marker = b"#!END-HEADER\r\n"
     end = raw.find(marker)
-    if not raw.startswith(b"#") or end < 0:
+    if end < 0:
         raise DataError(f"{path} is not an AEDAT 3.1 file: no header ending with '#!END-HEADER'")
+    _report(path, _not_dvs128(raw[:end]), notes)
     pos = end + len(marker)
     data_words, stamps = [], []
     while pos < len(raw):
@@ -208,15 +276,16 @@ def read_labels_csv(path):
     return rows
 
 
-def read_dvs128gesture(aedat_path, labels_csv_path):
+def read_dvs128gesture(aedat_path, labels_csv_path, notes=None):
     """The labelled samples of one DVS128 Gesture recording: [(label, events), ...].
 
     In the order of the labels file; a sample holds the events with
     start <= t < end (as SpikingJelly cuts them; two of the dataset's labels
-    files have overlapping rows, and then an event belongs to both).
+    files have overlapping rows, and then an event belongs to both). notes:
+    as in read_aedat31.
     """
     rows = read_labels_csv(labels_csv_path)
-    events = read_aedat31(aedat_path)
+    events = read_aedat31(aedat_path, notes)
     t = events["t"]
     samples = []
     for label, start, end in rows:
@@ -434,6 +503,20 @@ def _dvs_spec(name):
     return DVS[name]
 
 
+def _cache_recording(name, path, extra, targets, T, size, notes):
+    """Read one recording (extra: its label or labels file) and write its samples' frames to targets."""
+    if name == "cifar10dvs":
+        recorded = [(extra, read_cifar10dvs(path, notes))]
+    else:
+        recorded = read_dvs128gesture(path, extra, notes)
+    for target, (_, events) in zip(targets, recorded):
+        try:
+            frames = events_to_frames(events, T, *size)
+        except DataError as e:  # e.g. pixels off the sensor: name the recording
+            raise DataError(f"{path}: {e}") from None
+        _save_npz_atomic(target, frames=_compact(frames))
+
+
 def build_dvs_cache(name, data_dir, T, download_missing=True):
     """Integrate every recording into T frames once; return the cache's index (a dict, see below).
 
@@ -443,7 +526,8 @@ def build_dvs_cache(name, data_dir, T, download_missing=True):
     every file is written under a temporary name and renamed when complete, so
     an interrupted build leaves nothing that is later read as valid; a rerun
     keeps the sample files already complete and writes the rest. A new T
-    builds a new cache next to the old one.
+    builds a new cache next to the old one. Recordings that may not be a
+    DVS128's (see read_cifar10dvs) give one warning for the whole build.
     """
     spec = _dvs_spec(name)
     if int(T) != T or T < 1:
@@ -461,7 +545,7 @@ def build_dvs_cache(name, data_dir, T, download_missing=True):
             pass
         print(f"{index_path} is from another version or damaged: rebuilding the cache")
     sources = _dvs_sources(name, data_dir, download_missing)
-    samples = []
+    samples, notes, read = [], [], 0  # notes: recordings that may not be a DVS128's (read_cifar10dvs)
     for group, path, extra in tqdm(sources, desc=f"{spec['title']} -> frames (T={T}, once)", unit="file"):
         os.makedirs(os.path.join(cache, group), exist_ok=True)
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -472,13 +556,13 @@ def build_dvs_cache(name, data_dir, T, download_missing=True):
             names = [f"{stem}_{k}" for k in range(len(labels))]
         files = [os.path.join(group, f"{s}.npz") for s in names]
         if not all(os.path.isfile(os.path.join(cache, f)) for f in files):
-            if name == "cifar10dvs":
-                recorded = [(extra, read_cifar10dvs(path))]
-            else:
-                recorded = read_dvs128gesture(path, extra)
-            for f, (_, events) in zip(files, recorded):
-                _save_npz_atomic(os.path.join(cache, f), frames=_compact(events_to_frames(events, T, H, W)))
+            _cache_recording(name, path, extra, [os.path.join(cache, f) for f in files], T, (H, W), notes)
+            read += 1
         samples += [dict(file=f, label=int(label), group=group) for f, label in zip(files, labels)]
+    if notes:  # one warning for the whole build, however many recordings it concerns
+        warnings.warn(f"{spec['title']}: {len(notes)} of the {read} recordings read may not come from a "
+                      f"DVS128 sensor (the first: {notes[0]}); they were read as DVS128 recordings, and "
+                      f"their frames may be wrong", stacklevel=2)
     index = dict(version=_FRAMES_VERSION, dataset=name, T=T, size=[H, W], samples=samples)
     part = f"{index_path}.{os.getpid()}.part"  # the process's own (see _save_npz_atomic)
     with open(part, "w", encoding="utf-8") as f:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -323,6 +324,118 @@ def test_files_without_events_name_the_file(tmp_path):
         with pytest.raises(DataError) as e:
             read(path)
         assert path in str(e.value)
+
+
+# ---------------------------------------------------------------- files that are not what they claim
+
+DAVIS_HEADER = (b"#!AER-DAT2.0\r\n", b"# AEChip: eu.seebetter.ini.chips.davis.DAVIS240C\r\n")
+
+
+def test_damaged_first_line_is_refused_not_read_as_events(tmp_path):
+    path = str(tmp_path / "cifar10_cat_0.aedat")
+    whole = aedat2_bytes(random_events(50))
+    for damaged in (whole[1:], b"$" + whole[1:], whole[:5] + b"X" + whole[6:]):  # first byte lost / changed
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(DataError, match="does not begin with '#!AER-DAT2.0'") as e:
+            data_events.read_cifar10dvs(path)
+        assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_other_aedat_versions_are_named(tmp_path):
+    v31 = str(tmp_path / "user01_lab.aedat")
+    write_aedat31(v31, [polarity_packet(random_events(100))])
+    with pytest.raises(DataError, match=r"is an AEDAT 3\.1 file, not AEDAT 2\.0 \(CIFAR10-DVS") as e:
+        data_events.read_cifar10dvs(v31)
+    assert v31 in str(e.value)
+    v20 = str(tmp_path / "cifar10_cat_0.aedat")
+    write_aedat2(v20, random_events(100))
+    with pytest.raises(DataError, match=r"is an AEDAT 2\.0 file, not AEDAT 3\.1 \(DVS128 Gesture") as e:
+        data_events.read_aedat31(v20)
+    assert v20 in str(e.value)
+
+
+@pytest.mark.parametrize("chip", [b"ch.unizh.ini.jaer.chip.retina.DVS128", b"ch.unizh.ini.jaer.chip.retina.Tmpdiff128",
+                                  b"Dvs128"])
+def test_dvs128_headers_read_without_a_word(tmp_path, chip):
+    path = str(tmp_path / "a.aedat")
+    write_aedat2(path, random_events(30), header=(b"#!AER-DAT2.0\r\n", b"# AEChip: " + chip + b"\r\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(data_events.read_cifar10dvs(path)["t"]) == 30
+
+
+def test_another_sensor_in_the_header_warns_and_is_read_as_before(tmp_path):
+    ev = random_events(40)
+    plain, davis = str(tmp_path / "plain.aedat"), str(tmp_path / "davis.aedat")
+    write_aedat2(plain, ev)
+    write_aedat2(davis, ev, header=DAVIS_HEADER)
+    with pytest.warns(UserWarning, match="names the sensor eu.seebetter.ini.chips.davis.DAVIS240C, not a DVS128"):
+        got = data_events.read_cifar10dvs(davis)
+    expected = data_events.read_cifar10dvs(plain)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    # AEDAT 3.1: the '#Source' line
+    path = str(tmp_path / "rec.aedat")
+    write_aedat31(path, [polarity_packet(ev)], header=b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DAVIS240C\r\n"
+                                                      b"#!END-HEADER\r\n")
+    notes = []
+    assert len(data_events.read_aedat31(path, notes)["t"]) == 40
+    assert notes == [f"{path}: its header names the sensor DAVIS240C, not a DVS128"]
+
+
+def test_address_bits_above_the_dvs128_layout_warn(tmp_path):
+    ev = random_events(20)
+    addr = (ev["y"] << 8) | (ev["x"] << 1) | ev["p"]
+    addr[[3, 7, 11]] |= np.array([1 << 15, 1 << 22, 1 << 31])  # sync bit, a DAVIS y bit, jAER's special bit
+    words = np.stack([addr, ev["t"]], axis=1).astype(">u4")  # (N, 2)
+    path = str(tmp_path / "high.aedat")
+    with open(path, "wb") as f:
+        f.write(b"#!AER-DAT2.0\r\n" + words.tobytes())
+    with pytest.warns(UserWarning, match=r"3 of its 20 events have address bits above the DVS128's 15 set"):
+        got = data_events.read_cifar10dvs(path)
+    # read as SpikingJelly reads them: the low 15 bits
+    np.testing.assert_array_equal(got["x"], 127 - ev["y"])
+    np.testing.assert_array_equal(got["y"], 127 - ev["x"])
+
+
+def test_one_warning_per_cache_build_however_many_files(tmp_path):
+    written = write_cifar10dvs_tree(tmp_path, per_class=2, events=20)
+    odd = sorted(written)[:5]
+    for path in odd:
+        write_aedat2(path, written[path], header=DAVIS_HEADER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data_events.build_dvs_cache("cifar10dvs", tmp_path, 2)
+    ours = [w for w in caught if "DVS128" in str(w.message)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert message.startswith("CIFAR10-DVS: 5 of the 20 recordings read may not come from a DVS128 sensor")
+    assert odd[0] in message and "\n" not in message
+
+
+def test_a_damaged_recording_stops_training_with_one_line(tmp_path, capsys):
+    import train
+    written = write_cifar10dvs_tree(tmp_path / "data", per_class=2, events=20)
+    bad = sorted(written)[3]
+    with open(bad, "r+b") as f:
+        f.write(b"?")  # the first header byte
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--batch-size", "2",
+                    "--output", str(tmp_path / "run")] + NARROW)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]  # (besides tqdm's bar)
+    assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1
+    assert bad in lines[0] and "#!AER-DAT2.0" in lines[0]
+
+
+def test_pixels_off_the_sensor_name_the_recording(tmp_path):
+    folder = write_gesture_tree(tmp_path)
+    ev = random_events(3000, seed=0, t0=1000, size=200)  # a bigger sensor's coordinates
+    path = os.path.join(folder, "user01_fluorescent.aedat")
+    write_aedat31(path, [polarity_packet(ev)])
+    with pytest.raises(DataError, match="outside the 128x128 sensor") as e:
+        data_events.build_dvs_cache("dvs128gesture", tmp_path, 2)
+    assert str(e.value).startswith(path)
 
 
 def test_unknown_class_folder_is_named(tmp_path):
