@@ -85,7 +85,9 @@ def rank0_decides(s, work, share=False):
     return result
 
 
-PEER_GONE = "Connection closed by peer"  # gloo's words when another process has died
+# gloo's words (in a plain RuntimeError) when another process has died, or has not answered
+# within --dist-timeout (a frozen or unreachable node)
+PEER_GONE = ("Connection closed by peer", "Timed out waiting")
 
 
 @contextlib.contextmanager
@@ -110,7 +112,7 @@ def user_errors():
         # Another process died (its error is printed above, with its rank) or hung past
         # --dist-timeout: this process says so in one line instead of a traceback. (gloo
         # reports a peer that is gone as a plain RuntimeError.)
-        if not (isinstance(e, dist.DistError) or PEER_GONE in str(e)):
+        if not (isinstance(e, dist.DistError) or any(words in str(e) for words in PEER_GONE)):
             raise
         rank = int(os.environ.get("RANK", "0"))
         print(f"rank {rank}: error: stopped because another process failed or did not answer within "

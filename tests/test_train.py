@@ -8,9 +8,11 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -314,6 +316,123 @@ def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
     for name, p in model.named_parameters():
         assert not torch.equal(p.detach(), start[name]) or p.grad is None, name  # it did train
         assert torch.equal(p.detach(), ddp["model"][name]), name
+
+
+# ---------------------------------------------------------------- DDP across nodes: torchrun on each node
+
+# Two "nodes" are two torchrun launches on this machine, talking over the loopback interface only.
+NODE_EPOCHS = 3
+LOOPBACK = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
+
+
+def torchrun(launch, argv):
+    """One torchrun launch of train.py (a node's), started in the background: its Popen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"GLOO_SOCKET_IFNAME": LOOPBACK} if LOOPBACK else {})}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch,
+                             os.path.join(ROOT, "train.py"), *argv],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def node_flags(cifar, out):
+    return ["--dataset", "cifar10", "--data-dir", cifar, *TINY, "--batch-size", "8", "--epochs", str(NODE_EPOCHS),
+            "--lr", "1e-2", "--warmup-epochs", "0.5", "--subset", "32", "--test-subset", "8", "--workers", "0",
+            "--no-low-memory", "--output", str(out)]
+
+
+def finish(*launches, timeout=300):
+    """Wait for the launches; (stdout, stderr) of all together, and every exit code."""
+    results = [p.communicate(timeout=timeout) for p in launches]
+    return "".join(r[0] for r in results), "".join(r[1] for r in results), [p.returncode for p in launches]
+
+
+@pytest.fixture(scope="module")
+def one_launch_of_two(cifar, tmp_path_factory):
+    """The reference: one torchrun launch of two processes (one node); its last.pt."""
+    out = tmp_path_factory.mktemp("one_node") / "run"
+    _, err, codes = finish(torchrun(["--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                                     f"--master-port={free_port()}"], node_flags(cifar, out)))
+    assert codes == [0], err[-3000:]
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    assert a["epoch"] == b["epoch"] == NODE_EPOCHS
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+
+
+def test_two_nodes_train_like_one_launch_of_two_processes(cifar, tmp_path, one_launch_of_two):
+    """torchrun on each of two nodes (--nnodes 2, one process each, a c10d rendezvous) gives,
+    bit for bit, the weights of one launch of two processes: the same two ranks with the same
+    seeds and data shards; gloo's all-reduce sums the same two gradients (a + b, in either
+    order, is one rounding), only the transport differs. (c10d hands out the node ranks in
+    the order the nodes join: --node-rank is for the static rendezvous, see the next test.)"""
+    out = tmp_path / "run"
+    launch = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "test",
+              "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--local-addr", "127.0.0.1"]
+    stdout, err, codes = finish(*[torchrun(launch, node_flags(cifar, out)) for _ in range(2)])
+    assert codes == [0, 0], err[-3000:]
+    assert "effective batch 16 = 8 per process x 1 accumulated x 2 processes" in stdout
+    assert_same_weights(torch.load(out / "last.pt", weights_only=True), one_launch_of_two)
+
+
+def process_tree(pid):
+    """pid and all its descendants (a node's torchrun and its workers), from ps."""
+    rows = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children = {}
+    for row in rows.split("\n"):
+        if row.strip():
+            child, parent = (int(v) for v in row.split())
+            children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="freezes a node with SIGSTOP (POSIX)")
+def test_a_lost_node_stops_the_other_and_resume_continues(cifar, tmp_path, one_launch_of_two):
+    """Node 1 freezes (a machine that stops answering) after epoch 1 is saved: node 0 stops
+    after --dist-timeout with one line; --resume on both nodes then ends with the weights of
+    the uninterrupted run. Static rendezvous: --node-rank 0 holds rank 0."""
+    out = tmp_path / "run"
+
+    def node(rank, port, *extra):
+        return torchrun(["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                         "--master-addr", "127.0.0.1", f"--master-port={port}"],
+                        node_flags(cifar, out) + ["--dist-timeout", "0.1", *extra])  # 6 s
+
+    port = free_port()
+    nodes = [node(0, port), node(1, port)]
+    start = time.time()
+    while not (out / "last.pt").exists():  # written atomically: there means complete
+        assert nodes[0].poll() is None and time.time() - start < 300, finish(*nodes)[1][-3000:]
+        time.sleep(0.01)
+    frozen = process_tree(nodes[1].pid)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    frozen_at = time.time()
+    try:
+        _, err = nodes[0].communicate(timeout=120)
+        waited = time.time() - frozen_at
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)  # (stopped, not exited: the pids are still theirs)
+        nodes[1].communicate()
+    assert nodes[0].returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("rank 0: error:")]
+    assert len(lines) == 1 and "did not answer within --dist-timeout" in lines[0], err[-3000:]
+    assert 'train_guards.py", line' not in err  # no traceback of ours (torchrun's own report follows)
+    assert waited < 90
+    kept = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= kept < NODE_EPOCHS
+    port = free_port()
+    stdout, err, codes = finish(node(0, port, "--resume", str(out)), node(1, port, "--resume", str(out)))
+    assert codes == [0, 0], err[-3000:]
+    assert f"resuming after epoch {kept}" in stdout
+    assert_same_weights(torch.load(out / "last.pt", weights_only=True), one_launch_of_two)
 
 
 # ---------------------------------------------------------------- failures
