@@ -427,18 +427,28 @@ class Interrupts:
 
     def install(self, cleanup):
         """Catch SIGINT and SIGTERM until the run ends (cleanup, an ExitStack, puts the previous
-        handlers back). Loader workers ignore both (quiet_worker): the process they serve stops them."""
+        handlers back). Loader workers ignore both (quiet_worker): the process they serve stops them,
+        at the latest when the run ends (release_workers)."""
         s = self.s
         if s.world > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=s.args.dist_timeout))
         for loader in (s.train_loader, s.eval_loader):
             loader.worker_init_fn = functools.partial(quiet_worker, loader.worker_init_fn)
+        cleanup.callback(self.release_workers)
         try:
             previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
         except ValueError:  # not the main thread (Python's rule): signals are left to it
             return
         cleanup.callback(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
         self.last_save = time.monotonic()
+
+    def release_workers(self):
+        """Stop the workers the loaders keep between epochs (the evaluation's): told to stop, they
+        end; at its exit Python would instead send them a SIGTERM, which they ignore, and wait."""
+        for loader in (self.s.train_loader, self.s.eval_loader):
+            batches = getattr(loader, "_iterator", None)  # where a DataLoader keeps persistent workers
+            if batches is not None and hasattr(batches, "_shutdown_workers"):
+                batches._shutdown_workers()
 
     def handle(self, signum, frame):
         """The signal handler: the first signal asks for a stop, a second SIGINT stops at once."""
@@ -496,11 +506,11 @@ class Interrupts:
             return
         signum, due = self.requests()
         if signum or due:
-            self.save(tally, i + 1)
+            self.save(tally, i + 1, announce=not signum)
         if signum:
             self.stop(signum, f"in epoch {tally.epoch + 1} after step {i + 1} of {tally.steps}")
 
-    def save(self, tally, step):
+    def save(self, tally, step, announce=False):
         """last.pt `step` steps into an epoch: what an epoch's checkpoint holds, the random generators
         as they are before the next batch draws from them, and where the epoch stands (progress:
         rank 0's tally, the one its log shows)."""
@@ -515,7 +525,7 @@ class Interrupts:
                                          rngs, vars(s.args), s.best_top1, progress)
         rank0_decides(s, lambda: write_checkpoint(s, checkpoint, "last.pt"))
         self.last_save, self.saved = time.monotonic(), f"in epoch {tally.epoch + 1} after step {step}"
-        if not self.signum and s.rank == 0:
+        if announce and s.rank == 0:
             tqdm.write(f"last.pt written {self.saved} of {tally.steps} (--save-every {s.args.save_every:g})")
 
     def stop(self, signum, where):
