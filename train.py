@@ -17,7 +17,9 @@ Where this script differs from them it says so next to the setting.
 Every epoch: a progress bar with loss, learning rate and images/s; <run>/last.pt
 overwritten atomically (before the evaluation, so a failing evaluation loses no
 training); top-1/top-5 accuracy on the test set; a line in <run>/log.jsonl; the
-curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves.
+curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves. Ctrl-C or
+SIGTERM ends the step in progress, writes last.pt there, in the middle of its epoch, and
+stops; --resume continues from that step (--save-every writes it every few minutes too).
 
 Distributed data parallel (DDP): torchrun starts one process per GPU (or
 several on a CPU, with the gloo backend); each process sees its own share of
