@@ -433,7 +433,7 @@ def test_train_py_sigterm_mid_epoch_with_loader_workers_and_fp16(cifar, tmp_path
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "note: resuming in the middle of epoch 2" in proc.stdout and "loader workers" in proc.stdout
+    assert "note: resuming in the middle of epoch 2" in proc.stdout and "loader workers draw" in proc.stdout
     log = _log(out)
     assert [r["epoch"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
 
