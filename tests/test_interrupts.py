@@ -73,9 +73,15 @@ def assert_same_run(whole, split):
     assert [[r.get(k) for k in keys] for r in logs[0]] == [[r.get(k) for k in keys] for r in logs[1]]
 
 
-def test_sigterm_in_the_middle_of_an_epoch_then_resume_is_the_uninterrupted_run(cifar, tmp_path):
+@pytest.fixture(scope="module")
+def whole(cifar, tmp_path_factory, one_thread):
+    """The run that nobody interrupts, every source of randomness on: its folder."""
+    return train.main(["--dataset", "cifar10", "--data-dir", cifar, *SHORT, *RANDOM,
+                       "--output", str(tmp_path_factory.mktemp("whole") / "run")])
+
+
+def test_sigterm_in_the_middle_of_an_epoch_then_resume_is_the_uninterrupted_run(cifar, whole, tmp_path):
     argv = ["--dataset", "cifar10", "--data-dir", cifar, *SHORT, *RANDOM]
-    whole = train.main([*argv, "--output", str(tmp_path / "whole")])
     # --save-every 0.0001 (6 ms): a mid-epoch checkpoint at every update besides the signal's
     code, out, err = signalled([*argv, "--save-every", "0.0001", "--output", "split"], signal.SIGTERM,
                                "epoch 2:", tmp_path)
@@ -90,6 +96,24 @@ def test_sigterm_in_the_middle_of_an_epoch_then_resume_is_the_uninterrupted_run(
     assert sorted(os.listdir(tmp_path / "split")) == [".lock", "args.json", "curves.png", "last.pt", "log.jsonl"]
     train.main(["--resume", str(tmp_path / "split")])
     assert_same_run(whole, tmp_path / "split")
+
+
+def test_sigkill_loses_at_most_save_every(cifar, whole, tmp_path):
+    """A kill that no signal announces: the run resumes from the last checkpoint --save-every wrote
+    (or the epoch's), whatever the moment, even inside a checkpoint's write, and ends as the
+    uninterrupted run."""
+    argv = ["--dataset", "cifar10", "--data-dir", cifar, *SHORT, *RANDOM, "--save-every", "0.0001"]
+    code, out, err = signalled([*argv, "--output", "split"], signal.SIGKILL, "epoch 2:", tmp_path)
+    assert code == -signal.SIGKILL
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
+    train.main(["--resume", str(tmp_path / "split")])
+    assert_same_run(whole, tmp_path / "split")
+    assert not [f for f in os.listdir(tmp_path / "split") if f.endswith(".tmp")]
+
+
+def test_save_every_is_checked():
+    with pytest.raises(train_guards.TrainError, match="--save-every must be >= 0 minutes"):
+        train_settings.resolve_args(train_settings.parse_args(["--save-every", "-1"]))
 
 
 def test_ctrl_c_in_the_first_epoch_then_resume_is_the_uninterrupted_run(cifar, tmp_path, capsys):
