@@ -42,18 +42,25 @@ from qkformer import LAYOUTS, EmbedLayout, QKFormer, QKFormerConfig
 #   rng        every process's random generator states, in rank order
 #   args       the run's settings (a dict of option name -> value)
 #   best_top1  the best test top-1 accuracy so far (percent), None before any evaluation
+#   progress   only in a checkpoint of the middle of an epoch (train_guards.Interrupts.save):
+#              the steps done in epoch `epoch` + 1 and its tally so far; rng is then the
+#              generators' states at that step
 CHECKPOINT_VERSION = 2  # 1 named the best value best_acc1; it never left this repository and is not read
 CHECKPOINT_KEYS = ("version", "model", "config", "optimizer", "scheduler", "scaler", "epoch", "rng",
                    "args", "best_top1")
 
 
 def training_checkpoint(model: QKFormer, optimizer, scheduler, scaler, epoch: int, rng: list,
-                        args: dict, best_top1: Optional[float]) -> dict:
-    """The checkpoint of a training run (keys: CHECKPOINT_KEYS), ready for save_checkpoint."""
-    return {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": asdict(model.config),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng, "args": dict(args),
-            "best_top1": best_top1}
+                        args: dict, best_top1: Optional[float], progress: Optional[dict] = None) -> dict:
+    """The checkpoint of a training run (keys: CHECKPOINT_KEYS, and progress when given),
+    ready for save_checkpoint."""
+    checkpoint = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": asdict(model.config),
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng, "args": dict(args),
+                  "best_top1": best_top1}
+    if progress is not None:
+        checkpoint["progress"] = progress
+    return checkpoint
 
 
 def missing_training_keys(checkpoint) -> list:

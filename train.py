@@ -17,7 +17,9 @@ Where this script differs from them it says so next to the setting.
 Every epoch: a progress bar with loss, learning rate and images/s; <run>/last.pt
 overwritten atomically (before the evaluation, so a failing evaluation loses no
 training); top-1/top-5 accuracy on the test set; a line in <run>/log.jsonl; the
-curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves.
+curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves. Ctrl-C or
+SIGTERM ends the step in progress, writes last.pt there, in the middle of its epoch, and
+stops; --resume continues from that step (--save-every writes it every few minutes too).
 
 Distributed data parallel (DDP): torchrun starts one process per GPU (or
 several on a CPU, with the gloo backend); each process sees its own share of
@@ -51,7 +53,7 @@ import data_events                         # registers the event-camera datasets
 import data_files
 from data import DataError
 from qkformer import create_model, predict
-from train_guards import (NonFiniteWatch, TrainError, check_classes, check_memory, check_saveable,
+from train_guards import (Interrupts, NonFiniteWatch, TrainError, check_classes, check_memory, check_saveable,
                           finish_epoch, gather_rng_states, load_resumed_weights, print_summary, rank0_decides,
                           read_training_checkpoint, restore_state, save_epoch, say_skipped, setup_run_folder,
                           stop_if_diverged, user_errors)
@@ -147,7 +149,8 @@ class StepContext:
     clip_grad, reprob, remode), the device and the dataset's normalisation, and how
     steps run: autocast and the grad scaler (mixed precision), the number of
     processes, and whether this process shows progress bars. bad_streak: the number
-    of non-finite steps in a row so far (a device tensor, carried across epochs)."""
+    of non-finite steps in a row so far (a device tensor, carried across epochs).
+    interrupts: what a signal or --save-every does between steps (train_guards.Interrupts)."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -163,6 +166,7 @@ class StepContext:
     show: bool = True
     model_input: object = lambda x: x  # the dataset's last step before the model (DatasetSpec.model_input)
     bad_streak: torch.Tensor = None
+    interrupts: Interrupts = dataclasses.field(default_factory=Interrupts)
 
 
 def optimizer_update(ctx, bad_loss):
@@ -209,17 +213,16 @@ def train_one_epoch(ctx, loader, epoch, mixup=None):
     model, args, world, steps = ctx.model, ctx.args, ctx.world, len(loader)
     model.train()                                # batch norm: batch statistics, running ones updated
     watch = NonFiniteWatch(ctx, epoch, steps)    # the loss statistics, kept on the device
-    correct, seen, start = torch.zeros((), device=ctx.device), 0, time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not ctx.show, dynamic_ncols=True, leave=False)
+    tally = ctx.interrupts.tally(epoch, watch)   # accuracy and time; a resumed epoch: where it stopped
+    bar = tqdm(loader, f"epoch {epoch + 1}", initial=tally.step, disable=not ctx.show, dynamic_ncols=True,
+               leave=False)
     ctx.optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels) in enumerate(bar):  # uint8 images: 1/4 of float's bytes to copy
+    for i, (images, labels) in enumerate(bar, tally.step):  # uint8 images: 1/4 of float's bytes to copy
         images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
         x = data.normalize(images, ctx.mean, ctx.std)              # uint8 -> normalised float
         if args.reprob > 0:                                        # erasing, then mixing: timm's order
             x = data.random_erasing(x, args.reprob, args.remode)
-        targets = labels
-        if mixup is not None:
-            x, targets = mixup(x, labels)                         # targets (B, classes), soft
+        x, targets = (x, labels) if mixup is None else mixup(x, labels)  # mixup: targets (B, classes), soft
         update = (i + 1) % args.accum_iter == 0 or i + 1 == steps  # the window's last batch
         no_sync = model.no_sync if world > 1 and not update else contextlib.nullcontext
         with no_sync():                                            # DDP: all-reduce on updates only
@@ -232,16 +235,16 @@ def train_one_epoch(ctx, loader, epoch, mixup=None):
         if update:  # skipped on the device if a loss of the window, or a gradient, is not finite
             skip = optimizer_update(ctx, watch.window_bad(mean_loss))
             ctx.scheduler.step()  # the schedule follows the progress, updates skipped or not
-        correct += (logits.argmax(1) == labels).sum()            # on the device too: no host wait
-        seen += len(labels)
+        tally.correct += (logits.argmax(1) == labels).sum()      # on the device too: no host wait
+        tally.seen += len(labels)
         if watch.step(i, mean_loss, skip) and ctx.show:           # every LOG_EVERY steps: host reads
             bar.set_postfix(loss=f"{watch.mean_loss():.4f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen * world / (time.time() - start):.0f}", refresh=False)
+                            img_s=f"{tally.seen * world / tally.elapsed():.0f}", refresh=False)
+        ctx.interrupts.after_step(i, update, tally)  # at an update: Ctrl-C, SIGTERM, --save-every save
     bar.close()
-    elapsed = time.time() - start
-    return dict(train_loss=watch.mean_loss(), train_top1=100.0 * correct.item() / max(seen, 1),
-                lr=ctx.optimizer.param_groups[0]["lr"], img_per_s=seen * world / elapsed,
-                train_time_s=elapsed, skipped_updates=int(watch.skipped.item()))
+    return dict(train_loss=watch.mean_loss(), train_top1=100.0 * tally.correct.item() / max(tally.seen, 1),
+                lr=ctx.optimizer.param_groups[0]["lr"], img_per_s=tally.seen * world / tally.elapsed(),
+                train_time_s=tally.elapsed(), skipped_updates=int(watch.skipped.item()))
 
 
 @torch.no_grad()
@@ -343,7 +346,8 @@ def setup_optimization(s, model, autocast, scaler):
     criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # takes class indices or soft targets
     s.mixup = data.Mixup(args.mixup, args.cutmix, prob=args.mixup_prob, num_classes=s.spec.num_classes)
     s.ctx = StepContext(model, optimizer, scheduler, criterion, args, s.device, s.spec.mean, s.spec.std,
-                        scaler, autocast, s.world, show=s.rank == 0, model_input=s.spec.model_input)
+                        scaler, autocast, s.world, show=s.rank == 0, model_input=s.spec.model_input,
+                        interrupts=Interrupts(s))
 
 
 def evaluate_epoch(s, epoch, record, checkpoint):
@@ -378,13 +382,15 @@ def main(argv=None):
         setup_optimization(s, model, autocast, scaler)
         restore_state(s)                          # a resumed run: exactly where it stopped
         setup_run_folder(s, cleanup)              # locked until the run ends (cleanup)
+        s.ctx.interrupts.install(cleanup)         # from here on SIGINT/SIGTERM save, then stop
         print_banner(s)
 
         session_start = time.time()
         for epoch in range(s.start_epoch, s.total_epochs):
             s.train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
+            loader = s.ctx.interrupts.loader(s.train_loader, epoch)  # a resumed epoch: the batches not done
             with stop_if_diverged(s):  # losses non-finite for LOG_EVERY steps: all processes stop
-                stats = train_one_epoch(s.ctx, s.train_loader, epoch, mixup_for_epoch(s.mixup, s.args, epoch))
+                stats = train_one_epoch(s.ctx, loader, epoch, mixup_for_epoch(s.mixup, s.args, epoch))
             say_skipped(s, epoch, stats["skipped_updates"])
             record = {"epoch": epoch + 1, **stats}
             rank0_decides(s, lambda: check_saveable(s, epoch))  # weights with inf/NaN are never saved
@@ -394,6 +400,7 @@ def main(argv=None):
             checkpoint = rank0_decides(s, lambda: save_epoch(s, record, rngs))
             # nobody starts the next epoch before rank 0 has evaluated and saved (--dist-timeout)
             rank0_decides(s, lambda: evaluate_epoch(s, epoch, record, checkpoint))
+            s.ctx.interrupts.between_epochs(epoch)  # a signal during the epoch's end: the stop is here
             if s.args.stop_after and epoch + 1 >= s.args.stop_after and epoch + 1 < s.total_epochs:
                 s.say(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with "
                       f"python train.py --resume {os.path.join(s.out_dir, 'last.pt')}")

@@ -86,7 +86,7 @@ RECIPES = {"cpu": CPU_RECIPE, "lab": LAB_RECIPE}
 DEFAULTS = dict(
     dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None, resume=None,
     device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True, tf32=True,
-    dist_timeout=15,
+    dist_timeout=15, save_every=10,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
     mixup_prob=1.0, dvs_split=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None, tau=None,
@@ -204,6 +204,12 @@ def add_run_options(g):
     g.add_argument("--resume", help="checkpoint (or run folder) to continue from")
     g.add_argument("--stop-after", type=int, help="end this session once N epochs are done; the "
                    "schedule still spans --epochs; continue with --resume")
+    g.add_argument("--save-every", type=float, metavar="MINUTES",
+                   help="write last.pt in the middle of an epoch once MINUTES of it have passed since the "
+                        "last checkpoint (default 10; 0: at the end of epochs only). An epoch shorter than "
+                        "that is never cut; a long one loses at most that much to a kill that no signal "
+                        "announces (SIGKILL, a power cut). SIGINT (Ctrl-C) and SIGTERM always write it: "
+                        "the run stops after the step in progress and --resume continues from there")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     g.add_argument("--flip-test", action=argparse.BooleanOptionalAction, help="test-time flips: "
                    "average the logits of each test image and its mirror image (qkformer.predict)")
@@ -355,6 +361,7 @@ def check_args(a):
     need(a.clip_grad is None or a.clip_grad > 0, "--clip-grad must be positive")
     need(isinstance(a.T, int) and a.T >= 1, f"--T must be a positive integer, got {a.T}")
     need(a.dist_timeout is None or a.dist_timeout > 0, "--dist-timeout must be a positive number of minutes")
+    need(math.isfinite(a.save_every) and a.save_every >= 0, f"--save-every must be >= 0 minutes, got {a.save_every}")
 
 
 # The options that change the model of a --model preset (qkformer.PRESETS): the paper's

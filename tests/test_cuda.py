@@ -8,7 +8,8 @@
   * dtypes under bf16 and fp16 autocast; a float32 training step against the CPU (TF32
     off); bf16 and fp16 steps with the grad scaler;
   * train.py with the official recipe on a tiny fake CIFAR-10 (bf16, stop, resume; fp16
-    with clipping); two NCCL processes when there are two GPUs;
+    with clipping; a SIGTERM mid-epoch to it and its loader workers, resumed); two NCCL
+    processes when there are two GPUs (and Ctrl-C to their torchrun, resumed);
   * benchmark.py --device cuda --amp, and evaluate.py on CUDA.
 
 scripts/gpu_check.py runs this file (and the CPU checks) and prints PASS/FAIL per test.
@@ -17,6 +18,7 @@ The device settings: parity tests run with neuron_fast.apply_device_settings(fas
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -395,6 +397,66 @@ def test_train_py_two_nccl_processes(cifar, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in proc.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def _signalled(argv, sig, after, group=False):
+    """A process started with `argv`, sent `sig` once its stderr shows `after` (group: to its whole
+    process group, loader workers included, as SLURM sends it); returns (exit code, stdout)."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False,
+                            start_new_session=group)
+    try:
+        seen = b""
+        while after.encode() not in seen:
+            chunk = proc.stderr.read1(4096)
+            assert chunk, seen.decode()[-3000:]
+            seen += chunk
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, out.decode()
+
+
+def test_train_py_sigterm_mid_epoch_with_loader_workers_and_fp16(cifar, tmp_path):
+    """SIGTERM to the whole process group, loader workers included: the run stops after a step of
+    epoch 2 with a mid-epoch checkpoint (fp16: the grad scaler's state too), and the resumed run
+    ends the schedule. (Bit-for-bit equality is the CPU's: tests/test_interrupts.py.)"""
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", cifar,
+            "--no-download", "--output", str(out), *TINY, "--batch-size", "4", "--epochs", "2",
+            "--warmup-epochs", "0.5", "--device", "cuda", "--amp", "fp16", "--workers", "2"]
+    code, stdout = _signalled(argv, signal.SIGTERM, "epoch 2:", group=True)
+    assert code == 128 + signal.SIGTERM, stdout[-2000:]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and 1 <= ckpt["progress"]["step"] < 10 and ckpt["scaler"]["scale"] > 0
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: resuming in the middle of epoch 2" in proc.stdout and "loader workers draw" in proc.stdout
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_train_py_ctrl_c_to_torchrun_with_two_nccl_processes(cifar, tmp_path):
+    """Ctrl-C reaches torchrun, which passes SIGINT on to each process: both stop after the same
+    step (their decision goes through a gloo group beside NCCL), one checkpoint, resumed by two."""
+    out = tmp_path / "ddp"
+    flags = ["--dataset", "cifar10", "--data-dir", cifar, "--no-download", *TINY, "--batch-size", "2",
+             "--epochs", "1", "--device", "cuda", "--amp", "bf16", "--workers", "1"]
+
+    def torchrun(*extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", os.path.join(ROOT, "train.py"), *extra]
+
+    code, stdout = _signalled(torchrun(*flags, "--output", str(out)), signal.SIGINT, "epoch 1:")
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    step = ckpt["progress"]["step"]
+    assert len(ckpt["rng"]) == 2 and 1 <= step < 10, stdout[-2000:]
+    assert f"stopped by SIGINT in epoch 1 after step {step} of 10" in stdout
+    proc = subprocess.run(torchrun("--resume", str(out)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
