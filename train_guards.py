@@ -321,6 +321,21 @@ def place_scheduler(scheduler, peak_lr, epoch, updates_per_epoch):
     scheduler._last_lr = [lr] * len(scheduler.optimizer.param_groups)
 
 
+def match_state_layouts(optimizer):
+    """Give each optimizer state tensor (AdamW's moments) its parameter's memory layout.
+
+    load_state_dict keeps the layout the moments were saved in: channels-last from a run on
+    a GPU (train.setup_optimization), contiguous from one on a CPU. The fused AdamW walks a
+    parameter and its moments as flat memory, so with two layouts it pairs the wrong elements,
+    silently (tests/test_train.py, test_resume_on_another_layout); the foreach one does not."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's strides
+
+
 def restore_state(s):
     """Optimizer, schedule, scaler and random generators: from the resumed checkpoint
     (where it stopped), or seeded afresh (augmentations differ between processes).
@@ -331,6 +346,7 @@ def restore_state(s):
         seed_everything(s.args.seed + s.rank)
         return
     s.ctx.optimizer.load_state_dict(s.ckpt["optimizer"])
+    match_state_layouts(s.ctx.optimizer)  # saved on a GPU (channels-last), resumed on a CPU, or back
     s.ctx.scheduler.load_state_dict(s.ckpt["scheduler"])
     s.start_epoch, s.best_top1 = s.ckpt["epoch"], s.ckpt["best_top1"]
     place_scheduler(s.ctx.scheduler, s.args.lr, s.start_epoch, s.updates_per_epoch)

@@ -268,6 +268,70 @@ def test_resume_gives_exactly_the_uninterrupted_run(cifar, tmp_path):
     assert [r.get("top1") for r in logs[0]] == [r.get("top1") for r in logs[1]]
 
 
+def _adamw_run(params_channels_last, moments=None, match=True, steps=3):
+    """A small model with the fused AdamW (train.build_optimizer) on one batch: `steps` steps,
+    from the optimizer state `moments` if given (load_state_dict, then match_state_layouts
+    unless match=False). Returns the parameters, flat, and the optimizer's state_dict."""
+    torch.manual_seed(0)
+    model = qkformer.create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=1)
+    if params_channels_last:  # as train.py makes them on a GPU
+        model = model.to(memory_format=torch.channels_last)
+    opt = train.build_optimizer(model, args_of("--lr", "1e-3"))
+    if moments is not None:
+        opt.load_state_dict(moments)
+        if match:
+            train_guards.match_state_layouts(opt)
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), opt.state_dict()
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False], ids=["gpu-to-cpu", "cpu-to-gpu"])
+def test_resume_on_another_layout(saved_channels_last):
+    """Moments saved next to channels-last parameters (a GPU run) and resumed next to
+    contiguous ones (a CPU run), or the other way: after match_state_layouts, three fused
+    AdamW steps give what they give from moments in the parameters' own layout. Without it the
+    fused kernel pairs the wrong elements, silently."""
+    _, saved = _adamw_run(saved_channels_last, steps=2)
+    conv = saved["state"][0]["exp_avg"]                       # the stem's 3x3 convolution
+    assert conv.is_contiguous(memory_format=torch.channels_last) == saved_channels_last
+    resumed = not saved_channels_last
+    same, _ = _adamw_run(resumed, _adamw_run(resumed, steps=2)[1])
+    fixed, state = _adamw_run(resumed, saved)
+    assert (fixed - same).abs().max() < 1e-6
+    layout = torch.channels_last if resumed else torch.contiguous_format
+    assert state["state"][0]["exp_avg"].is_contiguous(memory_format=layout)  # the parameters' layout
+    broken, _ = _adamw_run(resumed, saved, match=False)
+    assert (broken - same).abs().max() > 1e-4                 # the defect the fix removes
+
+
+def test_train_py_resumes_moments_saved_channels_last(cifar, tmp_path):
+    """train.py --resume from a checkpoint whose moments are channels-last (as a GPU run
+    writes them) continues on the CPU exactly as from the same moments stored contiguous."""
+    recipe = ["--epochs", "2", "--aa", "none", "--reprob", "0", "--mixup", "0", "--subset", "16",
+              "--eval-every", "2", "--stop-after", "1"]
+    first = run(cifar, tmp_path / "a", *recipe)
+    ckpt = torch.load(os.path.join(first, "last.pt"), weights_only=True)
+    for state in ckpt["optimizer"]["state"].values():
+        for key, value in state.items():
+            if value.ndim == 4:
+                state[key] = value.to(memory_format=torch.channels_last)
+    assert any(v.ndim == 4 and not v.is_contiguous() for s in ckpt["optimizer"]["state"].values()
+               for v in s.values())
+    os.makedirs(tmp_path / "b")
+    checkpoints.save_checkpoint(ckpt, str(tmp_path / "b" / "last.pt"))
+    for folder in ("a", "b"):
+        train.main(["--resume", str(tmp_path / folder / "last.pt")])
+    a, b = (torch.load(tmp_path / f / "last.pt", weights_only=True) for f in ("a", "b"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 # ---------------------------------------------------------------- DDP
 
 def free_port():
