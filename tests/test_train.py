@@ -409,6 +409,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_path, monk
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def _fp16_epoch(init_scale, fault=None, steps=30):
+    """train.train_one_epoch with a real grad scaler and fp16 autocast (on the CPU, as CUDA's
+    --amp fp16 runs them) over `steps` batches of random images; a linear model stands in for
+    QKFormer (only the counting is tested). fault: "nan-grad" (one parameter's gradient turns
+    NaN, the loss stays finite) or "nan-loss". Returns the epoch's stats and the scaler."""
+    torch.manual_seed(0)
+    a = args_of("--lr", "1e-3", "--warmup-epochs", "0.5", "--epochs", "2", "--reprob", "0", "--mixup", "0")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    if fault == "nan-grad":
+        model[1].bias.register_hook(lambda grad: grad * float("nan"))
+    if fault == "nan-loss":
+        model.append(torch.nn.Linear(10, 10))
+        torch.nn.init.constant_(model[2].weight, float("nan"))      # NaN logits: a NaN loss
+    opt = train.build_optimizer(model, a)
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (4,)))
+               for _ in range(steps)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    ctx = train.StepContext(model, opt, train.build_scheduler(opt, a, steps), torch.nn.CrossEntropyLoss(), a,
+                            torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, scaler=scaler, show=False,
+                            autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    return train.train_one_epoch(ctx, batches, 0), scaler
+
+
+def test_fp16_scaler_skips_are_not_divergence():
+    """The grad scaler starting far too high skips the first 20+ updates (fp16 overflow) and
+    halves its scale each time, by design: the run goes on and trains. Gradients that stay NaN
+    once the scale is at SCALE_FLOOR, or a NaN loss at any scale, still stop it."""
+    stats, scaler = _fp16_epoch(2.0 ** 40)
+    assert 20 <= stats["skipped_updates"] < 30                      # more than LOG_EVERY in a row
+    assert math.isfinite(stats["train_loss"]) and 1 <= scaler.get_scale() < 2.0 ** 40
+    assert train_guards.LOG_EVERY == 20
+    with pytest.raises(train_guards.NonFiniteLoss, match=r"in (2[0-9]) steps in a row \(up to epoch 1, step 30\)"):
+        _fp16_epoch(4.0, "nan-grad")                                # counted once the scale is <= 1
+    with pytest.raises(train_guards.NonFiniteLoss, match=r"in 20 steps in a row \(up to epoch 1, step 20\)"):
+        _fp16_epoch(2.0 ** 16, "nan-loss")                          # counted at once
+
+
 def test_cli_errors_are_one_clear_message(cifar, tmp_path):
     """The real command line: exit code 2, a message saying what to do, no traceback."""
     def cli(*argv):
