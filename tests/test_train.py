@@ -4,6 +4,7 @@ gloo processes, the NaN stop and clear errors.
 Everything runs a tiny QKFormer (embed_dim 16, T=1) on a few fake CIFAR-10 images
 written in the official format (tests/_fakedata.py).
 """
+import copy
 import json
 import math
 import os
@@ -270,15 +271,16 @@ def test_resume_gives_exactly_the_uninterrupted_run(cifar, tmp_path):
 
 def _adamw_run(params_channels_last, moments=None, match=True, steps=3):
     """A small model with the fused AdamW (train.build_optimizer) on one batch: `steps` steps,
-    from the optimizer state `moments` if given (load_state_dict, then match_state_layouts
-    unless match=False). Returns the parameters, flat, and the optimizer's state_dict."""
+    from a copy of the optimizer state `moments` if given (load_state_dict, which keeps the
+    tensors it is given, then match_state_layouts unless match=False). Returns the
+    parameters, flat, and the optimizer's state_dict."""
     torch.manual_seed(0)
     model = qkformer.create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=1)
     if params_channels_last:  # as train.py makes them on a GPU
         model = model.to(memory_format=torch.channels_last)
     opt = train.build_optimizer(model, args_of("--lr", "1e-3"))
     if moments is not None:
-        opt.load_state_dict(moments)
+        opt.load_state_dict(copy.deepcopy(moments))
         if match:
             train_guards.match_state_layouts(opt)
     torch.manual_seed(1)
@@ -290,19 +292,27 @@ def _adamw_run(params_channels_last, moments=None, match=True, steps=3):
     return torch.cat([p.detach().flatten() for p in model.parameters()]), opt.state_dict()
 
 
+def _in_layout(moments, channels_last):
+    """A copy of an optimizer state_dict with its 4-D tensors in the given layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {**moments, "state": {i: {k: v.contiguous(memory_format=layout) if v.ndim == 4 else v.clone()
+                                     for k, v in state.items()} for i, state in moments["state"].items()}}
+
+
 @pytest.mark.parametrize("saved_channels_last", [True, False], ids=["gpu-to-cpu", "cpu-to-gpu"])
 def test_resume_on_another_layout(saved_channels_last):
     """Moments saved next to channels-last parameters (a GPU run) and resumed next to
     contiguous ones (a CPU run), or the other way: after match_state_layouts, three fused
-    AdamW steps give what they give from moments in the parameters' own layout. Without it the
-    fused kernel pairs the wrong elements, silently."""
+    AdamW steps give exactly what they give from the same moments in the parameters' own
+    layout. Without it the fused kernel pairs the wrong elements, silently."""
     _, saved = _adamw_run(saved_channels_last, steps=2)
     conv = saved["state"][0]["exp_avg"]                       # the stem's 3x3 convolution
     assert conv.is_contiguous(memory_format=torch.channels_last) == saved_channels_last
+    assert not conv.is_contiguous() == saved_channels_last
     resumed = not saved_channels_last
-    same, _ = _adamw_run(resumed, _adamw_run(resumed, steps=2)[1])
+    same, _ = _adamw_run(resumed, _in_layout(saved, resumed))
     fixed, state = _adamw_run(resumed, saved)
-    assert (fixed - same).abs().max() < 1e-6
+    assert torch.equal(fixed, same)
     layout = torch.channels_last if resumed else torch.contiguous_format
     assert state["state"][0]["exp_avg"].is_contiguous(memory_format=layout)  # the parameters' layout
     broken, _ = _adamw_run(resumed, saved, match=False)
