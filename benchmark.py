@@ -6,15 +6,17 @@ and how fast the training data loader delivers images.
     python benchmark.py --phases data --dataset cifar10 --data-dir data --batch-size 64
 
 Measures, for one preset, batch size and T on one device:
-  * training: forward, cross-entropy, backward and an AdamW step, in train mode;
+  * training: train.py's own step (train.train_one_epoch: forward, cross-entropy, backward
+    and its fused AdamW update, the weights channels-last on a GPU as train.py keeps them);
   * inference: forward in eval mode under torch.inference_mode(), with the batch norms
     folded into their convolutions (`qkformer.fold_batchnorm`, exact in eval mode);
 each as the median over several timed steps after warm-up steps, in images per second;
 and the peak memory: on the CPU the peak resident memory of a fresh process per phase
 (what `top` shows, so it includes PyTorch itself), on a GPU the allocator's peak.
-Results are printed and written as JSON (`--output`). Inputs are random images: the
-cost of a step does not depend on the pixel values, only on how many neurons spike,
-which random inputs exercise at rates close to trained networks (printed alongside).
+Results are printed and written as JSON (`--output`). Inputs are random images, kept on
+the device (the loader is the data phase's to time): the cost of a step does not depend
+on the pixel values, only on how many neurons spike, which random inputs exercise at
+rates close to trained networks (printed alongside).
 The device is set up as train.py sets it up: mixed precision by the same rule
 (`--amp`: neuron_fast.autocast_dtype), cuDNN autotuning and TF32 on a GPU unless --no-tf32
 (neuron_fast.apply_device_settings).
