@@ -147,6 +147,8 @@ def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
         assert torch.allclose(gx.cpu().float(), gr.float(), rtol=BF16_RTOL, atol=1e-3)
     with torch.no_grad():                              # inference: the spikes-only kernel
         assert torch.equal(LIFNode()(x.cuda()).cpu(), out.detach().cpu())
+    with torch.inference_mode():                       # as evaluate.py and benchmark.py run it
+        assert torch.equal(LIFNode()(x.cuda()).cpu(), out.detach().cpu())
 
 
 def test_plif_on_cuda_equals_reference_on_cpu():
