@@ -6,15 +6,17 @@ and how fast the training data loader delivers images.
     python benchmark.py --phases data --dataset cifar10 --data-dir data --batch-size 64
 
 Measures, for one preset, batch size and T on one device:
-  * training: forward, cross-entropy, backward and an AdamW step, in train mode;
+  * training: train.py's own step (train.train_one_epoch: forward, cross-entropy, backward
+    and its fused AdamW update, the weights channels-last on a GPU as train.py keeps them);
   * inference: forward in eval mode under torch.inference_mode(), with the batch norms
     folded into their convolutions (`qkformer.fold_batchnorm`, exact in eval mode);
 each as the median over several timed steps after warm-up steps, in images per second;
 and the peak memory: on the CPU the peak resident memory of a fresh process per phase
 (what `top` shows, so it includes PyTorch itself), on a GPU the allocator's peak.
-Results are printed and written as JSON (`--output`). Inputs are random images: the
-cost of a step does not depend on the pixel values, only on how many neurons spike,
-which random inputs exercise at rates close to trained networks (printed alongside).
+Results are printed and written as JSON (`--output`). Inputs are random images, kept on
+the device (the loader is the data phase's to time): the cost of a step does not depend
+on the pixel values, only on how many neurons spike, which random inputs exercise at
+rates close to trained networks (printed alongside).
 The device is set up as train.py sets it up: mixed precision by the same rule
 (`--amp`: neuron_fast.autocast_dtype), cuDNN autotuning and TF32 on a GPU unless --no-tf32
 (neuron_fast.apply_device_settings).
@@ -29,6 +31,7 @@ Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K At
 NeurIPS 2024. The FLOP count uses torch.utils.flop_counter (2 FLOPs per multiply-add).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -130,9 +133,10 @@ def run_phase(args, phase: str) -> dict:
     # returned to the system, without which the resident memory grows well above what a
     # step needs (see neuron_fast.apply_memory_policy). Inference keeps little alive. On
     # the CPU this runs first in a fresh process, before its first tensor.
-    apply_memory_policy(return_freed_memory=phase == "train" and args.low_memory)
-    torch.manual_seed(0)
     device = args.device
+    apply_memory_policy(return_freed_memory=phase == "train" and args.low_memory
+                        and not device.startswith("cuda"))  # the CPU's allocator: CPU runs only, as train.py
+    torch.manual_seed(0)
     amp_dtype = autocast_dtype(torch.device(device), args.amp)
     apply_device_settings(torch.device(device), fast=args.tf32)
     model = build(args).to(device)
@@ -144,34 +148,18 @@ def run_phase(args, phase: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     if phase == "train":
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.06)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-        # fp16 needs loss scaling, as in train.py (bf16 has float32's range: no scaler).
-        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype == torch.float16)
-
-        def step():
-            with autocast:
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        times = time_training_steps(args, model, torch.device(device), amp_dtype)
     else:
         model = fold_batchnorm(model.eval())
-
-        def step():
+        times = []
+        for i in range(args.warmup + args.steps):
+            synchronize(device)
+            start = time.perf_counter()
             with torch.inference_mode(), autocast:
                 model(x)
-
-    times = []
-    for i in range(args.warmup + args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            synchronize(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated(device)
@@ -179,6 +167,55 @@ def run_phase(args, phase: str) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"images_per_s": args.batch_size / seconds, "step_s": seconds,
             "step_s_all": times, "peak_memory_GB": peak / 1e9}
+
+
+class TimedBatches:
+    """A loader for train.train_one_epoch that hands out one batch `n` times and notes the
+    time at each hand-out, after synchronising the device: the time between two hand-outs is
+    one whole training step of train.py, host reads included (those train.py makes every
+    train_guards.LOG_EVERY steps too)."""
+
+    def __init__(self, batch, n, device):
+        self.batch, self.n, self.device, self.stamps = batch, n, device, []
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n + 1):          # the last stamp: after the last step
+            synchronize(self.device.type)
+            self.stamps.append(time.perf_counter())
+            if len(self.stamps) <= self.n:
+                yield self.batch
+
+
+def time_training_steps(args, model, device, amp_dtype) -> list:
+    """The seconds of each timed training step: train.py's own step (train.train_one_epoch:
+    uint8 images normalised on the device, its fused AdamW with train.py's parameter groups,
+    the update skipped on the device when not finite, the grad scaler for fp16), the weights
+    in train.py's layout (channels-last on a GPU), on one random batch kept on the device:
+    the loader is not timed (the data phase is). No erasing, no mixup, no clipping: the
+    model's step."""
+    import train                             # its step itself, not a copy of it
+    if device.type == "cuda":                # as train.setup_optimization
+        model = model.to(memory_format=torch.channels_last)
+    cfg, n = model.config, args.warmup + args.steps
+    settings = argparse.Namespace(lr=1e-3, weight_decay=0.06, warmup_epochs=0.0, warmup_lr=1e-5,
+                                  min_lr=1e-5, epochs=1, warmup_prefix=False, accum_iter=1,
+                                  clip_grad=None, reprob=0.0, remode="const")
+    optimizer = train.build_optimizer(model, settings)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16, as train.py
+    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
+                else contextlib.nullcontext)
+    ctx = train.StepContext(model, optimizer, train.build_scheduler(optimizer, settings, n),
+                            nn.CrossEntropyLoss(label_smoothing=0.1), settings, device,
+                            (0.5,) * cfg.in_channels, (0.25,) * cfg.in_channels, scaler, autocast, show=False)
+    images = torch.randint(0, 256, (args.batch_size, cfg.in_channels, cfg.img_size, cfg.img_size),
+                           dtype=torch.uint8, device=device)   # (B, C, H, W), as a loader gives them
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
+    batches = TimedBatches((images, labels), n, device)
+    train.train_one_epoch(ctx, batches, 0)
+    return [b - a for a, b in zip(batches.stamps, batches.stamps[1:])][args.warmup:]
 
 
 def _phase_in_child(args, phase, queue):

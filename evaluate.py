@@ -247,7 +247,7 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
             if limit is not None and seen >= limit:
                 break
             n = len(labels) if limit is None else limit - seen       # the last batch is cut
-            images, labels = images[:n].to(device), torch.as_tensor(labels[:n]).to(device)
+            images, labels = (t[:n].to(device, non_blocking=True) for t in (images, torch.as_tensor(labels)))
             if prepare is not None:
                 images = prepare(images)                # after the move: uint8 crosses the bus
             with torch.autocast(torch.device(device).type, dtype=amp_dtype,
@@ -262,7 +262,7 @@ def evaluate(model: nn.Module, batches, num_classes: int, device="cpu", prepare=
             # float(): under --amp the logits are fp16/bf16, too coarse for a loss summed over a test set
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
             pairs = labels * num_classes + top[:, 0]                # (true, predicted) as one index
-            confusion += torch.bincount(pairs, minlength=num_classes ** 2)
+            confusion.index_add_(0, pairs, torch.ones_like(pairs))  # (bincount waits for a GPU: its size)
             seen += len(labels)
     if seen == 0:
         raise ValueError("no test images to evaluate")
@@ -608,7 +608,8 @@ def run_evaluation(args) -> dict:
     out = args.output or os.path.join("eval", os.path.splitext(os.path.basename(args.checkpoint))[0])
     os.makedirs(out, exist_ok=True)
     test_set, full, options = test_sets(args, spec, checkpoint, model.config)
-    loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers)
+    loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers,
+                              pin_memory=device.type == "cuda")  # page-locked: copies overlap the GPU's work
 
     def prepare(images):                      # uint8 pixels -> normalised floats, on the device
         return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))

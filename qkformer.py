@@ -239,10 +239,10 @@ class QKAttention(SpikeAttention):
         heads = (T, B, self.num_heads, C // self.num_heads, H * W)
         q = self.q(x).reshape(heads)                                # (T, B, h, C/h, N)
         k = self.k(x).reshape(heads)                                # (T, B, h, C/h, N)
-        if self.mode == "token":
-            attn = self.attn_lif(q.sum(dim=3, keepdim=True))        # (T, B, h, 1, N)   A_t
-        else:
-            attn = self.attn_lif(q.sum(dim=4, keepdim=True))        # (T, B, h, C/h, 1) A_c
+        if self.mode == "token":  # sums in q's dtype: CUDA's autocast would make them float32
+            attn = self.attn_lif(q.sum(dim=3, keepdim=True, dtype=q.dtype))  # (T, B, h, 1, N)   A_t
+        else:  # (a count of spikes: the decision x >= 1 is exact in bf16 and fp16 alike)
+            attn = self.attn_lif(q.sum(dim=4, keepdim=True, dtype=q.dtype))  # (T, B, h, C/h, 1) A_c
         x = (attn * k).reshape(T, B, C, H, W)                       # X' = A (*) K
         return self.proj(x)                                         # X'' = SN(BN(Linear(X')))
 

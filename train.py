@@ -254,18 +254,18 @@ def evaluate(model, loader, device, mean, std, autocast=contextlib.nullcontext, 
     flip: of the logits averaged with those of the mirrored images (qkformer.predict).
     (evaluate.py adds firing rates and energy to the same loop.)"""
     model.eval()
-    total_loss, top1, top5, n = 0.0, 0, 0, 0
+    sums, n = torch.zeros(3, dtype=torch.float64, device=device), 0  # loss, top-1, top-5: read at the end
     for images, labels in tqdm(loader, desc="evaluate", disable=not show, dynamic_ncols=True, leave=False):
         x = data.normalize(images.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with autocast():
             logits = predict(model, model_input(x), flip).float()
-        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices   # (B, 5)
         hits = best5 == labels[:, None]                               # (B, 5)
-        top1 += hits[:, 0].sum().item()
-        top5 += hits.any(dim=1).sum().item()
+        sums += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
         n += len(labels)
+    total_loss, top1, top5 = sums.tolist()  # one host read: a read per batch would make it wait each time
     return dict(test_loss=total_loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n)
 
 

@@ -158,13 +158,19 @@ class NonFiniteLoss(TrainError):
 # whose loss or gradients were non-finite in LOG_EVERY steps in a row (or in every step
 # of a shorter epoch) stops with NonFiniteLoss.
 LOG_EVERY = 20
+# fp16's grad scaler skips an update whose scaled gradients overflow and halves its scale: by
+# design, and the steps after it go on (a run's first steps may skip a dozen times while the
+# scale settles from 2**16). Such a skip counts as non-finite only once the scale is at most
+# SCALE_FLOOR: gradients that overflow unscaled, or are NaN, are not the scale's doing.
+SCALE_FLOOR = 1.0
 
 
 class NonFiniteWatch:
     """The non-finite bookkeeping of one epoch of train.train_one_epoch, all on the device:
     the losses of the current accumulation window, the sum of the finite losses and their
     count (the epoch's mean loss leaves the others out), the updates skipped, and the number
-    of non-finite steps in a row (ctx.bad_streak, carried across epochs)."""
+    of non-finite steps in a row (ctx.bad_streak, carried across epochs; a skip of the fp16
+    grad scaler that its scale recovers from is not one: SCALE_FLOOR)."""
 
     def __init__(self, ctx, epoch, steps):
         self.ctx, self.epoch, self.steps = ctx, epoch, steps
@@ -189,7 +195,7 @@ class NonFiniteWatch:
             self.window = torch.maximum(self.window, bad)
         else:
             self.skipped += skip
-            bad = torch.maximum(bad, skip)
+            bad = torch.maximum(bad, self.unrecoverable(skip))
             self.window = self.zero.clone()
         self.ctx.bad_streak = (self.ctx.bad_streak + 1) * bad    # non-finite steps in a row
         self.total_loss += torch.where(bad > 0, self.zero, mean_loss)
@@ -200,6 +206,15 @@ class NonFiniteWatch:
         if streak >= min(LOG_EVERY, self.steps):
             raise NonFiniteLoss(self.epoch, i, streak)
         return True
+
+    def unrecoverable(self, skip):
+        """skip (0/1 device tensor, an update just skipped), unless the fp16 grad scaler skipped
+        it at a scale above SCALE_FLOOR: the scale has halved (update()) and the next steps retry."""
+        scaler = self.ctx.scaler
+        if not scaler.is_enabled():
+            return skip
+        scale = scaler._get_scale_async()  # the device tensor, after update(): no host read
+        return skip * (scale <= SCALE_FLOOR * scaler.get_backoff_factor()).float()
 
     def mean_loss(self):
         """The mean of the finite losses so far (NaN if there is none)."""
@@ -221,8 +236,10 @@ def stop_if_diverged(s):
 def say_skipped(s, epoch, n):
     """The updates of an epoch skipped for non-finite losses or gradients, if any."""
     if n:
-        s.say(f"note: {n} update{'s' if n > 1 else ''} of epoch {epoch + 1} skipped: the loss or the "
-              f"gradients were not finite")
+        why = ("the loss or the gradients were not finite, or (fp16) the grad scaler's scale was too high: "
+               "it halves at each such skip, by design" if s.ctx.scaler.is_enabled()
+               else "the loss or the gradients were not finite")
+        s.say(f"note: {n} update{'s' if n > 1 else ''} of epoch {epoch + 1} skipped: {why}")
 
 
 def non_finite_state(model, optimizer):
@@ -341,6 +358,21 @@ def place_scheduler(scheduler, peak_lr, epoch, updates_per_epoch, updates=0):
     scheduler._last_lr = [lr] * len(scheduler.optimizer.param_groups)
 
 
+def match_state_layouts(optimizer):
+    """Give each optimizer state tensor (AdamW's moments) its parameter's memory layout.
+
+    load_state_dict keeps the layout the moments were saved in: channels-last from a run on
+    a GPU (train.setup_optimization), contiguous from one on a CPU. The fused AdamW walks a
+    parameter and its moments as flat memory, so with two layouts it pairs the wrong elements,
+    silently (tests/test_train.py, test_resume_on_another_layout); the foreach one does not."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's strides
+
+
 def restore_state(s):
     """Optimizer, schedule, scaler and random generators: from the resumed checkpoint
     (where it stopped), or seeded afresh (augmentations differ between processes).
@@ -352,6 +384,7 @@ def restore_state(s):
         seed_everything(s.args.seed + s.rank)
         return
     s.ctx.optimizer.load_state_dict(s.ckpt["optimizer"])
+    match_state_layouts(s.ctx.optimizer)  # saved on a GPU (channels-last), resumed on a CPU, or back
     s.ctx.scheduler.load_state_dict(s.ckpt["scheduler"])
     s.start_epoch, s.best_top1 = s.ckpt["epoch"], s.ckpt["best_top1"]
     updates = resume_mid_epoch(s) if s.ckpt.get("progress") else 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
 
@@ -79,3 +80,22 @@ def test_evaluate_device_options():
     assert data.default_workers("cpu") == 0                         # the rule of all three scripts
     assert data.default_workers("cuda") == min(8, len(os.sched_getaffinity(0)))
     assert data.default_workers("cuda", processes_per_machine=1000) == 1
+
+
+def test_training_phase_times_train_py_step(monkeypatch):
+    """The training phase runs train.py's own step (train.train_one_epoch with its fused AdamW),
+    one whole step per timed interval, warm-up steps left out."""
+    import train
+    seen = []
+    real = train.train_one_epoch
+
+    def spy(ctx, loader, epoch, mixup=None):
+        seen.append((ctx.optimizer.defaults["fused"], len(loader), ctx.scaler.is_enabled()))
+        return real(ctx, loader, epoch, mixup)
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    args = benchmark.parse_args(["--device", "cpu", "--model", "tiny", "--batch-size", "2", "--T", "1",
+                                 "--steps", "2", "--warmup", "1"])
+    model = benchmark.build(args)
+    times = benchmark.time_training_steps(args, model, torch.device("cpu"), None)
+    assert seen == [(True, 3, False)]
+    assert len(times) == 2 and all(t > 0 for t in times)

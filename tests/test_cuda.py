@@ -5,17 +5,29 @@
     stated tolerance (see neuron.py, "Precision");
   * the fused batch norm + LIF against the separate layers, in float64 and under bf16;
   * the golden parity with the official code (tests/golden/) on CUDA, float64, 1e-9;
-  * dtypes under bf16 and fp16 autocast; a float32 training step against the CPU (TF32
-    off); bf16 and fp16 steps with the grad scaler;
+  * dtypes under bf16 and fp16 autocast, the attention neurons' inputs included; the whole
+    model with compiled kernels under bf16 and fp16, in training and under inference_mode;
+    a float32 training step against the CPU (TF32 off); bf16 and fp16 steps with the grad
+    scaler, whose overflow skips do not stop a run; moments saved by a CPU run resumed next
+    to channels-last parameters;
+  * no host read per batch: train.py's training steps and evaluation, evaluate.py's loop;
   * train.py with the official recipe on a tiny fake CIFAR-10 (bf16, stop, resume; fp16
-    with clipping; a SIGTERM mid-epoch to it and its loader workers, resumed); two NCCL
-    processes when there are two GPUs (and Ctrl-C to their torchrun, resumed);
-  * benchmark.py --device cuda --amp, and evaluate.py on CUDA.
+    with clipping and compiled kernels; a SIGTERM mid-epoch to it and its loader workers,
+    resumed); two NCCL processes when there are two GPUs (and Ctrl-C to their torchrun, resumed);
+  * benchmark.py --device cuda --amp (compiled kernels), and evaluate.py on CUDA.
+
+The kernels: tests/conftest.py makes every test process run them eagerly. Where a test here
+asks for them compiled (the `backend` fixture's "compiled", `kernels("compiled")`), it starts
+from a fresh compiler and fails if any kernel call ran eagerly: a compile error raises under
+the "compiled" backend, and torch.compile's silent fallbacks (its recompile limit, a frame
+it skips) are caught by checking each call. The scripts run in subprocesses with
+QKFORMER_LIF=compiled where they should compile, so a compile error fails them.
 
 scripts/gpu_check.py runs this file (and the CPU checks) and prints PASS/FAIL per test.
 The device settings: parity tests run with neuron_fast.apply_device_settings(fast=False)
 (no cuDNN autotuning, no TF32) so that float32 comparisons are bit-stable.
 """
+import contextlib
 import json
 import os
 import signal
@@ -51,14 +63,37 @@ def _fresh_compiler():
     torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def kernels(name):
+    """The neuron kernels eager, or compiled from a fresh compiler and checked: every kernel
+    call made under the "compiled" backend (of at most MAX_COMPILED_STEPS steps: longer ones
+    run eagerly by design) must have run the compiled code, else the block fails. Yields the
+    calls checked: (kernel, input dtype, what ran)."""
+    previous, calls = neuron_fast.get_backend(), []
+    real = neuron_fast.CompiledOrEager.__call__
+
+    def checked(kernel, *args):
+        out = real(kernel, *args)
+        if neuron_fast.get_backend() == "compiled" and args[0].shape[0] <= neuron_fast.MAX_COMPILED_STEPS:
+            calls.append((kernel.fn.__name__, args[0].dtype, kernel.used))
+        return out
+    if name == "compiled":
+        _fresh_compiler()
+    neuron_fast.CompiledOrEager.__call__ = checked
+    neuron_fast.set_backend(name)
+    try:
+        yield calls
+    finally:
+        neuron_fast.CompiledOrEager.__call__ = real
+        neuron_fast.set_backend(previous)
+    eager = sorted({(n, str(d)) for n, d, used in calls if used != "compiled"})
+    assert name != "compiled" or (calls and not eager), f"kernels that ran eagerly, not compiled: {eager}"
+
+
 @pytest.fixture(params=["eager", "compiled"])
 def backend(request):
-    previous = neuron_fast.get_backend()
-    if request.param == "compiled":
-        _fresh_compiler()
-    neuron_fast.set_backend(request.param)
-    yield request.param
-    neuron_fast.set_backend(previous)
+    with kernels(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -87,10 +122,10 @@ def test_lif_on_cuda_equals_reference_on_cpu(backend, tau):
     assert torch.allclose(gx.cpu(), gr, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
-    """float32: the same spikes, exactly; bf16 (computed in float32 on both, see neuron.py):
-    at most 1e-4 of the spikes differ (none expected). Gradients to float rounding."""
+    """float32: the same spikes, exactly; bf16 and fp16 (computed in float32 on both, see
+    neuron.py): at most 1e-4 of the spikes differ (none expected). Gradients to float rounding."""
     torch.manual_seed(5)
     x = (torch.randn(4, 8, 1000) * 1.5 + 0.7).to(dtype)
     grad = torch.randn(x.shape).to(dtype)
@@ -105,8 +140,6 @@ def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
     xc = x.cuda().requires_grad_()
     out = LIFNode()(xc)
     gx, = torch.autograd.grad(out, xc, grad.cuda())
-    if backend == "compiled":
-        assert neuron_fast.lif_forward_kernel.used == neuron_fast.lif_backward_kernel.used == "compiled"
     assert out.dtype == gx.dtype == dtype
     if dtype == torch.float32:
         assert torch.equal(out.cpu(), ref)
@@ -115,6 +148,8 @@ def test_compiled_kernels_on_cuda_equal_eager_on_cpu(dtype, backend):
         assert (out.cpu() != ref).float().mean().item() <= 1e-4
         assert torch.allclose(gx.cpu().float(), gr.float(), rtol=BF16_RTOL, atol=1e-3)
     with torch.no_grad():                              # inference: the spikes-only kernel
+        assert torch.equal(LIFNode()(x.cuda()).cpu(), out.detach().cpu())
+    with torch.inference_mode():                       # as evaluate.py and benchmark.py run it
         assert torch.equal(LIFNode()(x.cuda()).cpu(), out.detach().cpu())
 
 
@@ -206,20 +241,16 @@ def _golden_case(name):
     return golden, QKFormerConfig(**settings), x
 
 
-@pytest.mark.parametrize("name,kernels", [("cifar", "eager"), ("cifar", "compiled"),
-                                          ("imagenet", "eager"), ("cifar10dvs", "eager"),
-                                          ("dvs128gesture", "eager")])
-def test_golden_parity_on_cuda(name, kernels, exact):
+@pytest.mark.parametrize("name,kind", [("cifar", "eager"), ("cifar", "compiled"),
+                                       ("imagenet", "eager"), ("cifar10dvs", "eager"),
+                                       ("dvs128gesture", "eager")])
+def test_golden_parity_on_cuda(name, kind, exact):
     """Eval logits, train logits, loss and every gradient match the official code to 1e-9
     (float64) on the GPU, official_quirks included (the SSA neuron over T*B steps)."""
     path = os.path.join(GOLDEN, f"official_{name}_small.pt")
     if not os.path.exists(path):
         pytest.skip(f"no golden file {os.path.basename(path)}")
-    previous = neuron_fast.get_backend()
-    if kernels == "compiled":
-        _fresh_compiler()
-    neuron_fast.set_backend(kernels)
-    try:
+    with kernels(kind):
         golden, config, x = _golden_case(name)
         model = QKFormer(config).double()
         load_official_state_dict(model, golden["official_state_dict"])
@@ -240,8 +271,6 @@ def test_golden_parity_on_cuda(name, kernels, exact):
         assert grads.keys() == params.keys()
         for key, grad in grads.items():
             assert torch.allclose(params[key].grad.cpu(), grad, rtol=0, atol=1e-9), key
-    finally:
-        neuron_fast.set_backend(previous)
 
 
 # ---------------------------------------------------------------- mixed precision and steps
@@ -253,22 +282,69 @@ def _small_model(seed=0, **overrides):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_dtypes_under_autocast(dtype):
-    """Under autocast: spikes in the activations' half dtype, logits in it too, the input's
-    gradient in float32 (the input is float32), every parameter's gradient in float32."""
+def test_dtypes_under_autocast(dtype, backend):
+    """Under autocast: every neuron's input and spikes in the activations' half dtype (the Q-K
+    attention's neurons too: their sums of Q would be float32, sum being on CUDA autocast's
+    float32 list, without qkformer.py's dtype=), logits in it too, the input's gradient in
+    float32 (the input is float32), every parameter's gradient in float32."""
     model = _small_model().cuda().train()
-    seen = []
-    for m in model.modules():
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, out):                 # returns None: the output stays as it is
+            seen.setdefault(name, (inputs[0].dtype, out.dtype))
+        return hook
+    for name, m in model.named_modules():
         if isinstance(m, SpikingNeuron):
-            m.register_forward_hook(lambda mod, i, out: seen.append(out.dtype))
+            m.register_forward_hook(record(name))
     x = torch.randn(2, 3, 32, 32, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=dtype):
         logits = model(x)
     assert logits.dtype == dtype
-    assert set(seen) == {dtype}, set(seen)
+    assert any("attn_lif" in name for name in seen)
+    assert {name: d for name, d in seen.items() if d != (dtype, dtype)} == {}
     F.cross_entropy(logits.float(), torch.tensor([1, 2], device="cuda")).backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_compiled_kernels_in_a_model_under_autocast(amp):
+    """The whole model, its kernels compiled (every call checked: `kernels`), under bf16 and
+    fp16: a training forward and backward, then eval under torch.inference_mode (the
+    spikes-only kernel). The first neuron, which sees the same input either way, gives the
+    eager kernels' spikes (at most 1e-3 of them differ: a multiply-add rounded once or twice);
+    deeper layers may then differ more (a flipped spike changes what follows), so of the
+    logits and gradients only finiteness is asserted."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    torch.manual_seed(6)
+    x, y = torch.randn(4, 3, 32, 32, device="cuda"), torch.tensor([0, 3, 5, 9], device="cuda")
+    first = {}
+    for kind in ("eager", "compiled"):
+        with kernels(kind) as calls:
+            model = _small_model(seed=5).cuda().to(memory_format=torch.channels_last).train()
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = 1.0                   # eval then normalises as training did: spikes
+            neuron = next(m for m in model.modules() if isinstance(m, SpikingNeuron))
+            neuron.register_forward_hook(lambda m, i, out, spikes=first.setdefault(kind, []):
+                                         spikes.append(out.detach()))      # (append returns None)
+            with torch.autocast("cuda", dtype=dtype):
+                logits = model(x)
+            F.cross_entropy(logits.float(), y).backward()
+            model.eval()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+                inference = model(x)
+        assert logits.dtype == inference.dtype == dtype
+        assert torch.isfinite(logits).all() and torch.isfinite(inference).all()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    ran = {(name, d) for name, d, _ in calls}
+    assert ("lif_spikes", dtype) in ran, ran                        # inference: the spikes-only kernel
+    assert {("lif_forward", dtype), ("bn_lif_forward", dtype)} & ran and \
+        {("lif_backward", dtype), ("bn_lif_backward", dtype)} & ran, ran   # training, both directions
+    for eager, compiled in zip(first["eager"], first["compiled"]):       # training, then inference
+        assert 0.01 < compiled.float().mean() < 0.99
+        assert (eager != compiled).float().mean() <= 1e-3
 
 
 def test_float32_training_step_on_cuda_equals_cpu(exact):
@@ -321,6 +397,111 @@ def test_mixed_precision_steps_with_the_scaler(amp):
         assert 0 < scaler.get_scale() < float("inf")
 
 
+def _tiny_step_context(model, amp, steps, scaler=None):
+    """train.py's step context (fused AdamW, its schedule) for `model` on the GPU under `amp`."""
+    import train
+    import train_settings
+    a = train_settings.resolve_args(train_settings.parse_args(
+        ["--lr", "1e-3", "--warmup-epochs", "0.5", "--epochs", "2", "--reprob", "0", "--mixup", "0"]))
+    opt = train.build_optimizer(model, a)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    return train.StepContext(model, opt, train.build_scheduler(opt, a, steps), nn.CrossEntropyLoss(), a, CUDA,
+                             (0.5,) * 3, (0.25,) * 3, scaler=scaler, show=False,
+                             autocast=lambda: torch.autocast("cuda", dtype=dtype))
+
+
+def _batches(n, size=32, batch=4):
+    """n batches of random uint8 images and labels in page-locked memory, as a pinned loader gives."""
+    torch.manual_seed(7)
+    return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).pin_memory(),
+             torch.randint(0, 10, (batch,)).pin_memory()) for _ in range(n)]
+
+
+def test_fp16_scaler_overflow_skips_do_not_stop_a_run():
+    """fp16 with the grad scaler started far too high: it skips the first 20+ updates and
+    halves its scale each time (by design); train_guards counts them as non-finite only at
+    SCALE_FLOOR, so the epoch ends, its updates then made (tests/test_train.py does this on the CPU)."""
+    import train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).cuda()
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 40)
+    stats = train.train_one_epoch(_tiny_step_context(model, "fp16", 30, scaler), _batches(30, size=8), 0)
+    assert 20 <= stats["skipped_updates"] < 30 and 1 <= scaler.get_scale() < 2.0 ** 40
+    assert torch.isfinite(torch.tensor(stats["train_loss"]))
+
+
+def test_moments_of_a_cpu_run_resume_next_to_channels_last_parameters():
+    """Moments saved contiguous (a CPU run) and loaded next to a channels-last parameter (as
+    train.py keeps them on a GPU): after train_guards.match_state_layouts, three fused AdamW
+    steps on the GPU give exactly what the same moments in the parameter's layout give.
+    (tests/test_train.py shows on the CPU what happens without it.)"""
+    import copy
+    import train_guards
+    torch.manual_seed(1)
+    weight = torch.randn(8, 4, 3, 3)                             # a convolution's weight
+    grads = [torch.randn(8, 4, 3, 3) for _ in range(5)]
+
+    def run(device, moments=None, first=0, steps=3):
+        p = nn.Parameter(weight.to(device))
+        if device == "cuda":
+            p = nn.Parameter(p.detach().to(memory_format=torch.channels_last))
+        opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.05, fused=True)
+        if moments is not None:
+            opt.load_state_dict(copy.deepcopy(moments))          # load_state_dict keeps what it gets
+            train_guards.match_state_layouts(opt)
+        for g in grads[first:first + steps]:
+            p.grad = g.to(device).contiguous(memory_format=torch.channels_last if device == "cuda"
+                                             else torch.contiguous_format)
+            opt.step()
+        return p.detach().cpu(), opt.state_dict()
+
+    _, saved = run("cpu", steps=2)                                # contiguous moments
+    assert not saved["state"][0]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    own = copy.deepcopy(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        own["state"][0][key] = own["state"][0][key].contiguous(memory_format=torch.channels_last)
+    same, _ = run("cuda", own, first=2)
+    resumed, state = run("cuda", saved, first=2)
+    assert torch.equal(resumed, same)
+    assert state["state"][0]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+def _syncs(fn):
+    """The number of synchronising CUDA calls fn() makes (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_no_host_read_per_batch(amp):
+    """train.py's training epoch and evaluation, and evaluate.py's loop, make the host wait for
+    the GPU a fixed number of times (their reads at the end), not once per batch: 2 batches and
+    6 batches give the same count."""
+    import evaluate as ev
+    import train
+    model = _small_model(seed=3).cuda().to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    prepare = lambda images: (images.float() - 127.5) / 64              # noqa: E731
+    counts = {}
+    for n in (2, 2, 6):                                          # the first round: first-call costs
+        batches = _batches(n)
+        counts[n] = (
+            _syncs(lambda: train.train_one_epoch(_tiny_step_context(model, amp, n), batches, 0)),
+            _syncs(lambda: train.evaluate(model, batches, CUDA, (0.5,) * 3, (0.25,) * 3,
+                                          lambda: torch.autocast("cuda", dtype=dtype), show=False)),
+            _syncs(lambda: ev.evaluate(model, batches, 10, CUDA, prepare, amp_dtype=dtype)))
+    assert counts[2] == counts[6], counts
+
+
 @pytest.mark.parametrize("kind", ["lif", "plif"])
 def test_training_step_on_cuda_fires_every_hook(kind):
     model = create_model("cifar10", embed_dim=32, depths=3, num_heads=2, T=2, neuron=kind).cuda()
@@ -338,13 +519,15 @@ def test_training_step_on_cuda_fires_every_hook(kind):
 TINY = ["--model", "tiny", "--embed-dim", "32", "--num-heads", "1", "--depths", "3", "--T", "2"]
 
 
-def _train(cifar, out, *extra):
+def _train(cifar, out, *extra, lif="eager"):
     """train.py in a fresh process (its device settings stay there), the official cifar10
-    recipe but a tiny model; returns the process."""
+    recipe but a tiny model, its neuron kernels as `lif` says (QKFORMER_LIF: "compiled"
+    fails on a compile error); returns the process."""
     argv = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10",
             "--data-dir", cifar, "--no-download", "--output", str(out), *TINY,
             "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0.5", "--device", "cuda", *extra]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QKFORMER_LIF": lif})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -373,8 +556,9 @@ def test_train_py_bf16_stop_and_resume(cifar, tmp_path):
 
 
 def test_train_py_fp16_with_clipping(cifar, tmp_path):
+    """fp16 with the grad scaler, clipping and the kernels compiled (a compile error fails)."""
     out = tmp_path / "fp16"
-    proc = _train(cifar, out, "--amp", "fp16", "--clip-grad", "1.0")
+    proc = _train(cifar, out, "--amp", "fp16", "--clip-grad", "1.0", lif="compiled")
     assert "fp16" in proc.stdout
     log = _log(out)
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
@@ -462,11 +646,14 @@ def test_train_py_ctrl_c_to_torchrun_with_two_nccl_processes(cifar, tmp_path):
 
 @pytest.mark.parametrize("amp", ["auto", "fp16"])
 def test_benchmark_on_cuda_with_amp(tmp_path, amp):
+    """benchmark.py on the GPU, its kernels compiled (a compile error fails): train.py's step
+    (the fp16 one with its grad scaler) and inference."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--model", "tiny",
                            "--batch-size", "4", "--T", "2", "--steps", "2", "--warmup", "1",
                            "--device", "cuda", "--amp", amp, "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QKFORMER_LIF": "compiled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     expected = "fp16" if amp == "fp16" else (

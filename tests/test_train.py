@@ -4,6 +4,7 @@ gloo processes, the NaN stop and clear errors.
 Everything runs a tiny QKFormer (embed_dim 16, T=1) on a few fake CIFAR-10 images
 written in the official format (tests/_fakedata.py).
 """
+import copy
 import json
 import math
 import os
@@ -270,6 +271,79 @@ def test_resume_gives_exactly_the_uninterrupted_run(cifar, tmp_path):
     assert [r.get("top1") for r in logs[0]] == [r.get("top1") for r in logs[1]]
 
 
+def _adamw_run(params_channels_last, moments=None, match=True, steps=3):
+    """A small model with the fused AdamW (train.build_optimizer) on one batch: `steps` steps,
+    from a copy of the optimizer state `moments` if given (load_state_dict, which keeps the
+    tensors it is given, then match_state_layouts unless match=False). Returns the
+    parameters, flat, and the optimizer's state_dict."""
+    torch.manual_seed(0)
+    model = qkformer.create_model("cifar10", embed_dim=16, depths=3, num_heads=2, T=1)
+    if params_channels_last:  # as train.py makes them on a GPU
+        model = model.to(memory_format=torch.channels_last)
+    opt = train.build_optimizer(model, args_of("--lr", "1e-3"))
+    if moments is not None:
+        opt.load_state_dict(copy.deepcopy(moments))
+        if match:
+            train_guards.match_state_layouts(opt)
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), opt.state_dict()
+
+
+def _in_layout(moments, channels_last):
+    """A copy of an optimizer state_dict with its 4-D tensors in the given layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {**moments, "state": {i: {k: v.contiguous(memory_format=layout) if v.ndim == 4 else v.clone()
+                                     for k, v in state.items()} for i, state in moments["state"].items()}}
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False], ids=["gpu-to-cpu", "cpu-to-gpu"])
+def test_resume_on_another_layout(saved_channels_last):
+    """Moments saved next to channels-last parameters (a GPU run) and resumed next to
+    contiguous ones (a CPU run), or the other way: after match_state_layouts, three fused
+    AdamW steps give exactly what they give from the same moments in the parameters' own
+    layout. Without it the fused kernel pairs the wrong elements, silently."""
+    _, saved = _adamw_run(saved_channels_last, steps=2)
+    conv = saved["state"][0]["exp_avg"]                       # the stem's 3x3 convolution
+    assert conv.is_contiguous(memory_format=torch.channels_last) == saved_channels_last
+    assert not conv.is_contiguous() == saved_channels_last
+    resumed = not saved_channels_last
+    same, _ = _adamw_run(resumed, _in_layout(saved, resumed))
+    fixed, state = _adamw_run(resumed, saved)
+    assert torch.equal(fixed, same)
+    layout = torch.channels_last if resumed else torch.contiguous_format
+    assert state["state"][0]["exp_avg"].is_contiguous(memory_format=layout)  # the parameters' layout
+    broken, _ = _adamw_run(resumed, saved, match=False)
+    assert (broken - same).abs().max() > 1e-4                 # the defect the fix removes
+
+
+def test_train_py_resumes_moments_saved_channels_last(cifar, tmp_path):
+    """train.py --resume from a checkpoint whose moments are channels-last (as a GPU run
+    writes them) continues on the CPU exactly as from the same moments stored contiguous."""
+    recipe = ["--epochs", "2", "--aa", "none", "--reprob", "0", "--mixup", "0", "--subset", "16",
+              "--eval-every", "2", "--stop-after", "1"]
+    first = run(cifar, tmp_path / "a", *recipe)
+    ckpt = torch.load(os.path.join(first, "last.pt"), weights_only=True)
+    for state in ckpt["optimizer"]["state"].values():
+        for key, value in state.items():
+            if value.ndim == 4:
+                state[key] = value.to(memory_format=torch.channels_last)
+    assert any(v.ndim == 4 and not v.is_contiguous() for s in ckpt["optimizer"]["state"].values()
+               for v in s.values())
+    os.makedirs(tmp_path / "b")
+    checkpoints.save_checkpoint(ckpt, str(tmp_path / "b" / "last.pt"))
+    for folder in ("a", "b"):
+        train.main(["--resume", str(tmp_path / folder / "last.pt")])
+    a, b = (torch.load(tmp_path / f / "last.pt", weights_only=True) for f in ("a", "b"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 # ---------------------------------------------------------------- DDP
 
 def free_port():
@@ -463,6 +537,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_path, monk
     assert "last good checkpoint" in err and "after epoch 1" in err
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def _fp16_epoch(init_scale, fault=None, steps=30):
+    """train.train_one_epoch with a real grad scaler and fp16 autocast (on the CPU, as CUDA's
+    --amp fp16 runs them) over `steps` batches of random images; a linear model stands in for
+    QKFormer (only the counting is tested). fault: "nan-grad" (one parameter's gradient turns
+    NaN, the loss stays finite) or "nan-loss". Returns the epoch's stats and the scaler."""
+    torch.manual_seed(0)
+    a = args_of("--lr", "1e-3", "--warmup-epochs", "0.5", "--epochs", "2", "--reprob", "0", "--mixup", "0")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    if fault == "nan-grad":
+        model[1].bias.register_hook(lambda grad: grad * float("nan"))
+    if fault == "nan-loss":
+        model.append(torch.nn.Linear(10, 10))
+        torch.nn.init.constant_(model[2].weight, float("nan"))      # NaN logits: a NaN loss
+    opt = train.build_optimizer(model, a)
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (4,)))
+               for _ in range(steps)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    ctx = train.StepContext(model, opt, train.build_scheduler(opt, a, steps), torch.nn.CrossEntropyLoss(), a,
+                            torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, scaler=scaler, show=False,
+                            autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    return train.train_one_epoch(ctx, batches, 0), scaler
+
+
+def test_fp16_scaler_skips_are_not_divergence():
+    """The grad scaler starting far too high skips the first 20+ updates (fp16 overflow) and
+    halves its scale each time, by design: the run goes on and trains. Gradients that stay NaN
+    once the scale is at SCALE_FLOOR, or a NaN loss at any scale, still stop it."""
+    stats, scaler = _fp16_epoch(2.0 ** 40)
+    assert 20 <= stats["skipped_updates"] < 30                      # more than LOG_EVERY in a row
+    assert math.isfinite(stats["train_loss"]) and 1 <= scaler.get_scale() < 2.0 ** 40
+    assert train_guards.LOG_EVERY == 20
+    with pytest.raises(train_guards.NonFiniteLoss, match=r"in (2[0-9]) steps in a row \(up to epoch 1, step 30\)"):
+        _fp16_epoch(4.0, "nan-grad")                                # counted once the scale is <= 1
+    with pytest.raises(train_guards.NonFiniteLoss, match=r"in 20 steps in a row \(up to epoch 1, step 20\)"):
+        _fp16_epoch(2.0 ** 16, "nan-loss")                          # counted at once
 
 
 def test_cli_errors_are_one_clear_message(cifar, tmp_path):
