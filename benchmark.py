@@ -12,7 +12,8 @@ Measures, for one preset, batch size and T on one device:
     folded into their convolutions (`qkformer.fold_batchnorm`, exact in eval mode);
 each as the median over several timed steps after warm-up steps, in images per second;
 and the peak memory: on the CPU the peak resident memory of a fresh process per phase
-(what `top` shows, so it includes PyTorch itself), on a GPU the allocator's peak.
+(what `top` shows, so it includes PyTorch itself; on Linux, macOS and Windows alike:
+peak_resident_bytes), on a GPU the allocator's peak.
 Results are printed and written as JSON (`--output`). Inputs are random images, kept on
 the device (the loader is the data phase's to time): the cost of a step does not depend
 on the pixel values, only on how many neurons spike, which random inputs exercise at
@@ -32,10 +33,10 @@ NeurIPS 2024. The FLOP count uses torch.utils.flop_counter (2 FLOPs per multiply
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -127,6 +128,44 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def peak_resident_bytes():
+    """The peak resident memory of this process in bytes (what `top` or the Task Manager
+    shows at its highest), None where it cannot be read. getrusage's ru_maxrss is in KiB on
+    Linux but in bytes on macOS; Windows has no getrusage (nor the `resource` module): its
+    figure is the peak working set, from GetProcessMemoryInfo."""
+    if sys.platform == "win32":
+        return _windows_peak_working_set()
+    try:
+        import resource                                   # Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _ProcessMemoryCounters(ctypes.Structure):
+    """Windows' PROCESS_MEMORY_COUNTERS (psapi.h), field for field."""
+    _fields_ = [("cb", ctypes.c_uint32), ("PageFaultCount", ctypes.c_uint32)] + [
+        (name, ctypes.c_size_t) for name in (
+            "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+            "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+
+
+def _windows_peak_working_set():
+    """PeakWorkingSetSize of this process (kernel32's K32GetProcessMemoryInfo), None on failure."""
+    try:
+        kernel32 = ctypes.WinDLL("kernel32")
+        kernel32.GetCurrentProcess.restype = ctypes.c_void_p     # a HANDLE: pointer-sized
+        info = kernel32.K32GetProcessMemoryInfo
+        info.argtypes = [ctypes.c_void_p, ctypes.POINTER(_ProcessMemoryCounters), ctypes.c_uint32]
+        counters = _ProcessMemoryCounters(cb=ctypes.sizeof(_ProcessMemoryCounters))
+        if not info(kernel32.GetCurrentProcess(), ctypes.pointer(counters), counters.cb):
+            return None
+    except (AttributeError, OSError):
+        return None
+    return counters.PeakWorkingSetSize
+
+
 def run_phase(args, phase: str) -> dict:
     """Time one phase ("train" or "inference") in this process."""
     # As train.py does: huge pages, and in training (unless --no-low-memory) freed memory
@@ -164,9 +203,9 @@ def run_phase(args, phase: str) -> dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = peak_resident_bytes()
     return {"images_per_s": args.batch_size / seconds, "step_s": seconds,
-            "step_s_all": times, "peak_memory_GB": peak / 1e9}
+            "step_s_all": times, "peak_memory_GB": None if peak is None else peak / 1e9}
 
 
 class TimedBatches:
@@ -299,6 +338,11 @@ def model_facts(args) -> dict:
             "T": cfg.T, "img_size": cfg.img_size}
 
 
+def memory_text(gigabytes) -> str:
+    """A peak memory figure as printed: "2.26 GB", or "n/a" where the platform gave none."""
+    return "n/a (not readable on this platform)" if gigabytes is None else f"{gigabytes:.2f} GB"
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -336,7 +380,7 @@ def main(argv=None):
         flops = report["forward_GFLOP_per_image"] * (3 if phase == "train" else 1)
         print(f"{phase:>9}: {result['images_per_s']:8.2f} images/s   "
               f"({result['images_per_s'] * flops:6.1f} GFLOP/s)   "
-              f"peak memory {result['peak_memory_GB']:.2f} GB")
+              f"peak memory {memory_text(result['peak_memory_GB'])}")
     if "train" in report and "data" in report:
         best = max(report["data"]["images_per_s_by_workers"].items(), key=lambda kv: kv[1])
         verdict = "keeps up with" if best[1] >= report["train"]["images_per_s"] else "is slower than"

@@ -34,6 +34,7 @@ spikes and the input's gradient in the input's dtype.
 import argparse
 import ctypes
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -120,6 +121,17 @@ def lif_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: Optional[f
 # suite sets it to "eager" for its many short processes); nobody needs it otherwise.
 _BACKEND = os.environ.get("QKFORMER_LIF", "auto")        # "auto", "compiled" or "eager"
 _KERNELS = []                                            # every CompiledOrEager, for set_backend
+# Where torch.compile cannot build kernels for want of a working C++ compiler (inductor writes
+# the CPU kernels in C++; many laptops have none), the kernels run eagerly, and BUILD_NOTE says
+# why, once, in one line. Without any compiler, nothing more is tried on that device. "1.5x":
+# a step's CPU time eager against compiled, 1.3-1.6x (`python scripts/eager_cost.py`, README).
+_NO_COMPILER = set()                                     # device types without one ("cpu")
+_SAID = set()                                            # the reasons already said
+BUILD_NOTE = ("note: torch.compile cannot build the fused kernels of the spiking neurons ({reason}), "
+              "so they run as plain PyTorch: the same spikes, each step about 1.5x as long. A C++ compiler "
+              "builds them: g++ or clang on Linux; on macOS Xcode's clang (xcode-select --install) "
+              "and OpenMP (brew install libomp); on Windows Visual Studio's C++ tools (cl), in its "
+              "Developer Command Prompt")
 
 # The compiler unrolls the loop over time: its work grows with T, and each new T is a new
 # kernel. Sequences longer than this always run eagerly. 16 is the largest T of the presets
@@ -137,6 +149,8 @@ def set_backend(name: str):
     if name not in ("auto", "compiled", "eager"):
         raise ValueError(f"LIF backend must be 'auto', 'compiled' or 'eager', got {name!r}")
     _BACKEND = name
+    _NO_COMPILER.clear()
+    _SAID.clear()
     for kernel in _KERNELS:
         kernel.reset()
 
@@ -144,6 +158,23 @@ def set_backend(name: str):
 def get_backend() -> str:
     """The backend set_backend chose ("auto", "compiled" or "eager")."""
     return _BACKEND
+
+
+def build_failure(error: BaseException) -> Optional[str]:
+    """Why torch.compile could not build C++ kernels, if that is why it failed: inductor's
+    InvalidCxxCompiler ("no C++ compiler found") or CppCompileError (the compiler failed,
+    e.g. macOS without OpenMP), wherever they lie in the chain of errors (torch wraps them,
+    in InductorError and others); None for any other failure."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        name = type(error).__name__
+        if name == "InvalidCxxCompiler":
+            return "no C++ compiler found"
+        if name == "CppCompileError":
+            return "the C++ compiler failed"
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
 
 
 class CompiledOrEager:
@@ -187,7 +218,7 @@ class CompiledOrEager:
     def __call__(self, *args):
         x = args[0]
         key = (x.device, x.dtype)
-        if (_BACKEND == "eager" or x.shape[0] > MAX_COMPILED_STEPS
+        if (_BACKEND == "eager" or x.shape[0] > MAX_COMPILED_STEPS or x.device.type in _NO_COMPILER
                 or self.state.get(key) == "eager" or torch.compiler.is_compiling()):
             return self._eager(args)
         # Under a dispatch mode (FlopCounterMode, ...) the compiler would mark the function
@@ -204,9 +235,16 @@ class CompiledOrEager:
         except Exception as e:
             if _BACKEND == "compiled":
                 raise
-            warnings.warn(f"torch.compile of {self.fn.__name__} failed on {x.device.type} "
-                          f"for {x.dtype} ({type(e).__name__}); running it eagerly there "
-                          f"(slower, same spikes)")
+            reason = build_failure(e)
+            if reason is None:
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed on {x.device.type} "
+                              f"for {x.dtype} ({type(e).__name__}); running it eagerly there "
+                              f"(slower, same spikes)")
+            elif reason not in _SAID:               # the same for every kernel: said once
+                _SAID.add(reason)
+                print(BUILD_NOTE.format(reason=reason), file=sys.stderr, flush=True)
+            if reason == "no C++ compiler found":   # nothing will compile here: no more tries
+                _NO_COMPILER.add(x.device.type)
             self.state[key] = "eager"
             return self._eager(args)
         self.used = "compiled" if self._ran_compiled else "eager"
@@ -572,7 +610,8 @@ def apply_memory_policy(return_freed_memory: bool, threshold: int = 8 << 20):
     glibc's default 7.4 images/s, 2.6 GB, and more where batch shapes vary (a last, smaller
     batch, evaluations in between). Every tensor from 128 KiB on (threshold=128 << 10 in
     the same benchmark) cost a quarter of the speed: 5.9-6.5 images/s, 1.9 GB.
-    Harmless elsewhere: on other C libraries the mallopt call does nothing.
+    glibc only: where there is no libc.so.6 (macOS, Windows, musl) return_freed_memory does
+    nothing, and the process keeps its C library's own policy.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if not return_freed_memory:

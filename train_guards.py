@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import fcntl
 import functools
 import glob
 import itertools
@@ -725,16 +724,46 @@ STALE_TEMPORARY = ("last.pt.*.tmp", "best.pt.*.tmp", "log.jsonl.*.tmp", "log.jso
                    "curves.png.*.tmp")
 
 
+# The lock of a run folder: flock on Linux and macOS, a byte-range lock (msvcrt.locking) on
+# Windows. Each is held by an open file and released by the operating system when the
+# process ends, however it ends; a second process asking for it is refused at once.
+try:
+    import fcntl                                         # Linux, macOS
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt                                        # Windows
+except ImportError:
+    msvcrt = None
+# errno of a lock another process holds (flock: EWOULDBLOCK; msvcrt.locking: EACCES), and of a
+# file system that cannot lock (some network drives): that run goes on, unprotected, with a note.
+LOCK_HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+LOCK_UNSUPPORTED = {getattr(errno, name) for name in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOSYS")
+                    if hasattr(errno, name)}
+
+
 def lock_run_folder(out_dir):
-    """Lock the run folder for the life of this process: an exclusive flock on
-    out_dir/.lock, which the operating system releases when the process ends, however it
-    ends. Returns the open lock file, or None if another process holds it."""
+    """Lock the run folder for the life of this process: an exclusive lock on out_dir/.lock
+    (flock, or msvcrt.locking on Windows), which the operating system releases when the
+    process ends. Returns the open lock file (close it to let go), or None if another process holds it.
+    Where nothing can lock, the run goes on with a one-line note on stderr."""
     lock = open(os.path.join(out_dir, ".lock"), "a")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        return None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        elif msvcrt is not None:
+            lock.seek(0)                                 # the lock covers byte 0 of the file
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            raise OSError(errno.ENOSYS, "no file locks on this platform")
+    except OSError as e:
+        if e.errno not in LOCK_UNSUPPORTED:
+            lock.close()
+            if e.errno in LOCK_HELD:
+                return None
+            raise
+        print(f"note: cannot lock the run folder {out_dir} ({e.strerror}): do not start a second "
+              f"train.py on it while this one runs", file=sys.stderr, flush=True)
     return lock
 
 

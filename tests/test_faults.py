@@ -11,7 +11,6 @@ Tiny models (embed_dim 32, T=1), 16-40 fake images, one thread, one or two epoch
 """
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -194,8 +193,7 @@ def test_a_torn_last_log_line_is_repaired_on_resume(cifar, tmp_path, capsys):
 def test_a_run_folder_in_use_is_refused(cifar, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    with open(out / ".lock", "a") as held:                       # another train.py holds the folder
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with train_guards.lock_run_folder(str(out)):                 # another train.py holds the folder
         line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
                               "--batch-size", "8", "--no-low-memory", "--epochs", "1", "--subset", "8",
                               "--workers", "0", "--warmup-epochs", "0", "--lr", "1e-3"])
