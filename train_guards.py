@@ -105,6 +105,11 @@ def user_errors():
     a second one, Interrupts); the DDP process group is closed at the end, however the run ends."""
     try:
         yield
+        if dist.is_available() and dist.is_initialized():
+            # A run that ended well: all processes close the group together. gloo aborts a
+            # process ("terminate called without an active exception") whose peer tears the
+            # connection down while its own threads still use it; seen under load.
+            dist.barrier()
     except (DataError, TrainError) as e:
         message = str(e)
         # An error raised in a DataLoader worker arrives wrapped in the worker's

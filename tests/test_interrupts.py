@@ -176,10 +176,11 @@ def test_ddp_a_signal_to_one_process_stops_both_at_the_same_step(cifar, tmp_path
     """Two gloo processes, started as torchrun starts them; SIGTERM to rank 1 alone. Both stop
     after the same step, rank 0 writes the one checkpoint, and two processes resume it to the
     parameters of one process summing the gradients of the same half-batches (as test_train's
-    DDP test; no augmentation randomness)."""
-    flags = ["--dataset", "cifar10", "--data-dir", cifar, *TINY, "--batch-size", "2", "--epochs", "1",
+    DDP test; no augmentation randomness). 20 steps of an epoch: the signal, sent when the bar
+    appears, lands mid-epoch even when this test process is scheduled late on a busy machine."""
+    flags = ["--dataset", "cifar10", "--data-dir", cifar, *TINY, "--batch-size", "1", "--epochs", "1",
              "--lr", "1e-2", "--warmup-epochs", "0.5", "--crop-padding", "0", "--hflip", "0", "--aa", "none",
-             "--reprob", "0", "--mixup", "0", "--subset", "32", "--test-subset", "4", "--workers", "0",
+             "--reprob", "0", "--mixup", "0", "--subset", "40", "--test-subset", "4", "--workers", "0",
              "--no-low-memory"]
 
     def env(rank, port):
@@ -201,8 +202,8 @@ def test_ddp_a_signal_to_one_process_stops_both_at_the_same_step(cifar, tmp_path
     assert code == rank1.returncode == 128 + signal.SIGTERM, (err[-2000:], err1[-2000:])
     ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     step = ckpt["progress"]["step"]
-    assert ckpt["epoch"] == 0 and 1 <= step < 8 and len(ckpt["rng"]) == 2 and ckpt["progress"]["world"] == 2
-    assert f"stopped by SIGTERM in epoch 1 after step {step} of 8" in out and out1 == ""  # rank 0 speaks
+    assert ckpt["epoch"] == 0 and 1 <= step < 20 and len(ckpt["rng"]) == 2 and ckpt["progress"]["world"] == 2
+    assert f"stopped by SIGTERM in epoch 1 after step {step} of 20" in out and out1 == ""  # rank 0 speaks
     assert sorted(os.listdir(tmp_path / "ddp")) == [".lock", "args.json", "last.pt", "log.jsonl"]
 
     port = free_port()
@@ -213,14 +214,14 @@ def test_ddp_a_signal_to_one_process_stops_both_at_the_same_step(cifar, tmp_path
         for p in both:
             p.kill()
     assert [p.returncode for p in both] == [0, 0], ends[0][1][-2000:] + ends[1][1][-2000:]
-    assert f"note: resuming in the middle of epoch 1, after step {step} of 8" in ends[0][0]
+    assert f"note: resuming in the middle of epoch 1, after step {step} of 20" in ends[0][0]
 
     # The reference: one process, the same model, each update from rank 0's and rank 1's batch.
     a = train_settings.resolve_args(train_settings.parse_args(flags + ["--accum-iter", "2"]))
-    train_set, _ = data.build_datasets("cifar10", cifar, 32, 0, 0.0, "none", subset=32, download_missing=False)
+    train_set, _ = data.build_datasets("cifar10", cifar, 32, 0, 0.0, "none", subset=40, download_missing=False)
     per_rank = []
     for rank in (0, 1):
-        loader = data.make_loader(train_set, 2, train=True, seed=a.seed, rank=rank, world_size=2)
+        loader = data.make_loader(train_set, 1, train=True, seed=a.seed, rank=rank, world_size=2)
         loader.sampler.set_epoch(0)
         per_rank.append(list(loader))
     interleaved = [batch for pair in zip(*per_rank) for batch in pair]
