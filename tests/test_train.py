@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -246,12 +247,30 @@ def test_loss_falls_on_a_fixed_batch(cifar):
     assert losses[-1] < 0.6 * losses[0] and max(losses[1:]) < losses[0], losses
 
 
+def test_a_cpu_progress_bar_shows_the_loss_from_the_first_step():
+    """The host reads the loss (for the bar's loss, lr and images/s) after every step on a CPU with
+    a progress bar, where a read waits for nothing; on a GPU, or without a bar, every LOG_EVERY."""
+    def reads(show, device):
+        ctx = types.SimpleNamespace(show=show, device=torch.device(device), bad_streak=None)
+        watch = train_guards.NonFiniteWatch(ctx, 0, steps=100)
+        loss, skip = torch.tensor(2.3, device=device), torch.zeros((), device=device)
+        return [i for i in range(45) if watch.step(i, loss, skip)]
+    assert reads(True, "cpu") == list(range(45))
+    every = train_guards.LOG_EVERY
+    assert reads(False, "cpu") == [every - 1, 2 * every - 1]
+    if torch.cuda.is_available():
+        assert reads(True, "cuda") == [every - 1, 2 * every - 1]
+
+
 # ---------------------------------------------------------------- a run and its files
 
-def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
+def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys, monkeypatch):
+    # as with the compiled kernels (the tests run them eagerly): the start says the first step waits
+    monkeypatch.setattr(train_settings, "get_backend", lambda: "auto")
     out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--aa", "rand-m9-n1-mstd0.4-inc1",
               "--reprob", "0.25", "--mixup", "0.5", "--cutmix", "1.0", "--amp", "--flip-test")
     printed = capsys.readouterr().out
+    assert "compiling kernels (once, about a minute)" in printed
     assert re.search(r"epoch 2/2: .*; test top-1 [\d.]+%, top-5 [\d.]+% \(with flips\)", printed)
     assert "effective batch 8 = 8 per process x 1 accumulated x 1 processes; peak lr 0.001" in printed
     # the settings table: effective value and the layer it came from
