@@ -357,8 +357,8 @@ def derive_accumulation(merged, sources, order, world):
         exact = [b for b in range(batch, 0, -1) if target % (b * world) == 0]
         why += f"; --batch-size {exact[0]} meets it" if exact else ""
     return [f"note: effective batch {done} ({batch} per process x {accum} accumulated x {world} processes) "
-            f"instead of the {source}'s {target}: {why}. The learning rate follows it (--blr x "
-            f"effective batch / 256) unless --lr is given"]
+            f"instead of the {source}'s {target}: {why}. A learning rate from --blr follows it "
+            f"(blr x effective batch / 256); one given as --lr does not"]
 
 
 def merged_without(layers, key):
