@@ -9,7 +9,8 @@ NeurIPS 2024 (arXiv:2403.16552). Of the pictures here, one is the paper's kind:
     "the longitudinal axis denotes the channel index of one head, while the horizontal axis
     denotes the token index [...] we choose a continuous segment with a length of 100"
     (stages 1 and 2 of an ImageNet model). plot_qk_attention draws that kind of picture (Q,
-    A_t, K and X' = A_t (*) K of one image, head and time step).
+    A_t, K and X' = A_t (*) K of one image, head and time step; the paper does not say how it
+    chose those: here, per stage, the head and step whose A_t keeps closest to half the tokens).
 The others are ours: plot_token_masks (A_t averaged over heads
 and steps, laid over the image), plot_firing_rates (Table 4's quantity for every layer),
 plot_spike_raster, plot_confusion, plot_event_frames (event-camera data).
@@ -347,7 +348,22 @@ def token_segment(N: int, length=100, start=None) -> tuple:
     return start, start + length
 
 
-def plot_qk_attention(image: np.ndarray, stages: dict, path: str, head=0, step=None, length=100,
+def busiest_head_and_step(spikes: dict, lo: int, hi: int, head=None, step=None) -> tuple:
+    """(head, step) of one stage's spikes (each (T, heads, rows, N)) whose A_t keeps the share
+    of tokens lo..hi-1 closest to half (a mask that both keeps and drops tokens), then where Q
+    fires the most; on ties the last step and the first head. A head or step given is kept.
+    One head at one step can be silent for an image (A_t and X' all black), or keep every
+    token (X' = K), while others show the mask at work: the picture shows one of those."""
+    a = spikes["A_t"][..., lo:hi].float().mean(dim=(2, 3))    # (T, heads): share of tokens kept
+    q = spikes["Q"][..., lo:hi].float().mean(dim=(2, 3))      # (T, heads): Q's firing rate
+    T, heads = a.shape
+    pairs = [(t, h) for t in range(T) for h in range(heads)
+             if (step is None or t == step) and (head is None or h == head)]
+    t, h = max(pairs, key=lambda p: (-abs(a[p].item() - 0.5), q[p].item(), p[0], -p[1]))
+    return h, t
+
+
+def plot_qk_attention(image: np.ndarray, stages: dict, path: str, head=None, step=None, length=100,
                       start=None, label=""):
     """The kind of picture of the paper's Figure 3(a), for one image: per stage, the spike
     matrices Q, A_t, K and X' = A_t (*) K of one head at one time step, rows the channels of
@@ -356,12 +372,11 @@ def plot_qk_attention(image: np.ndarray, stages: dict, path: str, head=0, step=N
 
     image:  what the model saw, (H, W, 3) in [0, 1] (show_image).
     stages: {stage name: qk_attention_spikes(...) of this one image, each (T, heads, rows, N)}.
-    step:   the time step shown, 0-based (default: the last, when the membranes have
-            integrated the most). label: names the image in the title."""
+    head, step: the head and time step shown, 0-based (default: per stage those where A_t
+            keeps closest to half of the tokens: busiest_head_and_step). label: names the image."""
     plt = _pyplot()
     T = next(iter(stages.values()))["Q"].shape[0]
-    step = T - 1 if step is None else step
-    if not 0 <= step < T:
+    if step is not None and not 0 <= step < T:
         raise ValueError(f"time step {step} of {T}")
     # Inches per panel: a matrix grows with its rows (the channels of one head, more in later
     # stages) up to 2 in; A_t is one row, a thin strip.
@@ -376,10 +391,13 @@ def plot_qk_attention(image: np.ndarray, stages: dict, path: str, head=0, step=N
         lo, hi = token_segment(spikes["Q"].shape[-1], length, start)
         _segment_over_image(fig.add_subplot(outer[i, 0]), image, stage, spikes["Q"].shape[-1], lo, hi)
         inner = outer[i, 1].subgridspec(4, 1, height_ratios=heights[i], hspace=0.25)
-        _spike_matrices(fig, inner, stage, spikes, step, head, lo, hi)
+        h, t = busiest_head_and_step(spikes, lo, hi, head, step)
+        _spike_matrices(fig, inner, stage, spikes, t, h, lo, hi)
+    chosen = ("" if head is not None and step is not None else
+              "\nper stage the head and time step whose A_t keeps closest to half of the tokens")
     fig.suptitle(f"Q-K token attention as in the paper's Figure 3(a){': ' + label if label else ''}"
-                 f", time step {step + 1} of {T}\nwhite = 1, black = 0;  X' = A_t (*) K "
-                 f"(channels of one head x consecutive tokens)", fontsize=10)
+                 f"\nwhite = 1, black = 0;  X' = A_t (*) K (channels of one head x consecutive "
+                 f"tokens){chosen}", fontsize=10)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
@@ -413,8 +431,10 @@ def _spike_matrices(fig, inner, stage: str, spikes: dict, step: int, head: int, 
         ax.text(1.005, 0.5, f"{m.mean():.0%} ones", transform=ax.transAxes, fontsize=9,
                 va="center")
         if r == 0:
-            ax.set_title(f"{stage}: head {head}, {m.shape[0]} channels (rows) x "
-                         f"tokens {lo}-{hi - 1} of {N} ({side}x{side} grid)", fontsize=9)
+            silent = "" if spikes["A_t"][..., lo:hi].any() else "; A_t keeps no token at any head or step"
+            ax.set_title(f"{stage}: head {head}, time step {step + 1} of {spikes['Q'].shape[0]}, "
+                         f"{m.shape[0]} channels (rows) x tokens {lo}-{hi - 1} of {N} ({side}x{side} "
+                         f"grid){silent}", fontsize=9)
         if r < len(panels) - 1:
             ax.set_xticks([])
         else:

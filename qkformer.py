@@ -265,9 +265,9 @@ class SpikingSelfAttention(SpikeAttention):
     There is no softmax, so the product is associative: Q (K^T V) can be computed right to
     left, a d x d product per head, with cost O(N d^2) (the paper: VSA and SSA "have
     O(N^2 d) or O(N d^2) computational complexity"). Spikformer's code forms the N x N map
-    Q K^T first (`complexity.ExplicitSSA`): that quadratic memory is what Table 1 counts,
-    what Q-K attention avoids altogether, and why QKFormer keeps SSA only in the last
-    stage, where N is smallest.
+    Q K^T first (`complexity.ExplicitSSA`): that quadratic memory is what Table 1 counts and
+    the paper's reason for SSA in the last stage only, where N is smallest; the official
+    QKFormer code, like this class, computes Q (K^T V) and forms no N x N map.
 
     The official code's quirk (its issue 14): its last neuron runs over the tensor
     flattened to (T*B, C, N), so SpikingJelly takes T*B as the time axis. The membrane

@@ -237,7 +237,7 @@ def train_one_epoch(ctx, loader, epoch, mixup=None):
             ctx.scheduler.step()  # the schedule follows the progress, updates skipped or not
         tally.correct += (logits.argmax(1) == labels).sum()      # on the device too: no host wait
         tally.seen += len(labels)
-        if watch.step(i, mean_loss, skip) and ctx.show:           # every LOG_EVERY steps: host reads
+        if watch.step(i, mean_loss, skip) and ctx.show:           # host reads: LOG_EVERY steps (CPU: 1)
             bar.set_postfix(loss=f"{watch.mean_loss():.4f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{tally.seen * world / tally.elapsed():.0f}", refresh=False)
         ctx.interrupts.after_step(i, update, tally)  # at an update: Ctrl-C, SIGTERM, --save-every save
@@ -279,7 +279,7 @@ def setup_settings(s, cli, low_memory):
     value and the layer it came from)."""
     if cli.resume:
         s.ckpt, s.resume_path = read_training_checkpoint(cli.resume)
-    settings = resolve_settings(cli, s.ckpt["args"] if s.ckpt else None)
+    settings = resolve_settings(cli, s.ckpt["args"] if s.ckpt else None, s.world)  # --accum-iter per world
     s.args, s.sources, s.notes = settings.args, settings.sources, settings.notes
     s.args.low_memory, s.sources["low_memory"] = low_memory
     s.spec = data.get_dataset(s.args.dataset)

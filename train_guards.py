@@ -158,7 +158,8 @@ class NonFiniteLoss(TrainError):
 
 
 # Statistics stay on the device and are read every LOG_EVERY steps (and at the end of an
-# epoch): reading a number from a GPU makes the host wait for all queued work. A run
+# epoch): reading a number from a GPU makes the host wait for all queued work. On a CPU,
+# where a read waits for nothing, a progress bar shows them after every step. A run
 # whose loss or gradients were non-finite in LOG_EVERY steps in a row (or in every step
 # of a shorter epoch) stops with NonFiniteLoss.
 LOG_EVERY = 20
@@ -178,6 +179,7 @@ class NonFiniteWatch:
 
     def __init__(self, ctx, epoch, steps):
         self.ctx, self.epoch, self.steps = ctx, epoch, steps
+        self.every = 1 if ctx.show and ctx.device.type == "cpu" else LOG_EVERY   # host reads
         self.zero = torch.zeros((), device=ctx.device)
         self.total_loss, self.finite_steps, self.skipped, self.window = (self.zero.clone() for _ in range(4))
         if ctx.bad_streak is None:
@@ -191,7 +193,8 @@ class NonFiniteWatch:
     def step(self, i, mean_loss, skip=None):
         """Count step i: its loss (the mean over the processes) and, if it ended with an update,
         whether that update was skipped (skip, 0/1 device tensor). Returns True every
-        LOG_EVERY steps and at the end of the epoch, after the one host read: the number of
+        LOG_EVERY steps (every step on a CPU with a progress bar) and at the end of the
+        epoch, after the one host read: the number of
         non-finite steps in a row, which stops the run (NonFiniteLoss) when it reaches
         LOG_EVERY, or the whole epoch when that is shorter."""
         bad = (~torch.isfinite(mean_loss)).float()            # 0/1, on the device
@@ -204,7 +207,7 @@ class NonFiniteWatch:
         self.ctx.bad_streak = (self.ctx.bad_streak + 1) * bad    # non-finite steps in a row
         self.total_loss += torch.where(bad > 0, self.zero, mean_loss)
         self.finite_steps += 1 - bad
-        if (i + 1) % LOG_EVERY and i + 1 != self.steps:
+        if (i + 1) % self.every and i + 1 != self.steps:
             return False
         streak = int(self.ctx.bad_streak.item())
         if streak >= min(LOG_EVERY, self.steps):

@@ -9,8 +9,9 @@ Transformer using Q-K Attention", NeurIPS 2024); this file holds what decides it
     own, --recipe cpu and --recipe lab, and the defaults of all datasets;
   * the command line (build_parser, parse_args), every option's default None, so that what
     the user typed can be told apart from the layers below it;
-  * the layers, each overriding the one before: defaults < the dataset's recipe < --recipe
-    cpu/lab < a resumed run's saved settings < the command line (resolve_settings), the checks
+  * the layers, each overriding the one before: defaults < the dataset's recipe < the official
+    run of its model where that differs (OFFICIAL_RUNS) < --recipe cpu/lab < a resumed run's saved
+    settings < the command line (resolve_settings), the effective batch (derive_accumulation), the checks
     of the result (check_args), the table printed at the start (settings_table), and the
     model options over a --model preset (model_overrides);
   * the settings decided before any tensor exists (--low-memory: apply_process_settings);
@@ -34,7 +35,8 @@ import torch.nn as nn
 import data
 import data_events                         # registers the event-camera datasets in data.DATASETS
 from neuron import NEURONS
-from neuron_fast import add_device_arguments, apply_device_settings, apply_memory_policy, autocast_dtype
+from neuron_fast import (MAX_COMPILED_STEPS, add_device_arguments, apply_device_settings, apply_memory_policy,
+                         autocast_dtype, get_backend)
 from qkformer import count_parameters
 from train_guards import TrainError
 
@@ -82,12 +84,26 @@ LAB_RECIPE = dict(CPU_RECIPE, epochs=2, subset=35000, warmup_epochs=0.1, crop_pa
 RECIPES = {"cpu": CPU_RECIPE, "lab": LAB_RECIPE}
 
 
+# The official run of a model where it departs from its dataset's recipe (a layer of settings
+# between the two: settings_layers). The released ImageNet models were trained on 8 GPUs with
+# the batch their logs record (imagenet/logs/QKFormer_*.txt of the official repository):
+#   QKFormer_16M.txt (imagenet_10_384) and QKFormer_29M.txt (imagenet_10_512): batch_size=32,
+#     accum_iter=2, world_size=8, "effective batch size: 512", "actual lr: 1.20e-03": the
+#     ImageNet recipe itself (data.IMAGENET_RECIPE);
+#   QKFormer_64M.txt (imagenet_10_768): batch_size=24, accum_iter=3, world_size=8,
+#     "effective batch size: 576", "actual lr: 1.35e-03" (6e-4 x 576 / 256): below.
+# The effective batch is what is kept on any number of processes (derive_accumulation).
+OFFICIAL_RUNS = {
+    ("imagenet", "imagenet_10_768"): dict(batch_size=24, effective_batch=576),
+}
+
+
 # Settings with no recipe dependence.
 DEFAULTS = dict(
     dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None, resume=None,
     device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True, tf32=True,
     dist_timeout=15, save_every=10,
-    subset=None, test_subset=None, eval_batch_size=None, stop_after=None,
+    subset=None, test_subset=None, eval_batch_size=None, stop_after=None, effective_batch=None,
     mixup_prob=1.0, dvs_split=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None, tau=None,
     speds=None, flip_test=False,
@@ -121,10 +137,12 @@ def build_parser():
     epilog = "\n".join(["defaults of each dataset (the official recipes), then what --recipe cpu "
                         "and --recipe lab change:"]
                        + [describe(name, spec.recipe) for name, spec in data.DATASETS.items()]
+                       + [describe(f"{d} with --model {m}", r) for (d, m), r in OFFICIAL_RUNS.items()]
                        + [describe(f"--recipe {name}", r) for name, r in RECIPES.items()]
                        + [describe("all datasets", DEFAULTS)]
                        + textwrap.wrap("precedence (a table of the effective settings is printed at "
-                                       "start): defaults < the dataset's recipe < --recipe cpu/lab < a "
+                                       "start): defaults < the dataset's recipe < its model's official run "
+                                       "(OFFICIAL_RUNS) < --recipe cpu/lab < a "
                                        "resumed run's saved settings < the command line", 100))
     p = argparse.ArgumentParser(
         description="Train QKFormer (Zhou et al., NeurIPS 2024). Defaults are the official recipe of "
@@ -177,7 +195,12 @@ def add_recipe_options(g):
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "
                    "recipe: 10, as timm added them; 0 when --epochs is given)")
     g.add_argument("--batch-size", type=int, help="images per process per step")
-    g.add_argument("--accum-iter", type=int, help="steps whose gradients are summed before each update")
+    g.add_argument("--accum-iter", type=int, help="steps whose gradients are summed before each update; "
+                   "effective batch (images per update) = --batch-size x --accum-iter x processes")
+    g.add_argument("--effective-batch", type=int, help="images per update over all processes, kept "
+                   "whatever their number: --accum-iter = this / (--batch-size x processes), unless "
+                   "--accum-iter is given (ImageNet recipe: 512 as the official logs record, 576 for "
+                   "imagenet_10_768)")
     g.add_argument("--lr", type=float, help="peak learning rate (default for ImageNet: blr * batch / 256)")
     g.add_argument("--blr", type=float, help="base lr for an effective batch of 256, used when --lr is not given")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
@@ -248,7 +271,8 @@ class Settings:
 
 def settings_layers(cli, saved=None):
     """The layers of settings as (name, dict), lowest priority first: DEFAULTS, the
-    dataset's recipe, --recipe cpu/lab, the resumed run's saved settings, the command line."""
+    dataset's recipe, the official run of the chosen model where it differs (OFFICIAL_RUNS),
+    --recipe cpu/lab, the resumed run's saved settings, the command line."""
     saved = {k: v for k, v in (saved or {}).items() if k not in PER_INVOCATION}
     typed = {k: v for k, v in vars(cli).items() if v is not None}
     dataset = data.get_dataset(typed.get("dataset", saved.get("dataset", DEFAULTS["dataset"])))
@@ -260,12 +284,15 @@ def settings_layers(cli, saved=None):
             raise TrainError(f"--recipe {recipe} is meant for {small}, small enough for a CPU; "
                              f"{dataset.title} is not")
         layers.append((f"--recipe {recipe}", RECIPES[recipe]))
+    model = typed.get("model", saved.get("model", layers[-1][1].get("model", dataset.recipe["model"])))
+    if (dataset.name, model) in OFFICIAL_RUNS:  # just above the dataset's recipe
+        layers.insert(2, (f"{model} official run", OFFICIAL_RUNS[dataset.name, model]))
     return layers + [(RESUMED, saved), (TYPED, typed)]
 
 
-def resolve_settings(cli, saved=None):
-    """Fill every option from the layers (see settings_layers), the later winning,
-    and note what --epochs given alone rescales."""
+def resolve_settings(cli, saved=None, world=1):
+    """Fill every option from the layers (see settings_layers), the later winning; note what
+    --epochs given alone rescales; derive --accum-iter for `world` processes (derive_accumulation)."""
     layers = settings_layers(cli, saved)
     merged, sources = {}, {}
     for name, layer in layers:
@@ -275,6 +302,7 @@ def resolve_settings(cli, saved=None):
     typed, saved = layers[-1][1], layers[-2][1]
     if "epochs" in typed and "epochs" not in saved:
         notes = rescale_to_epochs(merged, sources, layers, typed)
+    notes += derive_accumulation(merged, sources, [name for name, _ in layers], world)
     args = argparse.Namespace(**{k: merged.get(k) for k in set(merged) | set(vars(cli))})
     for key in vars(args):
         sources.setdefault(key, "default")
@@ -304,6 +332,41 @@ def rescale_to_epochs(merged, sources, layers, typed):
             f"--warmup-epochs / --cooldown-epochs to choose them"]
 
 
+def derive_accumulation(merged, sources, order, world):
+    """The effective batch, the images of one update, is --batch-size x --accum-iter x processes
+    (DDP averages the processes' gradients, accumulation sums accum_iter steps). A recipe that
+    names it (effective_batch: the ImageNet recipe, as the official logs record it) keeps it on
+    any number of processes: accum_iter = effective_batch / (batch_size x world), the nearest
+    whole number (at least 1), said in a note when it cannot be met exactly. An --accum-iter from
+    a higher layer than the effective batch's (typed, say) wins, and the effective batch follows.
+    merged["effective_batch"] becomes the one trained with, which a resumed run keeps.
+    order: the layer names, lowest first. Returns notes."""
+    target, batch, accum = merged.get("effective_batch"), merged.get("batch_size"), merged.get("accum_iter")
+    if target is None or not all(isinstance(v, int) and v >= 1 for v in (target, batch)):
+        return []  # nothing to derive (check_args reports bad values)
+    source = sources["effective_batch"]
+    derived = accum is None or order.index(source) >= order.index(sources["accum_iter"])
+    if derived:
+        accum = max(1, round(target / (batch * world)))
+        merged["accum_iter"] = accum
+        sources["accum_iter"] = f"effective batch {target} / ({batch} x {world} processes)"
+    if not isinstance(accum, int) or accum < 1:
+        return []
+    merged["effective_batch"] = done = batch * accum * world
+    if done == target:
+        return []
+    sources["effective_batch"] = f"{batch} x {accum} accumulated x {world} processes"
+    if not derived:
+        why = f"--accum-iter {accum} comes from the {sources['accum_iter']}"
+    else:
+        why = f"{target} is not a multiple of {batch} x {world} processes"
+        exact = [b for b in range(batch, 0, -1) if target % (b * world) == 0]
+        why += f"; --batch-size {exact[0]} meets it" if exact else ""
+    return [f"note: effective batch {done} ({batch} per process x {accum} accumulated x {world} processes) "
+            f"instead of the {source}'s {target}: {why}. A learning rate from --blr follows it "
+            f"(blr x effective batch / 256); one given as --lr does not"]
+
+
 def merged_without(layers, key):
     """The value of `key` from all layers but the last (the command line)."""
     value = None
@@ -312,9 +375,9 @@ def merged_without(layers, key):
     return value
 
 
-def resolve_args(cli, saved=None):
-    """The settings of a run alone (see resolve_settings)."""
-    return resolve_settings(cli, saved).args
+def resolve_args(cli, saved=None, world=1):
+    """The settings of a run of `world` processes alone (see resolve_settings)."""
+    return resolve_settings(cli, saved, world).args
 
 
 def settings_table(args, sources, effective=None):
@@ -327,8 +390,8 @@ def settings_table(args, sources, effective=None):
     for key in order + sorted(set(vars(args)) - set(order)):
         value, source = effective.get(key, (getattr(args, key, None), sources.get(key, "default")))
         rows.append(f"  {key:<16} {'-' if value is None else value!s:<28} {source}")
-    layers = " < ".join(["default", f"{args.dataset} recipe", f"--recipe {args.recipe or 'cpu/lab'}",
-                         RESUMED, TYPED])
+    layers = " < ".join(["default", f"{args.dataset} recipe", "its model's official run",
+                         f"--recipe {args.recipe or 'cpu/lab'}", RESUMED, TYPED])
     return [f"settings (each from the last layer that sets it: {layers}):"] + rows
 
 
@@ -336,6 +399,8 @@ def check_args(a):
     def need(ok, message):
         if not ok:
             raise TrainError(message)
+    v = a.effective_batch
+    need(v is None or isinstance(v, int) and v >= 1, f"--effective-batch must be a positive integer, got {v}")
     for name in ("epochs", "batch_size", "accum_iter", "eval_every"):
         need(isinstance(getattr(a, name), int) and getattr(a, name) >= 1,
              f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
@@ -534,3 +599,6 @@ def print_banner(s):
                "For a quick look on a CPU: --subset, a small --T and a narrow model (--embed-dim 32)"))
     if s.start_epoch >= s.total_epochs:
         say(f"this run is already complete ({s.total_epochs} epochs); give a larger --epochs to train on")
+    elif get_backend() != "eager" and args.T <= MAX_COMPILED_STEPS:
+        say("compiling kernels (once, about a minute): torch.compile fuses the neurons' loops on the first "
+            "step, and again on the first evaluation; the progress bar waits at 0 until then")

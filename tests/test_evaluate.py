@@ -338,6 +338,18 @@ def test_qk_attention_picture(tmp_path):
     path = tmp_path / "qk_attention.png"
     pictures.plot_qk_attention(pictures.show_image(x[0]), stages, str(path), label="test image 0 (cat)")
     assert png_dpi(path)[0] == pytest.approx(150, abs=1)
+    pictures.plot_qk_attention(pictures.show_image(x[0]), stages, str(path), head=1, step=0)
+    # The head and step shown by default: where A_t keeps closest to half of the tokens (a
+    # silent head draws black A_t and X' panels, one that keeps all draws X' = K)
+    T, heads = 2, 3
+    spikes = {p: torch.zeros(T, heads, 4, 16) for p in ("Q", "K", "X'")} | {"A_t": torch.zeros(T, heads, 1, 16)}
+    assert pictures.busiest_head_and_step(spikes, 0, 16) == (0, T - 1)     # nothing fires: head 0, last step
+    spikes["A_t"][1, 2] = 1                                                  # keeps every token
+    spikes["A_t"][0, 1, 0, :5] = 1                                           # keeps 5 of 16
+    spikes["A_t"][1, 0, 0, :3] = 1                                           # keeps 3 of 16
+    assert pictures.busiest_head_and_step(spikes, 0, 16) == (1, 0)
+    assert pictures.busiest_head_and_step(spikes, 0, 16, head=0) == (0, 1)
+    assert pictures.busiest_head_and_step(spikes, 5, 16, step=0) == (0, 0)  # 0 ones in the segment: ties
     assert pictures.token_segment(1024) == (462, 562)        # 100 tokens from the middle
     assert pictures.token_segment(64) == (0, 64)             # all, when there are fewer
     assert pictures.token_segment(256, start=0) == (0, 100)

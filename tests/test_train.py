@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -62,11 +63,60 @@ def test_defaults_are_the_official_recipes():
     assert (a.epochs, a.warmup_epochs, a.cooldown_epochs) == (40, 3.0, 1)
     a = args_of("--dataset", "imagenet")
     assert (a.model, a.img_size, a.epochs, a.batch_size, a.blr, a.weight_decay, a.warmup_epochs) == \
-        ("imagenet_10_384", 224, 200, 64, 6e-4, 0.05, 5)
-    assert (a.min_lr, a.accum_iter, a.aa, a.reprob, a.mixup, a.cutmix, a.smoothing) == \
-        (1e-6, 3, "rand-m9-mstd0.5-inc1", 0.25, 0.0, 0.0, 0.1)
-    # 8 GPUs x 64 x 3 accumulated = 1536 images per update: lr = 6e-4 * 1536 / 256
-    assert math.isclose(train.peak_lr(a, 8 * 64 * 3), 3.6e-3)
+        ("imagenet_10_384", 224, 200, 32, 6e-4, 0.05, 5)
+    assert (a.min_lr, a.aa, a.reprob, a.mixup, a.cutmix, a.smoothing) == \
+        (1e-6, "rand-m9-mstd0.5-inc1", 0.25, 0.0, 0.0, 0.1)
+
+
+# What the logs of the released ImageNet models record (imagenet/logs/QKFormer_*.txt of the
+# official repository, 8 processes each): per process batch, accumulated steps, "effective batch
+# size", "actual lr".
+OFFICIAL_IMAGENET_LOGS = {
+    "imagenet_10_384": (32, 2, 512, 1.20e-03),     # QKFormer_16M.txt, 16.47 M parameters
+    "imagenet_10_512": (32, 2, 512, 1.20e-03),     # QKFormer_29M.txt, 29.08 M
+    "imagenet_10_768": (24, 3, 576, 1.35e-03),     # QKFormer_64M.txt, 64.96 M
+}
+
+
+@pytest.mark.parametrize("model", sorted(OFFICIAL_IMAGENET_LOGS))
+def test_imagenet_defaults_reproduce_the_official_logs(model):
+    batch, accum, effective, lr = OFFICIAL_IMAGENET_LOGS[model]
+    a = args_of("--dataset", "imagenet", "--model", model)
+    assert a.model == model
+    # on the logs' 8 processes: their batch, accumulation, effective batch and learning rate
+    on8 = train_settings.resolve_args(train_settings.parse_args(["--dataset", "imagenet", "--model", model]), world=8)
+    assert (on8.batch_size, on8.accum_iter, on8.effective_batch) == (batch, accum, effective)
+    assert math.isclose(train.peak_lr(on8, batch * accum * 8), lr)
+    # on other numbers of processes the accumulation takes up the difference: the same update
+    for world in (1, 2, 4):
+        s = train_settings.resolve_settings(train_settings.parse_args(["--dataset", "imagenet", "--model", model]),
+                                            world=world)
+        assert s.args.batch_size * s.args.accum_iter * world == effective and not s.notes
+        assert math.isclose(train.peak_lr(s.args, effective), lr)
+
+
+def test_the_effective_batch_and_what_overrides_it():
+    def settings(*argv, world=8):
+        return train_settings.resolve_settings(train_settings.parse_args(["--dataset", "imagenet", *argv]),
+                                               world=world)
+    s = settings("--batch-size", "16")                           # less memory: more accumulation
+    assert (s.args.accum_iter, s.args.effective_batch, s.notes) == (4, 512, [])
+    s = settings("--accum-iter", "4")                            # typed: it wins, the batch follows
+    assert (s.args.accum_iter, s.args.effective_batch) == (4, 1024)
+    assert "effective batch 1024" in s.notes[0] and "--accum-iter 4 comes from the command line" in s.notes[0]
+    s = settings(world=3)                                        # 512 cannot be split over 3: nearest
+    assert (s.args.accum_iter, s.args.effective_batch) == (5, 480) and "not a multiple" in s.notes[0]
+    s = settings(world=32)
+    assert s.args.effective_batch == 1024 and "--batch-size 16 meets it" in s.notes[0]
+    # a resumed run keeps the effective batch it trained with, on any number of processes
+    saved = vars(settings("--accum-iter", "4").args)
+    s = train_settings.resolve_settings(train_settings.parse_args([]), saved, world=4)
+    assert (s.args.accum_iter, s.args.effective_batch) == (8, 1024)
+    # datasets whose recipe names no effective batch keep --accum-iter as it is
+    a = train_settings.resolve_args(train_settings.parse_args(["--dataset", "cifar10"]), world=2)
+    assert (a.accum_iter, a.effective_batch) == (1, None)
+    a = train_settings.resolve_args(train_settings.parse_args(["--dataset", "cifar10", "--effective-batch", "256"]))
+    assert (a.accum_iter, a.effective_batch) == (4, 256)
 
 
 def test_command_line_overrides_recipes():
@@ -200,12 +250,30 @@ def test_loss_falls_on_a_fixed_batch(cifar):
     assert losses[-1] < 0.6 * losses[0] and max(losses[1:]) < losses[0], losses
 
 
+def test_a_cpu_progress_bar_shows_the_loss_from_the_first_step():
+    """The host reads the loss (for the bar's loss, lr and images/s) after every step on a CPU with
+    a progress bar, where a read waits for nothing; on a GPU, or without a bar, every LOG_EVERY."""
+    def reads(show, device):
+        ctx = types.SimpleNamespace(show=show, device=torch.device(device), bad_streak=None)
+        watch = train_guards.NonFiniteWatch(ctx, 0, steps=100)
+        loss, skip = torch.tensor(2.3, device=device), torch.zeros((), device=device)
+        return [i for i in range(45) if watch.step(i, loss, skip)]
+    assert reads(True, "cpu") == list(range(45))
+    every = train_guards.LOG_EVERY
+    assert reads(False, "cpu") == [every - 1, 2 * every - 1]
+    if torch.cuda.is_available():
+        assert reads(True, "cuda") == [every - 1, 2 * every - 1]
+
+
 # ---------------------------------------------------------------- a run and its files
 
-def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys):
+def test_run_writes_log_plot_and_safe_checkpoints(cifar, tmp_path, capsys, monkeypatch):
+    # as with the compiled kernels (the tests run them eagerly): the start says the first step waits
+    monkeypatch.setattr(train_settings, "get_backend", lambda: "auto")
     out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--aa", "rand-m9-n1-mstd0.4-inc1",
               "--reprob", "0.25", "--mixup", "0.5", "--cutmix", "1.0", "--amp", "--flip-test")
     printed = capsys.readouterr().out
+    assert "compiling kernels (once, about a minute)" in printed
     assert re.search(r"epoch 2/2: .*; test top-1 [\d.]+%, top-5 [\d.]+% \(with flips\)", printed)
     assert "effective batch 8 = 8 per process x 1 accumulated x 1 processes; peak lr 0.001" in printed
     # the settings table: effective value and the layer it came from
