@@ -254,7 +254,8 @@ def test_a_cpu_progress_bar_shows_the_loss_from_the_first_step():
     """The host reads the loss (for the bar's loss, lr and images/s) after every step on a CPU with
     a progress bar, where a read waits for nothing; on a GPU, or without a bar, every LOG_EVERY."""
     def reads(show, device):
-        ctx = types.SimpleNamespace(show=show, device=torch.device(device), bad_streak=None)
+        ctx = types.SimpleNamespace(show=show, device=torch.device(device), bad_streak=None,
+                                    scaler=torch.amp.GradScaler("cpu", enabled=False))
         watch = train_guards.NonFiniteWatch(ctx, 0, steps=100)
         loss, skip = torch.tensor(2.3, device=device), torch.zeros((), device=device)
         return [i for i in range(45) if watch.step(i, loss, skip)]
