@@ -7,6 +7,8 @@ a `release_checkpoint`.
 
   the format            CHECKPOINT_KEYS, training_checkpoint, missing_training_keys
   writing and reading   write_atomically, save_checkpoint, load_checkpoint (weights_only)
+  files and folders     write_text_atomically, output_folder_problem, lock_folder: what
+                        train.py and evaluate.py both write with (neither imports the other)
   the release           release_checkpoint: the weights and config, without the optimizer
   official weights      convert_official_state_dict, official_config, load_official_state_dict:
                         the checkpoints of Zhou et al., "QKFormer: Hierarchical Spiking
@@ -14,9 +16,11 @@ a `release_checkpoint`.
                         github.com/zhouchenlin2096/QKFormer, in this project's model
   model_from_checkpoint either kind of checkpoint -> a QKFormer
 """
+import errno
 import os
 import pickle
 import re
+import sys
 import tempfile
 from dataclasses import asdict
 from typing import Callable, Dict, Optional, Tuple
@@ -101,6 +105,10 @@ def save_checkpoint(obj: dict, path: str):
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a checkpoint file safely: `weights_only=True`, so a file can never run code.
     Raises ValueError with a clear message for a missing, unreadable or foreign file."""
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith((".pt", ".pth")))
+        raise ValueError(f"checkpoint {path!r} is a folder, not a file: give the checkpoint file in it"
+                         + (f" ({', '.join(names[:4])})" if names else ""))
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     try:
@@ -111,6 +119,69 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except Exception as e:  # a truncated or damaged zip archive
         raise ValueError(f"cannot read checkpoint {path!r}: the file is damaged or incomplete "
                          f"({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Files and folders that train.py and evaluate.py both write
+
+def write_text_atomically(path: str, text: str):
+    """A text file (args.json, log.jsonl, metrics.json), atomically: write_atomically."""
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def output_folder_problem(path: str):
+    """Why `path` cannot be made an output folder, in words, or None when it can: a file is
+    not a folder, and a symbolic link to nowhere would make os.makedirs say only "File exists"."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    return None
+
+
+# The lock of an output folder (train.py's run folder, evaluate.py's results): flock on Linux
+# and macOS, a byte-range lock (msvcrt.locking) on Windows. Each is held by an open file and
+# released by the operating system when the process ends, however it ends; a second process
+# asking for it is refused at once.
+try:
+    import fcntl                                         # Linux, macOS
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt                                        # Windows
+except ImportError:
+    msvcrt = None
+# errno of a lock another process holds (flock: EWOULDBLOCK; msvcrt.locking: EACCES), and of a
+# file system that cannot lock (some network drives): that process goes on, unprotected, with a note.
+LOCK_HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+LOCK_UNSUPPORTED = {getattr(errno, name) for name in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOSYS")
+                    if hasattr(errno, name)}
+
+
+def lock_folder(folder: str, what: str = "run folder", program: str = "train.py"):
+    """Lock `folder` for the life of this process: an exclusive lock on folder/.lock (flock,
+    or msvcrt.locking on Windows), which the operating system releases when the process ends.
+    Returns the open lock file (close it to let go), or None if another process holds it.
+    Where nothing can lock, the process goes on with a one-line note on stderr naming `what`
+    the folder is and the `program` not to start a second time on it."""
+    lock = open(os.path.join(folder, ".lock"), "a")
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        elif msvcrt is not None:
+            lock.seek(0)                                 # the lock covers byte 0 of the file
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            raise OSError(errno.ENOSYS, "no file locks on this platform")
+    except OSError as e:
+        if e.errno not in LOCK_UNSUPPORTED:
+            lock.close()
+            if e.errno in LOCK_HELD:
+                return None
+            raise
+        print(f"note: cannot lock the {what} {folder} ({e.strerror}): do not start a second "
+              f"{program} on it while this one runs", file=sys.stderr, flush=True)
+    return lock
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,13 +368,18 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
             raise ValueError(f"the checkpoint's config has fields this QKFormerConfig lacks ({unknown}): "
                              f"was it written by a newer version of this code?")
         model = QKFormer(QKFormerConfig(**{**checkpoint["config"], **overrides}))
-        state = unwrap_state_dict(checkpoint["model"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        wrong = [k for k, v in state.items() if k in model.state_dict()
-                 and v.shape != model.state_dict()[k].shape]
+        state, own = unwrap_state_dict(checkpoint["model"]), model.state_dict()
+        # Shapes first: load_state_dict raises a RuntimeError ("size mismatch") for them even
+        # when strict=False, a traceback instead of this message.
+        wrong = [f"{k} {tuple(v.shape)} (the config's model: {tuple(own[k].shape)})"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected or wrong:
+            example = (wrong or missing or unexpected)[0]
             raise ValueError(f"the checkpoint's weights do not fit its own config: {len(missing)} "
-                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape")
+                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape "
+                             f"(e.g. {example})")
+        model.load_state_dict(state, strict=True)
         return model
     state = unwrap_state_dict(checkpoint)
     if any(k.startswith(OWN_KEY_PREFIXES) for k in state) and not any(_EMBED_KEY.match(k) for k in state):
@@ -312,3 +388,15 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> QKFormer:
                          "(last.pt or best.pt: weights and config)")
     model = QKFormer(official_config(state, **overrides))
     return load_official_state_dict(model, state)
+
+
+def check_finite(model, path: str):
+    """ValueError naming the weights of `model` (read from the checkpoint `path`) that hold inf
+    or NaN: such a model predicts one class for every image, and its accuracy means nothing.
+    (train.py never saves such weights: train_guards.check_saveable.)"""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"the weights in {path} are not finite: {', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hold inf or NaN (a "
+                         f"diverged run?): evaluate an earlier checkpoint of the run")

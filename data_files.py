@@ -33,6 +33,16 @@ class DataError(Exception):
     """A problem with the data or a data option that the user can fix; the message says how."""
 
 
+def error_line(error: Exception) -> str:
+    """The message of an error for the user, in one line. An error raised in a DataLoader
+    worker process arrives wrapped in the worker's traceback (torch re-raises it with that
+    text as its message); its last line is the error and its message."""
+    message = str(error)
+    if "Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 # A download that has not started in this many seconds is most likely an offline machine:
 # fail fast with instructions instead of hanging a training job.
 DOWNLOAD_TIMEOUT_S = 15
@@ -188,8 +198,17 @@ def _visible(name):
 
 
 def class_folders(split_dir):
-    """The sorted names of the visible sub-folders of split_dir: the classes, label i the i-th."""
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+    """The sorted names of the visible sub-folders of split_dir: the classes, label i the i-th.
+    A link to split_dir itself (or to a folder above it) is a DataError: it would be one more
+    class, holding the images of every other."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+    real = os.path.realpath(split_dir)
+    for name in classes:
+        target = os.path.realpath(os.path.join(split_dir, name))
+        if real == target or real.startswith(target.rstrip(os.sep) + os.sep):   # split_dir or above it
+            raise DataError(f"class folder {os.path.join(split_dir, name)} is a link to {target}, which "
+                            f"holds {split_dir} itself: remove the link (every folder is a class)")
+    return classes
 
 
 def find_images(split_dir):

@@ -23,7 +23,8 @@ Usage:
     python evaluate.py --checkpoint runs/x/best.pt --dataset cifar10 --images 0,1,3,6
     python evaluate.py --checkpoint official.pth --dataset imagenet --data-dir /imagenet --limit 500
 
-Outputs go to eval/<checkpoint name>/ (or --output): metrics.json, firing_rates.png,
+Outputs go to eval/<run>-<name>/ (runs/<run>/best.pt -> eval/<run>-best/; or --output), a
+folder locked while an evaluation writes there: metrics.json, firing_rates.png,
 spike_raster.png, token_masks.png, qk_attention.png, confusion_matrix.png, and for event-camera
 data (CIFAR10-DVS, DVS128 Gesture) event_frames.png. The pictures show the test images chosen
 with --images: indices into the test set in its own order (CIFAR: the order of the official
@@ -33,12 +34,11 @@ Layout of this file:
   SpikeRecorder, evaluate, table4   accuracy and firing rates over a test set (forward hooks)
   layer_macs, energy_report         FLOPs per layer (FlopCounterMode) -> SOPs -> energy
   run_evaluation, main              the command line, in steps; its wings: pictures.py draws,
-                                    evaluate_report.py prints the report
+                                    evaluate_report.py prints the report and writes the files
 """
 import argparse
 import contextlib
 import functools
-import json
 import os
 import sys
 
@@ -53,7 +53,8 @@ import data
 import data_events                         # registers the event-camera datasets in data.DATASETS
 import pictures
 import qkformer
-from evaluate_report import print_report
+from data_files import error_line
+from evaluate_report import output_folder, print_report, write_metrics
 from neuron import SpikingNeuron
 from neuron_fast import add_device_arguments, apply_device_settings, apply_memory_policy, autocast_dtype
 from pictures import attention_neuron, is_token_attention, neuron_of, stage_of
@@ -489,7 +490,8 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py, or an official QKFormer one")
     p.add_argument("--dataset", choices=tuple(data.DATASETS), default="cifar10")
     p.add_argument("--data-dir", default="data", help="folder holding the dataset (see data.py)")
-    p.add_argument("--output", help="output folder (default: eval/<checkpoint name>)")
+    p.add_argument("--output", help="output folder (default: eval/<folder>-<name>, after the checkpoint's "
+                   "folder and file name: runs/<run>/best.pt -> eval/<run>-best)")
     p.add_argument("--limit", type=int, help="evaluate only N test images (spread evenly over the "
                                              "test set, as data.py picks them)")
     p.add_argument("--batch-size", type=int, default=64)   # no effect on results, but with official_quirks
@@ -549,6 +551,7 @@ def load_model(args, spec):
     checkpoint = checkpoints.load_checkpoint(args.checkpoint)
     overrides = {} if args.T is None else dict(T=args.T)     # another T: Table 7, T = 1 rows
     model = checkpoints.model_from_checkpoint(checkpoint, **overrides)
+    checkpoints.check_finite(model, args.checkpoint)         # inf/NaN weights: no accuracy to report
     cfg = model.config
     if cfg.num_classes != spec.num_classes:
         raise ValueError(f"the checkpoint predicts {cfg.num_classes} classes but {spec.title} has "
@@ -605,27 +608,24 @@ def run_evaluation(args) -> dict:
     device, amp_dtype = check_options(args)
     spec = data.get_dataset(args.dataset)
     checkpoint, model = load_model(args, spec)
-    out = args.output or os.path.join("eval", os.path.splitext(os.path.basename(args.checkpoint))[0])
-    os.makedirs(out, exist_ok=True)
-    test_set, full, options = test_sets(args, spec, checkpoint, model.config)
-    loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers,
-                              pin_memory=device.type == "cuda")  # page-locked: copies overlap the GPU's work
+    with output_folder(args.output, args.checkpoint) as out:    # locked until the end
+        test_set, full, options = test_sets(args, spec, checkpoint, model.config)
+        loader = data.make_loader(test_set, args.batch_size, train=False, workers=args.workers,
+                                  pin_memory=device.type == "cuda")  # page-locked: copies overlap the GPU's work
 
-    def prepare(images):                      # uint8 pixels -> normalised floats, on the device
-        return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))
+        def prepare(images):                      # uint8 pixels -> normalised floats, on the device
+            return spec.model_input(data.normalize(images, spec.mean, spec.std))  # (events: (T, B, 2, H, W))
 
-    results, recorder = evaluate(model, loader, model.config.num_classes, device, prepare, limit=args.limit,
-                                 total=len(loader), amp_dtype=amp_dtype, flip=args.flip_test)
-    metrics = measurements(args, spec, model, results, recorder, options)
-    if full is not None:
-        metrics["picture_images"], metrics["pictures"] = pictures.draw_test_images(
-            model, full, list(args.images[:args.pictures]), prepare, spec, results,
-            metrics["firing_rates"], out, metrics["class_names"], args.data_dir)
-    print_report(metrics)
-    with open(os.path.join(out, "metrics.json"), "w") as f:   # last: it marks a finished evaluation
-        json.dump(metrics, f, indent=1)
-    print(f"\nwrote {out}/metrics.json" + "".join(f", {os.path.basename(p)}" for p in metrics["pictures"]))
-    return metrics
+        results, recorder = evaluate(model, loader, model.config.num_classes, device, prepare, limit=args.limit,
+                                     total=len(loader), amp_dtype=amp_dtype, flip=args.flip_test)
+        metrics = measurements(args, spec, model, results, recorder, options)
+        if full is not None:
+            metrics["picture_images"], metrics["pictures"] = pictures.draw_test_images(
+                model, full, list(args.images[:args.pictures]), prepare, spec, results,
+                metrics["firing_rates"], out, metrics["class_names"], args.data_dir)
+        print_report(metrics)
+        write_metrics(out, metrics)                # last, atomically: it marks a finished evaluation
+        return metrics
 
 
 def main(argv=None) -> int:
@@ -635,7 +635,7 @@ def main(argv=None) -> int:
         apply_memory_policy(return_freed_memory=False)       # inference keeps little alive
         run_evaluation(args)
     except (ValueError, OSError, data.DataError) as e:       # the user's to fix: a message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)      # one line, also from a loader worker
         return 2
     return 0
 

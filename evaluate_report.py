@@ -1,12 +1,82 @@
 """The report evaluate.py prints: metrics.json's numbers as tables a person reads (accuracy,
 the firing rate of every spiking layer and per stage, the paper's Table 4, and the energy of
 Appendix 6.6 row by row). A wing of evaluate.py, which computes every number; this file only
-formats them, so that what is printed and what metrics.json holds cannot disagree.
+formats them, so that what is printed and what metrics.json holds cannot disagree. It also
+holds the output folder those numbers go to (output_folder, write_metrics): named after the
+run, locked while an evaluation writes there, metrics.json written atomically.
 
 Reference: Zhou et al., "QKFormer: Hierarchical Spiking Transformer using Q-K Attention",
 NeurIPS 2024 (arXiv:2403.16552): Table 4 (Section 4.3), Eq. (19)-(21) (Appendix 6.6).
-Imports nothing of ours.
+Imports of ours: checkpoints (atomic files, folder locks), nothing that computes.
 """
+import contextlib
+import glob
+import json
+import os
+
+from checkpoints import lock_folder, output_folder_problem, write_text_atomically
+
+# Temporary files of a killed evaluation (checkpoints.write_atomically's names): removed by
+# the next one in the folder, which holds its lock.
+STALE_TEMPORARY = ("metrics.json.*.tmp", "*.png.*.tmp")
+
+
+def default_output(checkpoint: str) -> str:
+    """eval/<the checkpoint's folder>-<its file name without extension>: runs/a/best.pt ->
+    eval/a-best. The best.pt of every run has the same name; its folder tells the runs apart,
+    and the stem best.pt from last.pt of one run."""
+    path = os.path.abspath(checkpoint)
+    folder, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("eval", f"{folder}-{stem}" if folder else stem)
+
+
+@contextlib.contextmanager
+def output_folder(output, checkpoint: str):
+    """The output folder (--output, else default_output), created and locked (<out>/.lock,
+    checkpoints.lock_folder) while the evaluation runs: a second evaluate.py, or a train.py,
+    on the same folder is refused before it computes anything. Yields its path."""
+    out = output or default_output(checkpoint)
+    problem = output_folder_problem(out)  # a file, or a symbolic link to nowhere
+    if problem:
+        raise ValueError(f"--output {out} {problem}: choose another --output")
+    os.makedirs(out, exist_ok=True)
+    lock = lock_folder(out, "output folder", "evaluate.py")
+    if lock is None:
+        raise ValueError(f"another process is writing to {out} (an evaluate.py or a train.py holds "
+                         f"{os.path.join(out, '.lock')}): wait for it to end, or choose another --output")
+    try:
+        for pattern in STALE_TEMPORARY:                      # nobody else writes here: we hold the lock
+            for stale in glob.glob(os.path.join(glob.escape(out), pattern)):
+                os.remove(stale)
+        say_replaced(out, checkpoint)
+        yield out
+    finally:
+        lock.close()
+
+
+def say_replaced(out: str, checkpoint: str):
+    """A note when `out` holds the results of another checkpoint, which this evaluation replaces."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            before = json.load(f).get("checkpoint")
+    except (OSError, ValueError, AttributeError):            # none, unreadable, or not ours
+        return
+    if before and before != os.path.abspath(checkpoint):
+        print(f"note: {out} holds the results of {before}; this evaluation of "
+              f"{os.path.abspath(checkpoint)} replaces them")
+
+
+def write_metrics(out: str, metrics: dict):
+    """metrics.json, last (it marks a finished evaluation), atomically: a kill or a full disk
+    leaves the previous file whole, or none, never half of one. Then says what was written."""
+    path = os.path.join(out, "metrics.json")
+    try:
+        write_text_atomically(path, json.dumps(metrics, indent=1))
+    except OSError as e:
+        kept = "the previous one is kept" if os.path.exists(path) else "none was written"
+        raise ValueError(f"cannot write {path} ({e.strerror or e}; a full disk?): nothing half-written, "
+                         f"{kept}") from None
+    print(f"\nwrote {out}/metrics.json" + "".join(f", {os.path.basename(p)}" for p in metrics["pictures"]))
 
 
 def print_report(metrics: dict):

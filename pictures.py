@@ -159,6 +159,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str, **options):
+    """fig as a PNG file at `path` (at DPI unless options say otherwise), atomically
+    (checkpoints.write_atomically: a kill or a full disk while it is written leaves the
+    previous picture, never half a PNG), then closed."""
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, format="png", **{"dpi": DPI, **options}))
+    finally:
+        _pyplot().close(fig)
+
+
 def plot_firing_rates(rates: dict, path: str, title="Firing rate of every spiking layer"):
     """Horizontal bars, one per LIF layer in network order, coloured by stage."""
     plt = _pyplot()
@@ -176,8 +186,7 @@ def plot_firing_rates(rates: dict, path: str, title="Firing rate of every spikin
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[s]) for s in stages],
               labels=stages, loc="lower right", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_spike_raster(spikes: torch.Tensor, path: str, layer: str, neurons=50, seed=0, titles=None):
@@ -208,8 +217,7 @@ def plot_spike_raster(spikes: torch.Tensor, path: str, layer: str, neurons=50, s
     axes[0][0].set_ylim(len(pick) - 0.5, -0.5)
     fig.suptitle(f"Spikes of {layer}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
@@ -241,8 +249,7 @@ def plot_confusion(confusion: torch.Tensor, path: str, class_names=None):
                  fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(records, path):
@@ -321,8 +328,7 @@ def plot_token_masks(images: torch.Tensor, masks: dict, path: str, mean=None, st
     fig.suptitle("Token masks A_t over the image (mean over time steps and heads):\n"
                  "bright = token kept", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def qk_attention_spikes(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, num_heads: int) -> dict:
@@ -398,8 +404,7 @@ def plot_qk_attention(image: np.ndarray, stages: dict, path: str, head=None, ste
     fig.suptitle(f"Q-K token attention as in the paper's Figure 3(a){': ' + label if label else ''}"
                  f"\nwhite = 1, black = 0;  X' = A_t (*) K (channels of one head x consecutive "
                  f"tokens){chosen}", fontsize=10)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def _segment_over_image(ax, image: np.ndarray, stage: str, N: int, lo: int, hi: int):
@@ -483,8 +488,7 @@ def plot_event_frames(samples: list, path: str, titles=None, max_frames=16):
     fig.suptitle("Event frames (counts per pixel and frame):\nON events red, OFF events blue",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -48,9 +48,10 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from data import DataError
+from data_files import error_line
 from pictures import plot_curves
-from checkpoints import load_checkpoint, missing_training_keys, save_checkpoint, training_checkpoint, \
-    write_atomically
+from checkpoints import load_checkpoint, lock_folder, missing_training_keys, output_folder_problem, \
+    save_checkpoint, training_checkpoint, write_text_atomically
 
 
 class TrainError(Exception):
@@ -111,11 +112,7 @@ def user_errors():
             # connection down while its own threads still use it; seen under load.
             dist.barrier()
     except (DataError, TrainError) as e:
-        message = str(e)
-        # An error raised in a DataLoader worker arrives wrapped in the worker's
-        # traceback; its last line is the message.
-        if "Traceback" in message:
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        message = error_line(e)  # one line, also for an error raised in a DataLoader worker
         # Every process prints its own errors (with DDP prefixed by its rank: torchrun
         # shows only exit codes); an error all processes share is printed by rank 0 alone.
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -732,55 +729,21 @@ STALE_TEMPORARY = ("last.pt.*.tmp", "best.pt.*.tmp", "log.jsonl.*.tmp", "log.jso
                    "curves.png.*.tmp")
 
 
-# The lock of a run folder: flock on Linux and macOS, a byte-range lock (msvcrt.locking) on
-# Windows. Each is held by an open file and released by the operating system when the
-# process ends, however it ends; a second process asking for it is refused at once.
-try:
-    import fcntl                                         # Linux, macOS
-except ImportError:
-    fcntl = None
-try:
-    import msvcrt                                        # Windows
-except ImportError:
-    msvcrt = None
-# errno of a lock another process holds (flock: EWOULDBLOCK; msvcrt.locking: EACCES), and of a
-# file system that cannot lock (some network drives): that run goes on, unprotected, with a note.
-LOCK_HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
-LOCK_UNSUPPORTED = {getattr(errno, name) for name in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOSYS")
-                    if hasattr(errno, name)}
-
-
 def lock_run_folder(out_dir):
-    """Lock the run folder for the life of this process: an exclusive lock on out_dir/.lock
-    (flock, or msvcrt.locking on Windows), which the operating system releases when the
-    process ends. Returns the open lock file (close it to let go), or None if another process holds it.
-    Where nothing can lock, the run goes on with a one-line note on stderr."""
-    lock = open(os.path.join(out_dir, ".lock"), "a")
-    try:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        elif msvcrt is not None:
-            lock.seek(0)                                 # the lock covers byte 0 of the file
-            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            raise OSError(errno.ENOSYS, "no file locks on this platform")
-    except OSError as e:
-        if e.errno not in LOCK_UNSUPPORTED:
-            lock.close()
-            if e.errno in LOCK_HELD:
-                return None
-            raise
-        print(f"note: cannot lock the run folder {out_dir} ({e.strerror}): do not start a second "
-              f"train.py on it while this one runs", file=sys.stderr, flush=True)
-    return lock
+    """Lock the run folder for the life of this process (checkpoints.lock_folder: <run>/.lock,
+    which the operating system releases when the process ends). Returns the open lock file
+    (close it to let go), or None if another process holds it. Where nothing can lock, the
+    run goes on with a one-line note on stderr."""
+    return lock_folder(out_dir, "run folder", "train.py")
 
 
 def claim_run_folder(s, out_dir, cleanup):
     """Rank 0: create and lock the run folder (cleanup, an ExitStack, lets go of the lock at
     the end), check that a new run overwrites nothing, and remove the temporary files of
     killed runs."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TrainError(f"--output {out_dir} is a file, not a folder: choose another --output")
+    problem = output_folder_problem(out_dir)  # a file, or a symbolic link to nowhere
+    if problem:
+        raise TrainError(f"--output {out_dir} {problem}: choose another --output")
     try:
         os.makedirs(out_dir, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
@@ -865,11 +828,6 @@ def save_epoch(s, record, rngs):
     write_checkpoint(s, checkpoint, "last.pt")
     s.ctx.interrupts.saved = f"after epoch {record['epoch']}"
     return checkpoint
-
-
-def write_text_atomically(path, text):
-    """A small text file (args.json, a repaired log.jsonl), atomically: checkpoints.write_atomically."""
-    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def append_log(path, record):

@@ -300,6 +300,7 @@ def resolve_settings(cli, saved=None, world=1):
             merged[key], sources[key] = value, name
     notes = []
     typed, saved = layers[-1][1], layers[-2][1]
+    check_resumed_model(typed, saved)
     if "epochs" in typed and "epochs" not in saved:
         notes = rescale_to_epochs(merged, sources, layers, typed)
     notes += derive_accumulation(merged, sources, [name for name, _ in layers], world)
@@ -308,6 +309,16 @@ def resolve_settings(cli, saved=None, world=1):
         sources.setdefault(key, "default")
     check_args(args)
     return Settings(args, sources, notes)
+
+
+def check_resumed_model(typed, saved):
+    """A resume continues the run's own model: a --model naming another preset is refused,
+    naming both (built, it would mix the new preset with the run's saved sizes, and fail with a
+    message about those, or build another model than the checkpoint's)."""
+    if saved.get("model") is not None and typed.get("model", saved["model"]) != saved["model"]:
+        raise TrainError(f"--model {typed['model']} given, but the resumed run trains --model "
+                         f"{saved['model']}: a resume continues its own model; drop --model "
+                         f"{typed['model']}, or start a new run (without --resume) to train it")
 
 
 def rescale_to_epochs(merged, sources, layers, typed):
@@ -593,6 +604,9 @@ def print_banner(s):
     say(f"effective batch {s.effective_batch} = {args.batch_size} per process x {args.accum_iter} "
         f"accumulated x {s.world} processes; peak lr {args.lr:.3g}; {s.total_epochs} epochs of "
         f"{s.updates_per_epoch} updates" + (f"; resuming after epoch {s.start_epoch}" if s.ckpt else ""))
+    if args.warmup_epochs > 0 and args.warmup_lr > args.lr:   # a warm-up from above: a typo, most likely
+        say(f"warning: --warmup-lr {args.warmup_lr:g} is above the peak learning rate {args.lr:.3g}: the "
+            f"warm-up starts higher than the peak and comes down to it; give a --warmup-lr below --lr")
     if s.device.type == "cpu" and args.recipe is None and args.model != "tiny" and not args.subset:
         say("note: this is the paper's full-size recipe, meant for GPUs; on a CPU an epoch takes hours. "
             + ("For a run that learns on a laptop in about 30 minutes: --recipe cpu" if s.spec.small else

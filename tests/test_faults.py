@@ -296,6 +296,43 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(cifar, tmp_
     assert not [f for f in os.listdir(out) if "tmp" in f]
 
 
+# ---------------------------------------------------------------- 9b. said, not silent (issue 22, item 8)
+
+def test_an_output_link_to_nowhere_is_named_as_one(cifar, tmp_path, capsys):
+    out = tmp_path / "run"
+    os.symlink(tmp_path / "gone", out)                          # os.makedirs said only "File exists"
+    line = fails(capsys, ["--data-dir", cifar, "--output", str(out), *TINY, "--batch-size", "8",
+                          "--no-low-memory"])
+    assert f"--output {out} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in line
+
+
+def test_a_class_folder_linking_to_its_own_split_is_refused(tmp_path):
+    """train/loop -> train and val/loop -> val: each would be one more class, holding every
+    image of the others (train/ and val/ still have the same class folders)."""
+    root = write_imagenet(str(tmp_path / "imagenet"), per_class=1)
+    for split in ("train", "val"):
+        os.symlink(os.path.join(root, split), os.path.join(root, split, "loop"))
+    with pytest.raises(data.DataError, match=r"class folder .*train/loop is a link to .*train, which holds"):
+        data.build_datasets("imagenet", root, 32, download_missing=False)
+    with pytest.raises(data.DataError, match=r"class folder .*val/loop is a link to .*val, which holds"):
+        data.build_test_set("imagenet", root, 32, download_missing=False)    # evaluate.py's
+
+
+def test_resume_with_another_model_preset_names_both(cifar, tmp_path, capsys):
+    out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--stop-after", "1", "--subset", "8")
+    capsys.readouterr()
+    line = fails(capsys, ["--resume", out, "--model", "small"])
+    assert "--model small given, but the resumed run trains --model tiny" in line and "drop --model small" in line
+
+
+def test_a_warm_up_above_the_peak_learning_rate_is_warned_of(cifar, tmp_path, capsys):
+    run(cifar, tmp_path / "run", "--epochs", "1", "--lr", "1e-3", "--warmup-lr", "0.01", "--subset", "8")
+    printed = capsys.readouterr().out
+    assert "warning: --warmup-lr 0.01 is above the peak learning rate 0.001" in printed
+    run(cifar, tmp_path / "run2", "--epochs", "1", "--lr", "1e-3", "--warmup-lr", "1e-4", "--subset", "8")
+    assert "--warmup-lr" not in capsys.readouterr().out.replace("warmup_lr", "")
+
+
 # ---------------------------------------------------------------- 10. DDP: errors of other ranks
 
 def free_port():

@@ -3,8 +3,9 @@
 What differs on those systems, and how each test makes it happen on Linux:
   * Windows has neither `fcntl` nor `resource`: both are removed from sys.modules and their
     import is blocked (a finder at the head of sys.meta_path), then the entry modules are
-    imported afresh (importlib); Windows' `msvcrt.locking` is stood in for by a module that
-    behaves as it does (an exclusive byte-range lock, EACCES when another holder has it);
+    imported afresh (importlib; checkpoints.py first, which holds the folder lock that train.py
+    and evaluate.py use); Windows' `msvcrt.locking` is stood in for by a module that behaves as
+    it does (an exclusive byte-range lock, EACCES when another holder has it);
   * macOS gives getrusage's ru_maxrss in bytes, Linux in KiB: sys.platform is set to "darwin";
   * Windows' peak memory comes from GetProcessMemoryInfo: ctypes.WinDLL is stood in for;
   * a laptop without a C++ compiler: a real subprocess whose CXX names no program, in which
@@ -24,11 +25,13 @@ import pytest
 import torch
 
 import benchmark
+import checkpoints
 import train_guards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIX_ONLY = ("fcntl", "resource")
-ENTRY_MODULES = ("train_guards", "train", "evaluate", "benchmark")   # train_guards first: train imports it
+# checkpoints first (it holds the lock; the others import it), train_guards before train
+ENTRY_MODULES = ("checkpoints", "train_guards", "train", "evaluate", "benchmark")
 
 
 class BlockImports(importlib.abc.MetaPathFinder):
@@ -57,7 +60,7 @@ def import_fresh(monkeypatch, name):
 
 
 def fake_msvcrt(real_fcntl):
-    """Windows' msvcrt.locking, as far as lock_run_folder uses it: LK_NBLCK locks bytes from
+    """Windows' msvcrt.locking, as far as checkpoints.lock_folder uses it: LK_NBLCK locks bytes from
     the file position, at once or not at all, and a region another holder has locked gives
     OSError EACCES. Built on the real flock (one region: byte 0), which conflicts between
     open files as Windows' locks do between handles."""
@@ -79,7 +82,7 @@ def test_entry_modules_import_without_fcntl_and_resource(monkeypatch):
     with pytest.raises(ImportError):
         import fcntl  # noqa: F401   (the block works)
     fresh = {name: import_fresh(monkeypatch, name) for name in ENTRY_MODULES}
-    assert fresh["train_guards"].fcntl is None and fresh["train_guards"].msvcrt is None
+    assert fresh["checkpoints"].fcntl is None and fresh["checkpoints"].msvcrt is None
     assert fresh["train"].TrainError is fresh["train_guards"].TrainError        # train took the fresh one
     assert callable(fresh["train"].main) and callable(fresh["evaluate"].main)
     assert fresh["benchmark"].peak_resident_bytes() is None      # Linux without `resource`
@@ -89,8 +92,9 @@ def test_the_windows_lock_refuses_a_second_holder_and_lets_go(monkeypatch, tmp_p
     import fcntl as real_fcntl
     without_modules(monkeypatch, UNIX_ONLY)
     monkeypatch.setitem(sys.modules, "msvcrt", fake_msvcrt(real_fcntl))
+    files = import_fresh(monkeypatch, "checkpoints")
     guards = import_fresh(monkeypatch, "train_guards")
-    assert guards.fcntl is None and guards.msvcrt is sys.modules["msvcrt"]
+    assert files.fcntl is None and files.msvcrt is sys.modules["msvcrt"]
     first = guards.lock_run_folder(str(tmp_path))
     assert first is not None
     assert guards.lock_run_folder(str(tmp_path)) is None                  # another train.py: refused
@@ -104,6 +108,7 @@ def test_the_train_script_refuses_a_held_folder_on_windows(monkeypatch, tmp_path
     import fcntl as real_fcntl
     without_modules(monkeypatch, UNIX_ONLY)
     monkeypatch.setitem(sys.modules, "msvcrt", fake_msvcrt(real_fcntl))
+    import_fresh(monkeypatch, "checkpoints")
     guards = import_fresh(monkeypatch, "train_guards")
     train = import_fresh(monkeypatch, "train")
     out = tmp_path / "run"
@@ -121,6 +126,7 @@ def test_the_train_script_refuses_a_held_folder_on_windows(monkeypatch, tmp_path
 
 def test_without_any_lock_the_run_goes_on_with_a_note(monkeypatch, tmp_path, capsys):
     without_modules(monkeypatch, UNIX_ONLY + ("msvcrt",))
+    import_fresh(monkeypatch, "checkpoints")
     guards = import_fresh(monkeypatch, "train_guards")
     lock = guards.lock_run_folder(str(tmp_path))
     assert lock is not None and not lock.closed
@@ -133,7 +139,7 @@ def test_a_file_system_that_cannot_lock_gives_a_note(monkeypatch, tmp_path, caps
     """Some network file systems answer flock with ENOLCK: the run goes on, and says so."""
     def no_locks(*args):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(train_guards.fcntl, "flock", no_locks)
+    monkeypatch.setattr(checkpoints.fcntl, "flock", no_locks)
     lock = train_guards.lock_run_folder(str(tmp_path))
     assert lock is not None
     lock.close()
