@@ -278,7 +278,7 @@ def setup_settings(s, cli, low_memory):
     ones come from its checkpoint, --low-memory as main() applied it (low_memory: its
     value and the layer it came from)."""
     if cli.resume:
-        s.ckpt, s.resume_path = read_training_checkpoint(cli.resume)
+        s.ckpt, s.resume_path = read_training_checkpoint(cli.resume, s.rank)
     settings = resolve_settings(cli, s.ckpt["args"] if s.ckpt else None, s.world)  # --accum-iter per world
     s.args, s.sources, s.notes = settings.args, settings.sources, settings.notes
     s.args.low_memory, s.sources["low_memory"] = low_memory

@@ -319,20 +319,44 @@ def gather_rng_states(world):
     return states
 
 
-def read_training_checkpoint(path):
-    """A checkpoint written by train.py, checked for what a resume needs, and its path."""
+def read_training_checkpoint(path, rank=0):
+    """A checkpoint written by train.py, checked for what a resume needs, and its path. Where there
+    is none, rank 0 removes the unfinished writes that a kill left beside it (unfinished_writes)."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     try:
         ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True: cannot run code
     except ValueError as e:
-        raise TrainError(f"cannot resume: {e}") from None
+        raise TrainError(f"cannot resume: {e}{unfinished_writes(path) if rank == 0 else ''}") from None
     missing = missing_training_keys(ckpt)
     if missing:
         raise TrainError(f"cannot resume from {path}: it is not a checkpoint written by train.py "
                          f"(it lacks {', '.join(missing)}). A file with weights only can be "
                          f"evaluated, not resumed.")
     return ckpt, path
+
+
+def unfinished_writes(path):
+    """Rank 0, when the checkpoint to resume, `path`, is missing or unreadable: the temporary files
+    that killed writes left in its folder (STALE_TEMPORARY: a kill while the first last.pt was being
+    written leaves one as large as a checkpoint, and no last.pt) are removed, unless another train.py
+    holds the folder. Returns the words that say so, for the error message ("" if none)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+        return ""
+    try:
+        lock = lock_run_folder(folder)
+        if lock is None:
+            return ""  # a train.py is running there: its temporary file is its write in progress
+        with lock:
+            removed = remove_temporaries(folder)
+    except OSError:  # a folder that cannot be written: nothing removed, the error stays as it was
+        return ""
+    if not removed:
+        return ""
+    first = " (the run was killed while writing its first checkpoint: start it again without --resume)"
+    return (f"; the unfinished write{'s' if len(removed) > 1 else ''} of a killed run, "
+            f"{', '.join(removed)}, removed{first if not os.path.exists(path) else ''}")
 
 
 def load_resumed_weights(s, model):
@@ -793,12 +817,59 @@ def claim_run_folder(s, out_dir, cleanup):
         raise TrainError(f"another train.py is running in {out_dir} (it holds "
                          f"{os.path.join(out_dir, '.lock')}): wait for it to end, or choose another --output")
     cleanup.callback(lock.close)  # (the operating system releases it too when the process dies)
-    if s.ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
+    if s.ckpt is not None:
+        check_resume_folder(s, out_dir)
+    elif os.path.exists(os.path.join(out_dir, "last.pt")):
         raise TrainError(f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
                          f"or choose another --output")
-    for pattern in STALE_TEMPORARY:  # nobody else writes here: we hold the lock
-        for stale in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+    remove_temporaries(out_dir)  # nobody else writes here: we hold the lock
+
+
+def remove_temporaries(out_dir):
+    """Remove the temporary files of killed runs (STALE_TEMPORARY) from a run folder whose lock
+    the caller holds; returns their names and sizes, in words."""
+    removed = []
+    for pattern in STALE_TEMPORARY:
+        for stale in sorted(glob.glob(os.path.join(glob.escape(out_dir), pattern))):
+            removed.append(f"{os.path.basename(stale)} ({os.path.getsize(stale) / 2 ** 20:.1f} MB)")
             os.remove(stale)
+    return removed
+
+
+def check_resume_folder(s, out_dir):
+    """Rank 0, holding the lock of the run folder: a resume writes only where its own run is.
+    A folder whose last.pt is not the checkpoint resumed holds another run (--output elsewhere) or
+    another state of this one (an older checkpoint of the same folder, say epoch1.pt): resuming
+    there would replace its last.pt, args.json and curves and cut its log, so it is refused."""
+    last = os.path.join(out_dir, "last.pt")
+    if not os.path.exists(last) or os.path.samefile(last, s.resume_path):
+        return
+    run, where = checkpoint_words(last)
+    if not os.path.samefile(os.path.dirname(os.path.abspath(s.resume_path)), out_dir):
+        raise TrainError(f"--output {out_dir} holds another run ({run}; its last.pt {where}): resuming "
+                         f"{s.resume_path} there would replace it. Continue it in its own folder (leave out "
+                         f"--output), or give an --output that holds no run")
+    raise TrainError(f"{last} holds this run {where}; resuming {s.resume_path} ({position(s.ckpt)}) in "
+                     f"{out_dir} would replace it and cut log.jsonl back. Continue from last.pt with "
+                     f"--resume {out_dir}, or resume {os.path.basename(s.resume_path)} into a new folder "
+                     f"with --output")
+
+
+def position(ckpt):
+    """Where a training checkpoint stands, in words: "after epoch 3", "in epoch 2 after step 5"."""
+    if ckpt.get("progress"):
+        return f"in epoch {ckpt['epoch'] + 1} after step {ckpt['progress']['step']}"
+    return f"after epoch {ckpt['epoch']}"
+
+
+def checkpoint_words(path):
+    """(its run: dataset and model, its position) of a checkpoint file, in words."""
+    try:
+        ckpt = load_checkpoint(path)
+        args = ckpt.get("args") or {}
+        return f"{args.get('dataset')}, model {args.get('model')}", position(ckpt)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "unknown", "(unreadable)"
 
 
 def start_run_folder(s, out_dir, cleanup):
@@ -836,11 +907,8 @@ def kept_checkpoint(s):
     if not os.path.exists(last):
         return "no checkpoint was written yet"
     try:
-        ckpt = load_checkpoint(last)
-        where = f"after epoch {ckpt['epoch']}"
-        if ckpt.get("progress"):
-            where = f"in epoch {ckpt['epoch'] + 1} after step {ckpt['progress']['step']}"
-    except (ValueError, KeyError, TypeError):
+        where = position(load_checkpoint(last))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"{last} is kept"
     return f"the last good checkpoint, {last} ({where}), is kept"
 
