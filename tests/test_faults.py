@@ -260,6 +260,40 @@ def test_the_checkpoint_is_written_before_the_evaluation(cifar, tmp_path, capsys
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_an_epoch_whose_evaluation_was_stopped_is_finished_on_resume(cifar, tmp_path, capsys, monkeypatch):
+    """A full disk while best.pt of epoch 1 (of 2) is written: last.pt is already written (its best
+    top-1 too), the epoch's line is not. --resume evaluates epoch 1, writes best.pt and the line,
+    then trains epoch 2: the run ends as the uninterrupted one. (A run is complete when its last
+    epoch's line is in the log, not when its checkpoint exists; test_interrupts has a Ctrl-C.)"""
+    recipe = ["--epochs", "2", "--lr", "1e-3", "--subset", "16"]
+    whole = run(cifar, tmp_path / "whole", *recipe)
+    real, saves = torch.save, []
+
+    def full_disk_for_best_pt(obj, f, *a, **k):
+        saves.append(obj["epoch"])
+        if len(saves) == 3:  # epoch 1 writes last.pt, last.pt again with its best top-1, then best.pt
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk_for_best_pt)
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(tmp_path / "split"), *TINY,
+                          "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0.5", "--no-low-memory",
+                          "--aa", "none", "--reprob", "0", "--mixup", "0", *recipe])
+    monkeypatch.undo()
+    assert "best.pt (No space left on device" in line
+    split = str(tmp_path / "split")
+    assert open(os.path.join(split, "log.jsonl")).read() == "" and not os.path.exists(os.path.join(split, "best.pt"))
+    train.main(["--resume", split])
+    assert "note: epoch 1 has its checkpoint but no line in log.jsonl" in capsys.readouterr().out
+    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (whole, split)]
+    keys = ("epoch", "train_loss", "train_top1", "lr", "top1", "best", "best_top1")
+    assert [[r.get(k) for k in keys] for r in logs[0]] == [[r.get(k) for k in keys] for r in logs[1]]
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (whole, split))
+        assert a["epoch"] == b["epoch"] and a["best_top1"] == b["best_top1"], name
+        assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items()), name
+
+
 def test_train_and_val_class_folders_must_match_and_are_named(tmp_path):
     root = write_imagenet(str(tmp_path / "imagenet"), per_class=1)
     write_imagenet(str(tmp_path / "extra"), classes=("n04",), per_class=1)
