@@ -398,9 +398,9 @@ def main(argv=None):
         setup_run_folder(s, cleanup)              # locked until the run ends (cleanup)
         s.ctx.interrupts.install(cleanup)         # from here on SIGINT/SIGTERM save, then stop
         print_banner(s)
-        finish_unlogged_epoch(s)                  # a resumed epoch whose evaluation was stopped
 
         session_start = time.time()
+        finish_unlogged_epoch(s)  # a resumed epoch whose evaluation was stopped: evaluated first
         for epoch in range(s.start_epoch, s.total_epochs):
             s.train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
             loader = s.ctx.interrupts.loader(s.train_loader, epoch)  # a resumed epoch: the batches not done
