@@ -49,21 +49,27 @@ from qkformer import LAYOUTS, EmbedLayout, QKFormer, QKFormerConfig
 #   progress   only in a checkpoint of the middle of an epoch (train_guards.Interrupts.save):
 #              the steps done in epoch `epoch` + 1 and its tally so far; rng is then the
 #              generators' states at that step
+#   record     only in a checkpoint of the end of an epoch: the epoch's training statistics (its
+#              line of log.jsonl before the evaluation), so that a resume that finds no line of
+#              this epoch in the log (its evaluation was stopped) evaluates it and writes the line
 CHECKPOINT_VERSION = 2  # 1 named the best value best_acc1; it never left this repository and is not read
 CHECKPOINT_KEYS = ("version", "model", "config", "optimizer", "scheduler", "scaler", "epoch", "rng",
                    "args", "best_top1")
 
 
 def training_checkpoint(model: QKFormer, optimizer, scheduler, scaler, epoch: int, rng: list,
-                        args: dict, best_top1: Optional[float], progress: Optional[dict] = None) -> dict:
-    """The checkpoint of a training run (keys: CHECKPOINT_KEYS, and progress when given),
-    ready for save_checkpoint."""
+                        args: dict, best_top1: Optional[float], progress: Optional[dict] = None,
+                        record: Optional[dict] = None) -> dict:
+    """The checkpoint of a training run (keys: CHECKPOINT_KEYS, and progress or record when
+    given), ready for save_checkpoint."""
     checkpoint = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": asdict(model.config),
                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                   "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng, "args": dict(args),
                   "best_top1": best_top1}
     if progress is not None:
         checkpoint["progress"] = progress
+    if record is not None:
+        checkpoint["record"] = dict(record)  # a copy: the caller adds the evaluation to its own
     return checkpoint
 
 

@@ -256,16 +256,17 @@ def plot_curves(records, path):
     """train.py's curves.png: loss and accuracy per epoch, redrawn from the run's whole
     log.jsonl after every epoch (train_guards.finish_epoch calls it)."""
     plt = _pyplot()
-    epochs = [r["epoch"] for r in records]
+    trained = [r for r in records if "train_loss" in r]  # (not an epoch an older train.py's resume finished)
+    epochs = [r["epoch"] for r in trained]
     evals = [r for r in records if r.get("top1") is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [r["train_loss"] for r in records], label="train loss (augmented)")
+    ax1.plot(epochs, [r["train_loss"] for r in trained], label="train loss (augmented)")
     if evals:
         ax1.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
     ax1.legend()
-    ax2.plot(epochs, [r["train_top1"] for r in records], label="train top-1 (augmented)")
+    ax2.plot(epochs, [r["train_top1"] for r in trained], label="train top-1 (augmented)")
     if evals:
         ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", label="test top-1")
         ax2.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], "o-", label="test top-5")

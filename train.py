@@ -16,7 +16,8 @@ Where this script differs from them it says so next to the setting.
 
 Every epoch: a progress bar with loss, learning rate and images/s; <run>/last.pt
 overwritten atomically (before the evaluation, so a failing evaluation loses no
-training); top-1/top-5 accuracy on the test set; a line in <run>/log.jsonl; the
+training: --resume evaluates an epoch that has no line in the log); top-1/top-5
+accuracy on the test set; a line in <run>/log.jsonl; the
 curves redrawn in <run>/curves.png; <run>/best.pt when top-1 improves. Ctrl-C or
 SIGTERM ends the step in progress, writes last.pt there, in the middle of its epoch, and
 stops; --resume continues from that step (--save-every writes it every few minutes too).
@@ -278,7 +279,7 @@ def setup_settings(s, cli, low_memory):
     ones come from its checkpoint, --low-memory as main() applied it (low_memory: its
     value and the layer it came from)."""
     if cli.resume:
-        s.ckpt, s.resume_path = read_training_checkpoint(cli.resume)
+        s.ckpt, s.resume_path = read_training_checkpoint(cli.resume, s.rank)
     settings = resolve_settings(cli, s.ckpt["args"] if s.ckpt else None, s.world)  # --accum-iter per world
     s.args, s.sources, s.notes = settings.args, settings.sources, settings.notes
     s.args.low_memory, s.sources["low_memory"] = low_memory
@@ -368,6 +369,19 @@ def evaluate_epoch(s, epoch, record, checkpoint):
         raise TrainError(f"{e} (the checkpoint of epoch {epoch + 1} was written before the evaluation)") from None
 
 
+def finish_unlogged_epoch(s):
+    """A resumed epoch whose checkpoint was written but whose evaluation, best.pt or line in
+    log.jsonl was not (a second Ctrl-C or a kill during the evaluation, a failing evaluation,
+    a full disk): evaluated and logged now, as it would have been, before the run goes on or
+    ends. (train_guards.unlogged_epoch found it: its record of training is in last.pt.)"""
+    if s.unlogged is None:
+        return
+    epoch = s.unlogged["epoch"] - 1
+    s.ctx.interrupts.evaluating = epoch + 1
+    rank0_decides(s, lambda: evaluate_epoch(s, epoch, s.unlogged, s.ckpt))
+    s.ctx.interrupts.between_epochs(epoch)  # a signal during it: the stop is here, as after any epoch
+
+
 def main(argv=None):
     """Train: settings, model, data, optimizer and schedule, then the epoch loop; returns the
     run folder. A problem the user can fix ends as one line and exit code 2 (user_errors)."""
@@ -386,6 +400,7 @@ def main(argv=None):
         print_banner(s)
 
         session_start = time.time()
+        finish_unlogged_epoch(s)  # a resumed epoch whose evaluation was stopped: evaluated first
         for epoch in range(s.start_epoch, s.total_epochs):
             s.train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
             loader = s.ctx.interrupts.loader(s.train_loader, epoch)  # a resumed epoch: the batches not done
@@ -398,6 +413,7 @@ def main(argv=None):
             # evaluation has generators of its own), so a resumed run starts from exactly here.
             rngs = gather_rng_states(s.world)
             checkpoint = rank0_decides(s, lambda: save_epoch(s, record, rngs))
+            s.ctx.interrupts.evaluating = epoch + 1  # a second Ctrl-C now: --resume evaluates the epoch
             # nobody starts the next epoch before rank 0 has evaluated and saved (--dist-timeout)
             rank0_decides(s, lambda: evaluate_epoch(s, epoch, record, checkpoint))
             s.ctx.interrupts.between_epochs(epoch)  # a signal during the epoch's end: the stop is here

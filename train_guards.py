@@ -14,14 +14,17 @@ that loop, and a first reading may skip. Nothing is lost and nothing is silent
     never saved (check_saveable);
   * a run can be split into sessions (--stop-after, --resume) and, on the CPU, gives bit for
     bit the parameters of an uninterrupted run: the random generators of every process, the
-    optimizer, the schedule and the grad scaler are saved and put back (restore_state);
+    optimizer, the schedule and the grad scaler are saved and put back (restore_state); a run is
+    complete when its last epoch's line is in log.jsonl, not when its checkpoint exists: a resume
+    first evaluates and logs an epoch whose evaluation was stopped (unlogged_epoch);
   * SIGINT (Ctrl-C) and SIGTERM (what SLURM, Kubernetes and Colab send before they stop a job)
     end the step in progress, write a checkpoint in the middle of the epoch and stop; --save-every
     writes the same checkpoint periodically; a resume continues in the middle of the epoch,
     on the CPU bit for bit as the uninterrupted run (Interrupts, ResumedEpoch);
   * the run folder is locked for the life of the run (<run>/.lock); checkpoints, settings
     and log are written atomically, so that a kill or a full disk keeps the previous file
-    (setup_run_folder, write_checkpoint, finish_epoch);
+    (setup_run_folder, write_checkpoint, finish_epoch); a resume writes only where its own run
+    is (check_resume_folder) and removes the temporary files of killed writes;
   * options that can only exhaust memory, and data with more classes than the model has
     outputs, are refused before training (check_memory, check_classes).
 """
@@ -316,20 +319,44 @@ def gather_rng_states(world):
     return states
 
 
-def read_training_checkpoint(path):
-    """A checkpoint written by train.py, checked for what a resume needs, and its path."""
+def read_training_checkpoint(path, rank=0):
+    """A checkpoint written by train.py, checked for what a resume needs, and its path. Where there
+    is none, rank 0 removes the unfinished writes that a kill left beside it (unfinished_writes)."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     try:
         ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True: cannot run code
     except ValueError as e:
-        raise TrainError(f"cannot resume: {e}") from None
+        raise TrainError(f"cannot resume: {e}{unfinished_writes(path) if rank == 0 else ''}") from None
     missing = missing_training_keys(ckpt)
     if missing:
         raise TrainError(f"cannot resume from {path}: it is not a checkpoint written by train.py "
                          f"(it lacks {', '.join(missing)}). A file with weights only can be "
                          f"evaluated, not resumed.")
     return ckpt, path
+
+
+def unfinished_writes(path):
+    """Rank 0, when the checkpoint to resume, `path`, is missing or unreadable: the temporary files
+    that killed writes left in its folder (STALE_TEMPORARY: a kill while the first last.pt was being
+    written leaves one as large as a checkpoint, and no last.pt) are removed, unless another train.py
+    holds the folder. Returns the words that say so, for the error message ("" if none)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+        return ""
+    try:
+        lock = lock_run_folder(folder)
+        if lock is None:
+            return ""  # a train.py is running there: its temporary file is its write in progress
+        with lock:
+            removed = remove_temporaries(folder)
+    except OSError:  # a folder that cannot be written: nothing removed, the error stays as it was
+        return ""
+    if not removed:
+        return ""
+    first = " (the run was killed while writing its first checkpoint: start it again without --resume)"
+    return (f"; the unfinished write{'s' if len(removed) > 1 else ''} of a killed run, "
+            f"{', '.join(removed)}, removed{first if not os.path.exists(path) else ''}")
 
 
 def load_resumed_weights(s, model):
@@ -460,6 +487,7 @@ class Interrupts:
         self.group = None         # DDP on GPUs: the gloo group of the decisions
         self.last_save = time.monotonic()
         self.saved = "no checkpoint was written yet"
+        self.evaluating = 0       # the epoch being evaluated (its last.pt written), else 0 (train.main sets it)
         if s is not None and s.ckpt is not None:
             progress = s.ckpt.get("progress")
             self.saved = (f"in epoch {s.ckpt['epoch'] + 1} after step {progress['step']}" if progress else
@@ -494,15 +522,21 @@ class Interrupts:
         """The signal handler: the first signal asks for a stop, a second SIGINT stops at once."""
         if os.getpid() != self.pid:  # a loader worker forked from this process: not its decision
             return
+        evaluating = self.evaluating
         if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt(f"the step in progress is lost; last.pt holds the run {self.saved}: "
-                                    f"continue with python train.py --resume {self.s.out_dir}")
+            lost = f"the evaluation of epoch {evaluating}" if evaluating else "the step in progress"
+            again = f", which evaluates epoch {evaluating} first" if evaluating else ""
+            raise KeyboardInterrupt(f"{lost} is lost; last.pt holds the run {self.saved}: continue with "
+                                    f"python train.py --resume {self.s.out_dir}{again}")
         if not self.signum:
             self.signum = signum
             if self.s.rank == 0:  # written directly: a print could land inside another print
                 again = " (Ctrl-C again: stop at once)" if signum == signal.SIGINT else ""
-                os.write(2, f"\n{signal.Signals(signum).name}: the run stops after this step, once last.pt "
-                            f"is written{again}\n".encode())
+                if evaluating:  # its checkpoint is written: a stop at once loses only the evaluation
+                    again = again and " (Ctrl-C again: stop at once; --resume then evaluates it)"
+                when = (f"once the evaluation of epoch {evaluating} ends, its last.pt written" if evaluating
+                        else "after this step, once last.pt is written")
+                os.write(2, f"\n{signal.Signals(signum).name}: the run stops {when}{again}\n".encode())
 
     def requests(self):
         """(the signal that asked for a stop or 0, whether --save-every is due), the same on every
@@ -581,7 +615,7 @@ class Interrupts:
         epoch's last step) stops here, unless the run is complete."""
         if self.s is None:
             return
-        self.last_save = time.monotonic()  # the epoch's checkpoint was just written
+        self.last_save, self.evaluating = time.monotonic(), 0  # the epoch's checkpoint was just written
         signum, _ = self.requests()
         if signum and epoch + 1 < self.s.total_epochs:
             self.stop(signum, f"after epoch {epoch + 1}")
@@ -756,16 +790,64 @@ def claim_run_folder(s, out_dir, cleanup):
         raise TrainError(f"another train.py is running in {out_dir} (it holds "
                          f"{os.path.join(out_dir, '.lock')}): wait for it to end, or choose another --output")
     cleanup.callback(lock.close)  # (the operating system releases it too when the process dies)
-    if s.ckpt is None and os.path.exists(os.path.join(out_dir, "last.pt")):
+    if s.ckpt is not None:
+        check_resume_folder(s, out_dir)
+    elif os.path.exists(os.path.join(out_dir, "last.pt")):
         raise TrainError(f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
                          f"or choose another --output")
-    for pattern in STALE_TEMPORARY:  # nobody else writes here: we hold the lock
-        for stale in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+    remove_temporaries(out_dir)  # nobody else writes here: we hold the lock
+
+
+def remove_temporaries(out_dir):
+    """Remove the temporary files of killed runs (STALE_TEMPORARY) from a run folder whose lock
+    the caller holds; returns their names and sizes, in words."""
+    removed = []
+    for pattern in STALE_TEMPORARY:
+        for stale in sorted(glob.glob(os.path.join(glob.escape(out_dir), pattern))):
+            removed.append(f"{os.path.basename(stale)} ({os.path.getsize(stale) / 2 ** 20:.1f} MB)")
             os.remove(stale)
+    return removed
+
+
+def check_resume_folder(s, out_dir):
+    """Rank 0, holding the lock of the run folder: a resume writes only where its own run is.
+    A folder whose last.pt is not the checkpoint resumed holds another run (--output elsewhere) or
+    another state of this one (an older checkpoint of the same folder, say epoch1.pt): resuming
+    there would replace its last.pt, args.json and curves and cut its log, so it is refused."""
+    last = os.path.join(out_dir, "last.pt")
+    if not os.path.exists(last) or os.path.samefile(last, s.resume_path):
+        return
+    run, where = checkpoint_words(last)
+    if not os.path.samefile(os.path.dirname(os.path.abspath(s.resume_path)), out_dir):
+        raise TrainError(f"--output {out_dir} holds another run ({run}; its last.pt {where}): resuming "
+                         f"{s.resume_path} there would replace it. Continue it in its own folder (leave out "
+                         f"--output), or give an --output that holds no run")
+    raise TrainError(f"{last} holds this run {where}; resuming {s.resume_path} ({position(s.ckpt)}) in "
+                     f"{out_dir} would replace it and cut log.jsonl back. Continue from last.pt with "
+                     f"--resume {out_dir}, or resume {os.path.basename(s.resume_path)} into a new folder "
+                     f"with --output")
+
+
+def position(ckpt):
+    """Where a training checkpoint stands, in words: "after epoch 3", "in epoch 2 after step 5"."""
+    if ckpt.get("progress"):
+        return f"in epoch {ckpt['epoch'] + 1} after step {ckpt['progress']['step']}"
+    return f"after epoch {ckpt['epoch']}"
+
+
+def checkpoint_words(path):
+    """(its run: dataset and model, its position) of a checkpoint file, in words."""
+    try:
+        ckpt = load_checkpoint(path)
+        args = ckpt.get("args") or {}
+        return f"{args.get('dataset')}, model {args.get('model')}", position(ckpt)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "unknown", "(unreadable)"
 
 
 def start_run_folder(s, out_dir, cleanup):
-    """Rank 0: claim the run folder, write its args.json and start its log.jsonl."""
+    """Rank 0: claim the run folder, write its args.json and start its log.jsonl. Returns the
+    folder, the resumed epoch to finish first (unlogged_epoch) and the best top-1 before it."""
     claim_run_folder(s, out_dir, cleanup)
     try:
         write_text_atomically(os.path.join(out_dir, "args.json"), json.dumps(vars(s.args), indent=1))
@@ -778,19 +860,41 @@ def start_run_folder(s, out_dir, cleanup):
     except OSError as e:
         raise TrainError(f"cannot write to the run folder {out_dir} ({e.strerror or e}): choose a "
                          f"writable --output") from None
-    return out_dir
+    return out_dir, unlogged_epoch(s, records), s.best_top1
+
+
+def unlogged_epoch(s, records):
+    """Rank 0: the record of the resumed epoch if its checkpoint has no line in log.jsonl, else None.
+
+    A run is complete when its last epoch's line is in the log, not when its checkpoint exists:
+    last.pt is written before the evaluation, and the evaluation, best.pt or the line can be
+    stopped (a second Ctrl-C, a kill, a failing evaluation, a full disk). The checkpoint holds the
+    epoch's training statistics (its record, without the evaluation); train.finish_unlogged_epoch
+    evaluates and logs the epoch before the run goes on or ends. The best top-1 goes back to what it
+    was before the epoch (the log's, when it holds every earlier epoch), so that best.pt is decided
+    as in the uninterrupted run even if last.pt already holds the epoch's best."""
+    epoch = s.ckpt["epoch"] if s.ckpt is not None and not s.ckpt.get("progress") else 0
+    if epoch == 0 or any(r["epoch"] == epoch for r in records):
+        return None
+    if {r["epoch"] for r in records} >= set(range(1, epoch)):
+        s.best_top1 = max((r["top1"] for r in records if r.get("top1") is not None), default=None)
+    s.notes.append(f"note: epoch {epoch} has its checkpoint but no line in log.jsonl (its evaluation or "
+                   f"the writing of its results was stopped): it is finished first")
+    return dict(s.ckpt.get("record") or {"epoch": epoch})  # (a checkpoint of an older train.py: no statistics)
 
 
 def setup_run_folder(s, cleanup):
     """The run folder (rank 0's choice for all), locked for the life of the run, its
     args.json and log.jsonl. A new run may not overwrite an old one; a resumed run
-    continues in its own folder."""
+    continues in its own folder (or in one that holds no run: check_resume_folder), with
+    its epoch whose line the log lacks, if any, to finish first (s.unlogged)."""
     if s.ckpt is not None:
         out_dir = s.args.output or os.path.dirname(os.path.abspath(s.resume_path))
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = s.args.output or os.path.join("runs", f"{s.args.dataset}-{s.args.model}-{stamp}")
-    s.out_dir = rank0_decides(s, lambda: start_run_folder(s, out_dir, cleanup), share=True)
+    s.out_dir, s.unlogged, s.best_top1 = rank0_decides(s, lambda: start_run_folder(s, out_dir, cleanup),
+                                                       share=True)
 
 
 def kept_checkpoint(s):
@@ -799,11 +903,8 @@ def kept_checkpoint(s):
     if not os.path.exists(last):
         return "no checkpoint was written yet"
     try:
-        ckpt = load_checkpoint(last)
-        where = f"after epoch {ckpt['epoch']}"
-        if ckpt.get("progress"):
-            where = f"in epoch {ckpt['epoch'] + 1} after step {ckpt['progress']['step']}"
-    except (ValueError, KeyError, TypeError):
+        where = position(load_checkpoint(last))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"{last} is kept"
     return f"the last good checkpoint, {last} ({where}), is kept"
 
@@ -824,7 +925,7 @@ def save_epoch(s, record, rngs):
     """Rank 0, before the evaluation: last.pt, so that a failing evaluation loses no
     training. Returns the checkpoint (finish_epoch writes it again with the new best)."""
     checkpoint = training_checkpoint(s.raw_model, s.ctx.optimizer, s.ctx.scheduler, s.ctx.scaler,
-                                     record["epoch"], rngs, vars(s.args), s.best_top1)
+                                     record["epoch"], rngs, vars(s.args), s.best_top1, record=record)
     write_checkpoint(s, checkpoint, "last.pt")
     s.ctx.interrupts.saved = f"after epoch {record['epoch']}"
     return checkpoint
@@ -863,12 +964,14 @@ def read_log(path, warn=None):
 def finish_epoch(s, record, checkpoint):
     """Rank 0, after the evaluation: the epoch's line, log.jsonl, last.pt again when the
     best top-1 changed (and best.pt), curves.png."""
-    line = (f"epoch {record['epoch']}/{s.total_epochs}: loss {record['train_loss']:.4f}, "
-            f"lr {record['lr']:.2e}, {record['img_per_s']:.0f} img/s, {record['train_time_s']:.0f} s")
+    parts = []
+    if "train_loss" in record:  # (not in an epoch that unlogged_epoch found in an older train.py's checkpoint)
+        parts.append(f"loss {record['train_loss']:.4f}, lr {record['lr']:.2e}, {record['img_per_s']:.0f} img/s, "
+                     f"{record['train_time_s']:.0f} s")
     if "top1" in record:
-        line += f"; test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
-        line += " (with flips)" if s.args.flip_test else ""
-    s.say(line)
+        parts.append(f"test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
+                     + (" (with flips)" if s.args.flip_test else ""))
+    s.say(f"epoch {record['epoch']}/{s.total_epochs}: " + "; ".join(parts))
     if checkpoint["best_top1"] != s.best_top1:
         checkpoint["best_top1"] = s.best_top1
         write_checkpoint(s, checkpoint, "last.pt")
@@ -887,7 +990,7 @@ def print_summary(s, session_start):
     records = read_log(s.log_path) if s.rank == 0 else []
     if not records:
         return
-    train_time = sum(r["train_time_s"] for r in records)
+    train_time = sum(r.get("train_time_s", 0) for r in records)
     last = records[-1]
     summary = (f"done in {(time.time() - session_start) / 60:.1f} min this session; "
                f"training time over the run {train_time / 60:.1f} min")

@@ -528,6 +528,7 @@ class Session:
     start_epoch: int = 0
     best_top1: float = None
     out_dir: str = None
+    unlogged: dict = None             # a resumed epoch to finish first (train_guards.unlogged_epoch)
 
     def say(self, *a, **k):
         if self.rank == 0:  # one process speaks for all
@@ -611,7 +612,7 @@ def print_banner(s):
         say("note: this is the paper's full-size recipe, meant for GPUs; on a CPU an epoch takes hours. "
             + ("For a run that learns on a laptop in about 30 minutes: --recipe cpu" if s.spec.small else
                "For a quick look on a CPU: --subset, a small --T and a narrow model (--embed-dim 32)"))
-    if s.start_epoch >= s.total_epochs:
+    if s.start_epoch >= s.total_epochs and s.unlogged is None:
         say(f"this run is already complete ({s.total_epochs} epochs); give a larger --epochs to train on")
     elif get_backend() != "eager" and args.T <= MAX_COMPILED_STEPS:
         say("compiling kernels (once, about a minute): torch.compile fuses the neurons' loops on the first "

@@ -13,6 +13,8 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +207,33 @@ def test_a_run_folder_in_use_is_refused(cifar, tmp_path, capsys):
     lock.close()
 
 
+def test_a_resume_into_another_runs_folder_is_refused(cifar, tmp_path, capsys):
+    """--resume A --output B, B a finished run of its own: refused, naming B's run; B untouched.
+    (A folder that holds no run may still take a resumed run: a branch of it.)"""
+    a = run(cifar, tmp_path / "a", "--epochs", "2", "--lr", "1e-3", "--stop-after", "1", "--subset", "16")
+    b = run(cifar, tmp_path / "b", "--epochs", "1", "--lr", "1e-3", "--subset", "16")
+    before = {name: open(os.path.join(b, name), "rb").read() for name in os.listdir(b) if name != ".lock"}
+    line = fails(capsys, ["--resume", a, "--output", b])
+    assert f"--output {b} holds another run (cifar10, model tiny; its last.pt after epoch 1)" in line
+    assert "Continue it in its own folder (leave out --output)" in line
+    assert {name: open(os.path.join(b, name), "rb").read() for name in os.listdir(b) if name != ".lock"} == before
+    train.main(["--resume", a, "--output", str(tmp_path / "branch")])
+    assert torch.load(tmp_path / "branch" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_resuming_an_older_checkpoint_of_the_same_folder_is_refused(cifar, tmp_path, capsys):
+    """--resume C/epoch1.pt when C/last.pt is further on would replace last.pt and cut the log back."""
+    c = run(cifar, tmp_path / "c", "--epochs", "3", "--lr", "1e-3", "--stop-after", "1", "--subset", "16")
+    shutil.copy(os.path.join(c, "last.pt"), os.path.join(c, "epoch1.pt"))
+    train.main(["--resume", c, "--stop-after", "2"])
+    older = os.path.join(c, "epoch1.pt")
+    line = fails(capsys, ["--resume", older])
+    assert f"{os.path.join(c, 'last.pt')} holds this run after epoch 2; resuming {older} (after epoch 1)" in line
+    assert f"Continue from last.pt with --resume {c}, or resume epoch1.pt into a new folder with --output" in line
+    assert torch.load(os.path.join(c, "last.pt"), weights_only=True)["epoch"] == 2
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(c, "log.jsonl"))] == [1, 2]
+
+
 # ---------------------------------------------------------------- 7. bad test images, evaluation failures
 
 def test_a_bad_test_image_is_found_before_training(imagenet, tmp_path, capsys, monkeypatch):
@@ -231,6 +260,40 @@ def test_the_checkpoint_is_written_before_the_evaluation(cifar, tmp_path, capsys
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_an_epoch_whose_evaluation_was_stopped_is_finished_on_resume(cifar, tmp_path, capsys, monkeypatch):
+    """A full disk while best.pt of epoch 1 (of 2) is written: last.pt is already written (its best
+    top-1 too), the epoch's line is not. --resume evaluates epoch 1, writes best.pt and the line,
+    then trains epoch 2: the run ends as the uninterrupted one. (A run is complete when its last
+    epoch's line is in the log, not when its checkpoint exists; test_interrupts has a Ctrl-C.)"""
+    recipe = ["--epochs", "2", "--lr", "1e-3", "--subset", "16"]
+    whole = run(cifar, tmp_path / "whole", *recipe)
+    real, saves = torch.save, []
+
+    def full_disk_for_best_pt(obj, f, *a, **k):
+        saves.append(obj["epoch"])
+        if len(saves) == 3:  # epoch 1 writes last.pt, last.pt again with its best top-1, then best.pt
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk_for_best_pt)
+    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(tmp_path / "split"), *TINY,
+                          "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0.5", "--no-low-memory",
+                          "--aa", "none", "--reprob", "0", "--mixup", "0", *recipe])
+    monkeypatch.undo()
+    assert "best.pt (No space left on device" in line
+    split = str(tmp_path / "split")
+    assert open(os.path.join(split, "log.jsonl")).read() == "" and not os.path.exists(os.path.join(split, "best.pt"))
+    train.main(["--resume", split])
+    assert "note: epoch 1 has its checkpoint but no line in log.jsonl" in capsys.readouterr().out
+    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (whole, split)]
+    keys = ("epoch", "train_loss", "train_top1", "lr", "top1", "best", "best_top1")
+    assert [[r.get(k) for k in keys] for r in logs[0]] == [[r.get(k) for k in keys] for r in logs[1]]
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (whole, split))
+        assert a["epoch"] == b["epoch"] and a["best_top1"] == b["best_top1"], name
+        assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items()), name
+
+
 def test_train_and_val_class_folders_must_match_and_are_named(tmp_path):
     root = write_imagenet(str(tmp_path / "imagenet"), per_class=1)
     write_imagenet(str(tmp_path / "extra"), classes=("n04",), per_class=1)
@@ -251,6 +314,32 @@ def test_temporary_files_of_killed_runs_are_removed(cifar, tmp_path):
     left = set(os.listdir(out))
     assert not left & set(stale) and "notes.txt" in left
     assert not [f for f in left if "tmp" in f]
+
+
+def test_a_kill_during_the_first_checkpoint_write_is_cleaned_on_resume(cifar, tmp_path):
+    """A real SIGKILL to train.py while it writes its first last.pt (its torch.save, hooked, kills
+    the process half-way): the folder holds last.pt.<random>.tmp and no last.pt. --resume removes
+    the temporary file, says so, and says to start again (a new run in the folder would also remove it)."""
+    kill_in_save = ("import os, signal, sys, runpy, torch\n"
+                    "def save(obj, f, *a, **k):\n"
+                    "    f.write(b'half a checkpoint' * 65536); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+                    "torch.save = save\n"
+                    f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    argv = ["--dataset", "cifar10", "--data-dir", cifar, "--output", "run", *TINY, "--batch-size", "8",
+            "--workers", "0", "--no-low-memory", "--epochs", "1", "--lr", "1e-3", "--subset", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    killed = subprocess.run([sys.executable, "-c", kill_in_save, *argv], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    [tmp] = [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+    assert tmp.startswith("last.pt.") and "last.pt" not in os.listdir(tmp_path / "run")
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", "run"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert f"the unfinished write of a killed run, {tmp} (1.1 MB), removed (the run was killed while writing " \
+           f"its first checkpoint: start it again without --resume)" in resumed.stderr
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------- 9. unusable folders, full disks

@@ -111,6 +111,57 @@ def test_sigkill_loses_at_most_save_every(cifar, whole, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "split") if f.endswith(".tmp")]
 
 
+# train.py run as a script, with the evaluation's first batch held for 60 s (qkformer.predict, which
+# train.evaluate calls, hooked before train.py imports it): signals sent once the evaluation shows its
+# bar land inside it, however busy the machine.
+SLOW_EVALUATION = ("import runpy, sys, time, qkformer\n"
+                   "predict, held = qkformer.predict, []\n"
+                   "def slow(*a, **k):\n"
+                   "    if not held:\n"
+                   "        held.append(time.sleep(60))\n"
+                   "    return predict(*a, **k)\n"
+                   "qkformer.predict = slow\n"
+                   f"sys.argv[0] = {TRAIN!r}\n"
+                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_ctrl_c_twice_during_the_last_evaluation_then_resume_evaluates_it(cifar, whole, tmp_path, capsys):
+    """Ctrl-C during the evaluation of the last epoch (its last.pt written) says the run stops once the
+    evaluation ends; a second Ctrl-C stops at once (exit code 130), saying that the evaluation is lost
+    and how to continue. The run is not complete: --resume evaluates that epoch, writes best.pt and
+    its line in log.jsonl, and ends as the uninterrupted run."""
+    argv = ["--dataset", "cifar10", "--data-dir", cifar, *SHORT, *RANDOM, "--output", "split"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVALUATION, *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**ENV, "PYTHONPATH": ROOT})
+    try:
+        seen = b""
+        for marker in (b"evaluate:", b"SIGINT: the run stops"):
+            while marker not in seen:
+                chunk = proc.stderr.read1(4096)
+                assert chunk, f"train.py ended before showing {marker!r}: {seen.decode()[-2000:]}"
+                seen += chunk
+            os.kill(proc.pid, signal.SIGINT)  # the second once the first is seen: two signals, not one
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    err = (seen + err).decode()
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]
+    assert "SIGINT: the run stops once the evaluation of epoch 2 ends, its last.pt written (Ctrl-C again: stop " \
+           "at once; --resume then evaluates it)" in err
+    assert "stopped at once (Ctrl-C): the evaluation of epoch 2 is lost; last.pt holds the run after epoch 2: " \
+           "continue with python train.py --resume split, which evaluates epoch 2 first" in err
+    split = tmp_path / "split"
+    assert torch.load(split / "last.pt", weights_only=True)["epoch"] == 2 and not (split / "best.pt").exists()
+    assert [json.loads(line)["epoch"] for line in open(split / "log.jsonl")] == [1]
+
+    capsys.readouterr()
+    train.main(["--resume", str(split)])
+    printed = capsys.readouterr().out
+    assert "already complete" not in printed and "epoch 2/2: loss" in printed and "final test top-1" in printed
+    assert_same_run(whole, split)
+    assert torch.load(split / "best.pt", weights_only=True)["epoch"] == 2
+
+
 def test_save_every_is_checked():
     with pytest.raises(train_guards.TrainError, match="--save-every must be >= 0 minutes"):
         train_settings.resolve_args(train_settings.parse_args(["--save-every", "-1"]))
