@@ -852,7 +852,8 @@ def write_checkpoint(s, checkpoint, name):
     try:
         save_checkpoint(checkpoint, path)
     except OSError as e:
-        kept = kept_checkpoint(s) if name == "last.pt" else f"the previous {path} is kept"
+        # (a best.pt never written before has no previous one: last.pt is what is kept)
+        kept = f"the previous {path} is kept" if name != "last.pt" and os.path.exists(path) else kept_checkpoint(s)
         raise TrainError(f"cannot write {path} ({e.strerror or e}; a full disk?): {kept}, nothing "
                          f"half-written. Free space and continue with --resume {s.out_dir}") from None
 

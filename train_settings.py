@@ -427,6 +427,8 @@ def check_args(a):
     need(isinstance(a.T, int) and a.T >= 1, f"--T must be a positive integer, got {a.T}")
     need(a.dist_timeout is None or a.dist_timeout > 0, "--dist-timeout must be a positive number of minutes")
     need(math.isfinite(a.save_every) and a.save_every >= 0, f"--save-every must be >= 0 minutes, got {a.save_every}")
+    # numpy's generator takes seeds in [0, 2**32); the run seeds it with seed + 1000 * epoch + rank
+    need(0 <= a.seed < 2 ** 31, f"--seed must be an integer from 0 to {2 ** 31 - 1}, got {a.seed}")
 
 
 # The options that change the model of a --model preset (qkformer.PRESETS): the paper's
