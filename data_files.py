@@ -32,6 +32,14 @@ from tqdm import tqdm
 class DataError(Exception):
     """A problem with the data or a data option that the user can fix; the message says how."""
 
+    def __str__(self):
+        message = super().__str__()
+        # Raised in a DataLoader worker, it reaches the main process made again from the text of
+        # the worker's traceback (torch's ExceptionWrapper), whose last line is the message.
+        if "Traceback (most recent call last)" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        return message
+
 
 # A download that has not started in this many seconds is most likely an offline machine:
 # fail fast with instructions instead of hanging a training job.
