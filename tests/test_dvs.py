@@ -220,8 +220,8 @@ def damage(path, how):
         raw = b""
     with open(path, "wb") as f:
         f.write(raw)
-    with pytest.raises(data_events.DAMAGED_NPZ):
-        data_events._load_frames(path)   # really damaged
+    with pytest.raises(Exception), np.load(path) as z:
+        z["frames"]                      # really damaged
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -239,7 +239,8 @@ def test_a_damaged_cache_file_is_made_again_from_its_recording(tmp_path, capfd, 
     err = capfd.readouterr().err
     recording = [p for p in written if os.path.basename(p)[:-6] == os.path.basename(train.files[0])[:-4]][0]
     assert f"warning: the cached frames {train.files[0]} were damaged (" in err and recording in err
-    assert data_events._load_frames(train.files[0]).shape == (2, 2, 128, 128)     # whole again
+    with np.load(train.files[0]) as z:
+        assert z["frames"].shape == (2, 2, 128, 128)                            # whole again
 
 
 def test_a_damaged_cache_file_without_its_recording_names_the_file_to_delete(tmp_path, capsys):
