@@ -104,8 +104,28 @@ def write_atomically(path: str, write: Callable):
 
 
 def save_checkpoint(obj: dict, path: str):
-    """torch.save, atomically (see write_atomically)."""
-    write_atomically(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (see write_atomically). A write that fails (a full disk, a file
+    size limit) raises the OSError of the write, whatever torch.save reports (below)."""
+    write_atomically(path, lambda f: _torch_save(obj, f))
+
+
+def _torch_save(obj, f):
+    """torch.save(obj, f); a failed write as an OSError. torch.save writes a zip archive
+    through its C++ writer (inline_container.cc): when a write of `f` fails (ENOSPC, EFBIG),
+    the archive's closing, on the way out, finds fewer bytes than it wrote and raises a
+    RuntimeError ("unexpected pos ..."), which replaces the OSError of the write (its
+    __context__). The OSError is what happened, and what callers catch."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise cause from None
+        if "inline_container" not in str(e):  # not the writer's: a bug, left as it is
+            raise
+        raise OSError(errno.EIO, f"the file was not written whole ({str(e).strip().splitlines()[0]})") from None
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

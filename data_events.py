@@ -27,16 +27,25 @@ Folder layout under the data folder (--data-dir):
   DVS128Gesture/DvsGesture/user01_fluorescent.aedat, ..._labels.csv,
                            trials_to_train.txt, trials_to_test.txt
   DVS128Gesture/frames_T16/...
+The frame cache may live elsewhere (train.py / evaluate.py --cache-dir: a read-only dataset
+folder, or a full disk): <cache-dir>/CIFAR10-DVS/frames_T16/... then, in the same layout.
 """
+import contextlib
+import errno
+import functools
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import struct
+import sys
 import tarfile
+import time
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -456,14 +465,85 @@ def dvs128gesture_trials(folder, split):
 
 # ---- the frame cache
 
+def _write_atomic(path, write, mode="wb"):
+    """write(f) into a temporary file, renamed to path when complete: no half-written file ever
+    bears the name. The temporary name is the process's own, <path>.<host>.<pid>.part: with
+    several processes (DDP, on one machine or several sharing the folder) building the cache at
+    once, each writes its own file and the renames replace whole files. A write that fails (a
+    full disk) or is interrupted (Ctrl-C) removes its part file; a killed process's is removed
+    by the next build (_remove_stale_parts)."""
+    part = f"{path}.{_HOST}.{os.getpid()}.part"
+    try:
+        with open(part, mode) as f:
+            write(f)
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(part)
+        raise
+
+
 def _save_npz_atomic(path, **arrays):
-    """np.savez_compressed to path via a temporary name, so no half-written file ever bears the name.
-    The name is the process's own: with several processes (DDP) building the cache at once, each
-    writes its own file and the renames replace whole files."""
-    part = f"{path}.{os.getpid()}.part"
-    with open(part, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(part, path)
+    """np.savez_compressed to path, atomically (_write_atomic)."""
+    _write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+_HOST = socket.gethostname()
+# A part file's name: the file it becomes, then the writer's host (absent in the names of
+# earlier versions, which wrote <path>.<pid>.part) and process id.
+_PART_NAME = re.compile(r"^.+?\.(?:npz|json)\.(?:(?P<host>.+)\.)?(?P<pid>\d+)\.part$")
+# A writer finishes a file in well under a second: a part file this old has no writer left,
+# whichever machine wrote it.
+STALE_PART_S = 3600
+
+
+def _writer_gone(host, pid):
+    """Whether the process that writes a part file has ended: known only for this machine's
+    processes, and on POSIX (os.kill(pid, 0) asks without sending a signal; on Windows it would)."""
+    if host not in (None, _HOST) or os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's)
+        return False
+    return False
+
+
+def _remove_stale_parts(cache):
+    """Remove the part files of writers that are gone (a killed build, a crashed process), which
+    would otherwise stay for good: their writer has ended on this machine, or they are older than
+    STALE_PART_S. Those of builds in progress (other DDP processes) are left. Returns how many."""
+    removed = 0
+    for folder, _, names in os.walk(cache):
+        for name in names:
+            match = _PART_NAME.match(name)
+            path = os.path.join(folder, name)
+            if not match:
+                continue
+            with contextlib.suppress(OSError):  # gone meanwhile, or a folder we cannot write
+                if _writer_gone(match["host"], int(match["pid"])) or \
+                        time.time() - os.path.getmtime(path) > STALE_PART_S:
+                    os.remove(path)
+                    removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def _cache_writes(cache):
+    """The OSError of a write into the cache (a read-only folder, a full disk) as one DataError
+    that says where, and what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):  # full, too big, over quota
+            todo = ("free space there, or give --cache-dir a folder on another disk; the frames written "
+                    "so far are kept, and the next run goes on from them")
+        else:
+            todo = ("give --cache-dir a folder where this run may write (the frames of every recording "
+                    "go there once, then are only read)")
+        raise DataError(f"cannot write the frame cache {cache} ({e.strerror or e}): {todo}") from None
 
 
 def _compact(frames):
@@ -492,9 +572,10 @@ def _dvs_sources(name, data_dir, download_missing):
     return sources
 
 
-def dvs_cache_dir(name, data_dir, T):
-    """The folder of the frame cache for (dataset, T)."""
-    return os.path.join(data_dir, _dvs_spec(name)["folder"], f"frames_T{T}")
+def dvs_cache_dir(name, data_dir, T, cache_dir=None):
+    """The folder of the frame cache for (dataset, T): beside the recordings, or under cache_dir
+    (--cache-dir) in the same layout."""
+    return os.path.join(cache_dir or data_dir, _dvs_spec(name)["folder"], f"frames_T{T}")
 
 
 def _dvs_spec(name):
@@ -503,72 +584,123 @@ def _dvs_spec(name):
     return DVS[name]
 
 
-def _cache_recording(name, path, extra, targets, T, size, notes):
-    """Read one recording (extra: its label or labels file) and write its samples' frames to targets."""
+def _recording_samples(name, group, path, extra):
+    """The samples of one recording: (their cache files, relative to the cache, and their labels)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if name == "cifar10dvs":
+        names, labels = [stem], [extra]
+    else:  # one sample per row of the labels file, named after the row
+        labels = [label for label, _, _ in read_labels_csv(extra)]
+        names = [f"{stem}_{k}" for k in range(len(labels))]
+    return [os.path.join(group, f"{s}.npz") for s in names], labels
+
+
+def _cache_recording(name, path, extra, cache, files, T, notes):
+    """Read one recording (extra: its label or labels file) and write its samples' frames to the
+    cache's files."""
     if name == "cifar10dvs":
         recorded = [(extra, read_cifar10dvs(path, notes))]
     else:
         recorded = read_dvs128gesture(path, extra, notes)
-    for target, (_, events) in zip(targets, recorded):
+    for file, (_, events) in zip(files, recorded):
         try:
-            frames = events_to_frames(events, T, *size)
+            frames = events_to_frames(events, T, *DVS[name]["size"])
         except DataError as e:  # e.g. pixels off the sensor: name the recording
             raise DataError(f"{path}: {e}") from None
-        _save_npz_atomic(target, frames=_compact(frames))
+        with _cache_writes(cache):
+            _save_npz_atomic(os.path.join(cache, file), frames=_compact(frames))
 
 
-def build_dvs_cache(name, data_dir, T, download_missing=True):
+def _complete_index(name, cache, T):
+    """The cache's index when it is complete: index.json of this version, dataset and T, and every
+    file it lists there (one deleted by hand, e.g. a damaged one, is made again); else None."""
+    index_path = os.path.join(cache, "index.json")
+    if not os.path.isfile(index_path):
+        return None
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        if (index.get("version"), index.get("dataset"), index.get("T")) == (_FRAMES_VERSION, name, T):
+            missing = sum(not os.path.isfile(os.path.join(cache, s["file"])) for s in index["samples"])
+            if not missing:
+                return index
+            print(f"{cache}: {missing} of its {len(index['samples'])} files are missing: making them again")
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(f"{index_path} is from another version or damaged: rebuilding the cache")
+    return None
+
+
+def build_dvs_cache(name, data_dir, T, download_missing=True, cache_dir=None):
     """Integrate every recording into T frames once; return the cache's index (a dict, see below).
 
-    The cache: frames_T<T>/<group>/<sample>.npz (key 'frames', (T, 2, H, W)
+    The cache (dvs_cache_dir: beside the recordings, or under cache_dir):
+    frames_T<T>/<group>/<sample>.npz (key 'frames', (T, 2, H, W)
     counts) and index.json, written last, listing every sample (file, label,
     group) in the official order. index.json exists only for a complete cache:
     every file is written under a temporary name and renamed when complete, so
     an interrupted build leaves nothing that is later read as valid; a rerun
-    keeps the sample files already complete and writes the rest. A new T
-    builds a new cache next to the old one. Recordings that may not be a
-    DVS128's (see read_cifar10dvs) give one warning for the whole build.
+    keeps the sample files already complete and writes the rest, and removes
+    the part files of killed builds. A new T builds a new cache next to the old
+    one. Recordings that may not be a DVS128's (see read_cifar10dvs) give one
+    warning for the whole build. A folder that cannot be written (read-only,
+    full) is a DataError that says which, and what to do.
     """
     spec = _dvs_spec(name)
     if int(T) != T or T < 1:
         raise DataError(f"the number of frames T must be a positive integer, not {T!r}")
-    cache = dvs_cache_dir(name, data_dir, T)
-    index_path = os.path.join(cache, "index.json")
-    H, W = spec["size"]
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-            if (index.get("version"), index.get("dataset"), index.get("T")) == (_FRAMES_VERSION, name, T):
-                return index
-        except (OSError, ValueError):
-            pass
-        print(f"{index_path} is from another version or damaged: rebuilding the cache")
+    cache = dvs_cache_dir(name, data_dir, T, cache_dir)
+    _remove_stale_parts(cache)
+    index = _complete_index(name, cache, T)
+    if index is not None:
+        return index
     sources = _dvs_sources(name, data_dir, download_missing)
     samples, notes, read = [], [], 0  # notes: recordings that may not be a DVS128's (read_cifar10dvs)
     for group, path, extra in tqdm(sources, desc=f"{spec['title']} -> frames (T={T}, once)", unit="file"):
-        os.makedirs(os.path.join(cache, group), exist_ok=True)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if name == "cifar10dvs":
-            names, labels = [stem], [extra]
-        else:  # one sample per row of the labels file, named after the row
-            labels = [label for label, _, _ in read_labels_csv(extra)]
-            names = [f"{stem}_{k}" for k in range(len(labels))]
-        files = [os.path.join(group, f"{s}.npz") for s in names]
+        with _cache_writes(cache):
+            os.makedirs(os.path.join(cache, group), exist_ok=True)
+        files, labels = _recording_samples(name, group, path, extra)
         if not all(os.path.isfile(os.path.join(cache, f)) for f in files):
-            _cache_recording(name, path, extra, [os.path.join(cache, f) for f in files], T, (H, W), notes)
+            _cache_recording(name, path, extra, cache, files, T, notes)
             read += 1
         samples += [dict(file=f, label=int(label), group=group) for f, label in zip(files, labels)]
     if notes:  # one warning for the whole build, however many recordings it concerns
         warnings.warn(f"{spec['title']}: {len(notes)} of the {read} recordings read may not come from a "
                       f"DVS128 sensor (the first: {notes[0]}); they were read as DVS128 recordings, and "
                       f"their frames may be wrong", stacklevel=2)
-    index = dict(version=_FRAMES_VERSION, dataset=name, T=T, size=[H, W], samples=samples)
-    part = f"{index_path}.{os.getpid()}.part"  # the process's own (see _save_npz_atomic)
-    with open(part, "w", encoding="utf-8") as f:
-        json.dump(index, f)
-    os.replace(part, index_path)
+    index = dict(version=_FRAMES_VERSION, dataset=name, T=T, size=list(spec["size"]), samples=samples)
+    with _cache_writes(cache):
+        _write_atomic(os.path.join(cache, "index.json"), lambda f: json.dump(index, f), mode="w")
     return index
+
+
+def remake_cached_frames(name, data_dir, T, cache_dir, path, damage):
+    """Make the damaged cache file `path` again from its recording, saying so; a DataError naming
+    the file to delete when its recording is not there (or the cache cannot be written).
+    damage: what reading it raised, in words. (EventFrames calls it, in a loader worker too.)"""
+    cache = dvs_cache_dir(name, data_dir, T, cache_dir)
+    file = os.path.relpath(path, cache)
+    try:
+        sources = _dvs_sources(name, data_dir, download_missing=False)
+    except DataError:  # the recordings are gone (only the cache was kept)
+        sources = []
+    for group, recording, extra in sources:
+        stem = os.path.splitext(os.path.basename(recording))[0]
+        if os.path.dirname(file) == group and os.path.basename(file).startswith(stem):
+            files, _ = _recording_samples(name, group, recording, extra)
+            if file in files:
+                try:
+                    _cache_recording(name, recording, extra, cache, files, T, notes=[])
+                except DataError as e:
+                    raise DataError(f"the cached frames {path} are damaged ({damage}) and cannot be made "
+                                    f"again: {e}") from None
+                tqdm.write(f"warning: the cached frames {path} were damaged ({damage}): made again from "
+                           f"{recording}", file=sys.stderr)
+                return
+    raise DataError(f"the cached frames {path} are damaged ({damage}), and their recording is not in "
+                    f"{data_dir} to make them again: delete {path} and run again (the cache is then "
+                    f"completed from the recordings there are)")
 
 
 def cifar10dvs_split(labels, split="official", seed=0, train_ratio=CIFAR10DVS_TRAIN_RATIO):
@@ -596,11 +728,25 @@ def cifar10dvs_split(labels, split="official", seed=0, train_ratio=CIFAR10DVS_TR
     return train, test
 
 
-class EventFrames(Dataset):
-    """Samples of the frame cache: (float32 frames (T, 2, H, W) of event counts, label), optionally transformed."""
+# What reading a damaged .npz raises: a truncated file BadZipFile or EOFError, a flipped bit
+# zlib.error or BadZipFile (a bad CRC), an empty or foreign file ValueError or OSError, an
+# archive without the array KeyError.
+DAMAGED_NPZ = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
-    def __init__(self, files, labels, transform=None):
-        self.files, self.labels, self.transform = list(files), list(labels), transform
+
+def _load_frames(path):
+    with np.load(path) as z:
+        return z["frames"]
+
+
+class EventFrames(Dataset):
+    """Samples of the frame cache: (float32 frames (T, 2, H, W) of event counts, label), optionally
+    transformed. A cache file that cannot be read is made again by remake(path, damage)
+    (build_dvs_datasets: remake_cached_frames, from its recording); without remake, a DataError
+    names it."""
+
+    def __init__(self, files, labels, transform=None, remake=None):
+        self.files, self.labels, self.transform, self.remake = list(files), list(labels), transform, remake
 
     def __len__(self):
         return len(self.files)
@@ -608,18 +754,23 @@ class EventFrames(Dataset):
     def __getitem__(self, i):
         path = self.files[i]
         try:
-            with np.load(path) as z:
-                frames = z["frames"]
-        except (OSError, ValueError, KeyError, EOFError) as e:
-            raise DataError(f"cannot read the cached frames {path} ({e}); delete "
-                            f"{os.path.dirname(os.path.dirname(path))} to rebuild the cache") from None
+            frames = _load_frames(path)
+        except DAMAGED_NPZ as e:
+            kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+            damage = f"{kind}: {e}"  # e.g. zlib.error: Error -3 while decompressing data
+            if self.remake is None:
+                raise DataError(f"cannot read the cached frames {path} ({damage}); delete it and build "
+                                f"the cache again") from None
+            self.remake(path, damage)
+            frames = _load_frames(path)
         frames = torch.from_numpy(frames.astype(np.float32))  # (T, 2, H, W)
         if self.transform is not None:
             frames = self.transform(frames)
         return frames, self.labels[i]
 
 
-def build_dvs_datasets(name, data_dir, T=16, split="official", seed=0, transform=None, download_missing=True):
+def build_dvs_datasets(name, data_dir, T=16, split="official", seed=0, transform=None, download_missing=True,
+                       cache_dir=None):
     """(train set, test set) of an event-camera dataset as EventFrames, building the frame cache if needed.
 
     name: 'cifar10dvs' or 'dvs128gesture'. split (CIFAR10-DVS only):
@@ -627,10 +778,11 @@ def build_dvs_datasets(name, data_dir, T=16, split="official", seed=0, transform
     file-name order for training) or 'random' (per class, seeded by seed).
     DVS128 Gesture always uses its own split (trials_to_train.txt /
     trials_to_test.txt: users 1-23 train, 24-29 test). transform applies to
-    the training set's frames only.
+    the training set's frames only. cache_dir: where the frame cache is (None: beside the
+    recordings). A damaged cache file is made again when read (remake_cached_frames).
     """
-    index = build_dvs_cache(name, data_dir, T, download_missing)
-    cache = dvs_cache_dir(name, data_dir, T)
+    index = build_dvs_cache(name, data_dir, T, download_missing, cache_dir)
+    cache = dvs_cache_dir(name, data_dir, T, cache_dir)
     files = [os.path.join(cache, s["file"]) for s in index["samples"]]
     labels = [s["label"] for s in index["samples"]]
     if name == "cifar10dvs":
@@ -643,7 +795,9 @@ def build_dvs_datasets(name, data_dir, T=16, split="official", seed=0, transform
         train_idx = [i for i, g in enumerate(groups) if g == "train"]
         test_idx = [i for i, g in enumerate(groups) if g == "test"]
     pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
-    return EventFrames(*pick(train_idx), transform=transform), EventFrames(*pick(test_idx))
+    remake = functools.partial(remake_cached_frames, name, data_dir, T, cache_dir)  # picklable: workers
+    return (EventFrames(*pick(train_idx), transform=transform, remake=remake),
+            EventFrames(*pick(test_idx), remake=remake))
 
 
 class EventAugment:
@@ -749,7 +903,8 @@ def _fetch_dvs(spec, data_dir, download_missing):
         ensure_dvs128gesture(data_dir)
 
 
-def _read_dvs(spec, data_dir, train, img_size, subset, augment, download_missing, T=16, dvs_split="official"):
+def _read_dvs(spec, data_dir, train, img_size, subset, augment, download_missing, T=16, dvs_split="official",
+              cache_dir=None):
     """A split of an event-camera dataset as EventFrames (T frames of the cache for that T, built
     once), training samples through EventAugment; subset: an evenly spaced selection of N."""
     if img_size not in (None, spec.image_size):
@@ -762,15 +917,15 @@ def _read_dvs(spec, data_dir, train, img_size, subset, augment, download_missing
         raise DataError(f"--crop-padding is for CIFAR; {spec.title} shifts its frames in "
                         f"data_events.EventAugment (translate x/y)")
     transform = EventAugment(flip=augment.hflip) if train else None
-    train_set, test_set = build_dvs_datasets(spec.name, data_dir, T, dvs_split, seed=0,
-                                             transform=transform, download_missing=download_missing)
+    train_set, test_set = build_dvs_datasets(spec.name, data_dir, T, dvs_split, seed=0, transform=transform,
+                                             download_missing=download_missing, cache_dir=cache_dir)
     chosen = train_set if train else test_set
     if not len(chosen):
         raise DataError(f"the {'training' if train else 'test'} split of {spec.title} in {data_dir} holds "
                         f"no recordings (too few per class for a 90/10 split?)")
     # both splits are sorted by class (Gesture: by recording): spread the selection out
     return EventFrames(data.evenly_spaced(chosen.files, subset), data.evenly_spaced(chosen.labels, subset),
-                       chosen.transform)
+                       chosen.transform, chosen.remake)
 
 
 # The official recipes, from the official cifar10-dvs/train.py and dvs128-gesture/train.py
@@ -821,13 +976,13 @@ data.DATASETS.update({spec.name: spec for spec in (
         image_size=128, in_channels=2,
         mean=None, std=None,     # event counts go in as they are (the official code normalises nothing)
         recipe=CIFAR10DVS_RECIPE, fetch=_fetch_dvs, reader=_read_dvs,
-        options=("T", "dvs_split"), to_model=event_batch_to_model, input_kind="event counts",
+        options=("T", "dvs_split", "cache_dir"), to_model=event_batch_to_model, input_kind="event counts",
         data_hint="CIFAR10-DVS/ (its 10 class zips, downloaded when missing; split: --dvs-split)"),
     data.DatasetSpec(
         name="dvs128gesture", title="DVS128 Gesture", num_classes=11,
         class_names=DVS128GESTURE_CLASSES,
         image_size=128, in_channels=2, mean=None, std=None,
         recipe=DVS128GESTURE_RECIPE, fetch=_fetch_dvs, reader=_read_dvs,
-        options=("T", "dvs_split"), to_model=event_batch_to_model, input_kind="event counts",
+        options=("T", "dvs_split", "cache_dir"), to_model=event_batch_to_model, input_kind="event counts",
         data_hint="DVS128Gesture/DvsGesture.tar.gz (downloaded by hand from IBM)"),
 )})

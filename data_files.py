@@ -32,6 +32,14 @@ from tqdm import tqdm
 class DataError(Exception):
     """A problem with the data or a data option that the user can fix; the message says how."""
 
+    def __str__(self):
+        message = super().__str__()
+        # Raised in a DataLoader worker, it reaches the main process made again from the text of
+        # the worker's traceback (torch's ExceptionWrapper), whose last line is the message.
+        if "Traceback (most recent call last)" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        return message
+
 
 def error_line(error: Exception) -> str:
     """The message of an error for the user, in one line. An error raised in a DataLoader

@@ -507,6 +507,8 @@ def build_parser():
     p.add_argument("--dvs-split", choices=data_events.DVS_SPLITS, help="CIFAR10-DVS: the train/test split "
                    "whose test part is evaluated (default: the checkpoint's run's, else official: per "
                    "class the last 10%% of the recordings in sorted file order)")
+    p.add_argument("--cache-dir", help="event data: where the frame cache is, or goes (as train.py's; "
+                   "default: beside the recordings in --data-dir)")
     pictures.add_picture_arguments(p)          # --images, --pictures
     return p
 
@@ -568,7 +570,8 @@ def test_sets(args, spec, checkpoint, cfg):
     # Event data: frames for the model's T, and the test part of the split the model was
     # trained on (train.py stores it in the checkpoint's args; other checkpoints: official).
     saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    options = dict(T=cfg.T, dvs_split=args.dvs_split or saved.get("dvs_split") or "official")
+    options = dict(T=cfg.T, dvs_split=args.dvs_split or saved.get("dvs_split") or "official",
+                   cache_dir=args.cache_dir)
     # A dataset of fixed-size images refuses another size (data.DataError) before reading a file.
     build = functools.partial(data.build_test_set, args.dataset, args.data_dir,
                               img_size=cfg.img_size, download_missing=False, **options)
@@ -595,7 +598,7 @@ def measurements(args, spec, model, results: dict, recorder: SpikeRecorder, opti
                 T=cfg.T, flip_test=args.flip_test, top1=results["top1"], top5=results["top5"],
                 top5_k=results["top5_k"], loss=results["loss"], config=dict(vars(cfg)),
                 official_quirks=cfg.official_quirks, input_kind=spec.input_kind,
-                data_options={k: options[k] for k in spec.options},   # event data: T and split
+                data_options={k: options[k] for k in spec.options if options[k] is not None},  # T, split, cache
                 input_counting=EVENT_INPUT_NOTE if events else FIRST_LAYER_NOTE,
                 firing_rates=recorder.firing_rates(), stage_firing_rates=stage_firing_rates(recorder),
                 table4=table4(model, recorder), input_rates=recorder.input_rates(),

@@ -305,7 +305,8 @@ def setup_data(s):
     rank0_decides(s, lambda: data.prepare(args.dataset, args.data_dir, download_missing=args.download))
     train_set, test_set = data.build_datasets(
         args.dataset, args.data_dir, args.img_size, args.crop_padding, args.hflip, args.aa,
-        args.subset, args.test_subset, download_missing=False, T=args.T, dvs_split=args.dvs_split)
+        args.subset, args.test_subset, download_missing=False, T=args.T, dvs_split=args.dvs_split,
+        cache_dir=args.cache_dir)
     check_classes(s, train_set, test_set)
     if hasattr(test_set, "samples"):  # image files
         rank0_decides(s, lambda: data_files.verify_images(test_set.samples, desc="checking the test images"))

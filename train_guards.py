@@ -484,6 +484,7 @@ class Interrupts:
     def __init__(self, s=None):
         self.s, self.signum, self.pid = s, 0, os.getpid()
         self.resumed = None       # the progress of the mid-epoch checkpoint being resumed (resume_mid_epoch)
+        self.batches = None       # the iterator of the epoch's batches (loader): release_workers stops it
         self.group = None         # DDP on GPUs: the gloo group of the decisions
         self.last_save = time.monotonic()
         self.saved = "no checkpoint was written yet"
@@ -511,10 +512,12 @@ class Interrupts:
         self.last_save = time.monotonic()
 
     def release_workers(self):
-        """Stop the workers the loaders keep between epochs (the evaluation's): told to stop, they
-        end; at its exit Python would instead send them a SIGTERM, which they ignore, and wait."""
-        for loader in (self.s.train_loader, self.s.eval_loader):
-            batches = getattr(loader, "_iterator", None)  # where a DataLoader keeps persistent workers
+        """Stop the workers the loaders keep between epochs (the evaluation's), and those of an epoch
+        that an error ended (a damaged file read by a worker: the error's traceback keeps its
+        iterator, and so its workers, alive until Python's exit): told to stop, they end; at its
+        exit Python would instead send them a SIGTERM, which they ignore, and wait for ever."""
+        kept = [getattr(loader, "_iterator", None) for loader in (self.s.train_loader, self.s.eval_loader)]
+        for batches in kept + [self.batches]:  # (_iterator: where a DataLoader keeps persistent workers)
             if batches is not None and hasattr(batches, "_shutdown_workers"):
                 batches._shutdown_workers()
 
@@ -551,10 +554,11 @@ class Interrupts:
 
     def loader(self, loader, epoch):
         """The batches of `epoch` (loader's sampler set to it): all, or in the epoch of a resumed
-        mid-epoch checkpoint those it had not trained on (ResumedEpoch)."""
-        if self.resumed is None or epoch != self.s.start_epoch:
-            return loader
-        return ResumedEpoch(loader, self.resumed["step"], self.s.ckpt["rng"][self.s.rank])
+        mid-epoch checkpoint those it had not trained on (ResumedEpoch); their iterator is kept
+        (KeptBatches), for release_workers."""
+        if self.resumed is not None and epoch == self.s.start_epoch:
+            loader = ResumedEpoch(loader, self.resumed["step"], self.s.ckpt["rng"][self.s.rank])
+        return KeptBatches(loader, self)
 
     def tally(self, epoch, watch):
         """The tally of `epoch` from its start or, in the epoch of a resumed mid-epoch checkpoint,
@@ -698,7 +702,22 @@ class ResumedEpoch:
     def __iter__(self):
         batches = iter(loader_like(self.loader, SkipSampler(self.loader.sampler, self.step * self.loader.batch_size)))
         set_rng_state(self.rng)
-        yield from batches
+        return batches  # the DataLoader's own iterator: KeptBatches keeps it
+
+
+class KeptBatches:
+    """An epoch's batches (a DataLoader, a ResumedEpoch) whose iterator is kept in keeper.batches
+    (Interrupts), so that release_workers can stop its loader workers."""
+
+    def __init__(self, batches, keeper):
+        self.batches, self.keeper = batches, keeper
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.keeper.batches = iter(self.batches)
+        return self.keeper.batches
 
 
 # ----------------------------------------------------------------------------
@@ -916,7 +935,8 @@ def write_checkpoint(s, checkpoint, name):
     try:
         save_checkpoint(checkpoint, path)
     except OSError as e:
-        kept = kept_checkpoint(s) if name == "last.pt" else f"the previous {path} is kept"
+        # (a best.pt never written before has no previous one: last.pt is what is kept)
+        kept = f"the previous {path} is kept" if name != "last.pt" and os.path.exists(path) else kept_checkpoint(s)
         raise TrainError(f"cannot write {path} ({e.strerror or e}; a full disk?): {kept}, nothing "
                          f"half-written. Free space and continue with --resume {s.out_dir}") from None
 

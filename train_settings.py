@@ -104,7 +104,7 @@ DEFAULTS = dict(
     device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True, tf32=True,
     dist_timeout=15, save_every=10,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None, effective_batch=None,
-    mixup_prob=1.0, dvs_split=None,
+    mixup_prob=1.0, dvs_split=None, cache_dir=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None, tau=None,
     speds=None, flip_test=False,
 )
@@ -165,6 +165,8 @@ def add_data_options(g):
     g.add_argument("--dvs-split", choices=list(data_events.DVS_SPLITS), help="CIFAR10-DVS train/test split: "
                    "official (per class the first 90%% of the recordings in sorted file order train, "
                    "the rest test, as the official code) or random (per class, seed 0)")
+    g.add_argument("--cache-dir", help="event data: where the frame cache goes (default: beside the "
+                   "recordings in --data-dir; give another folder when that one is read-only or full)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process "
                    "(default: 0 on a CPU, min(8, cores per GPU) on GPUs)")
 
@@ -438,6 +440,8 @@ def check_args(a):
     need(isinstance(a.T, int) and a.T >= 1, f"--T must be a positive integer, got {a.T}")
     need(a.dist_timeout is None or a.dist_timeout > 0, "--dist-timeout must be a positive number of minutes")
     need(math.isfinite(a.save_every) and a.save_every >= 0, f"--save-every must be >= 0 minutes, got {a.save_every}")
+    # numpy's generator takes seeds in [0, 2**32); the run seeds it with seed + 1000 * epoch + rank
+    need(0 <= a.seed < 2 ** 31, f"--seed must be an integer from 0 to {2 ** 31 - 1}, got {a.seed}")
 
 
 # The options that change the model of a --model preset (qkformer.PRESETS): the paper's

@@ -4,17 +4,27 @@ The recordings are written by the tests in the official file formats (tests/_fak
 AEDAT 2.0 for CIFAR10-DVS, AEDAT 3.1 plus labels files for DVS128 Gesture. Nothing is read
 from ../shared or the network (the "download" comes from a server on 127.0.0.1).
 """
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import warnings
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+
+try:
+    import resource               # POSIX: file size limits
+except ImportError:               # Windows
+    resource = None
 
 import data
 import data_events
@@ -23,6 +33,9 @@ from checkpoints import official_family
 from qkformer import create_model
 from _fakeevents import (aedat2_bytes, polarity_packet, random_events, special_packet,
                          write_aedat2, write_aedat31, write_cifar10dvs_tree, write_gesture_tree, write_labels)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- reading the files
@@ -195,15 +208,159 @@ def _count(calls, fn, *args):
     return fn(*args)
 
 
-def test_damaged_cache_file_gives_clear_error(tmp_path):
-    write_cifar10dvs_tree(tmp_path, per_class=1, events=10)
+def damage(path, how):
+    """Damage a cache file as a disk or a copy does: cut it short, flip one bit, or empty it."""
+    with open(path, "rb") as f:
+        raw = bytearray(f.read())
+    if how == "truncated":
+        raw = raw[:len(raw) // 2]
+    elif how == "bit-flipped":
+        raw[len(raw) // 2] ^= 0x04       # inside the compressed array: the zip's CRC no longer holds
+    else:
+        raw = b""
+    with open(path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(Exception), np.load(path) as z:
+        z["frames"]                      # really damaged
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped", "empty"])
+def test_a_damaged_cache_file_is_made_again_from_its_recording(tmp_path, capfd, how, workers):
+    """Read in this process or in a loader worker (whose error PyTorch would carry over): the
+    file is made again from its recording, with a warning naming both."""
+    written = write_cifar10dvs_tree(tmp_path, per_class=1, events=200)
     train, _ = data_events.build_dvs_datasets("cifar10dvs", tmp_path, T=2)
-    with open(train.files[0], "wb") as f:
-        f.write(b"not a zip")
-    with pytest.raises(DataError, match="delete"):
-        train[0]
+    expected = [train[i][0] for i in range(len(train))]
+    damage(train.files[0], how)
+    loader = torch.utils.data.DataLoader(train, batch_size=len(train), num_workers=workers)
+    (frames, _), = list(loader)
+    torch.testing.assert_close(frames, torch.stack(expected))
+    err = capfd.readouterr().err
+    recording = [p for p in written if os.path.basename(p)[:-6] == os.path.basename(train.files[0])[:-4]][0]
+    assert f"warning: the cached frames {train.files[0]} were damaged (" in err and recording in err
+    with np.load(train.files[0]) as z:
+        assert z["frames"].shape == (2, 2, 128, 128)                            # whole again
 
 
+def test_a_damaged_cache_file_without_its_recording_names_the_file_to_delete(tmp_path, capsys):
+    """Only the cache was kept: train.py (the file read by a loader worker, in a process of its
+    own) and evaluate.py end with one line naming the file to delete; once deleted, the run
+    goes on without that recording."""
+    import evaluate
+    written = write_cifar10dvs_tree(tmp_path / "data", per_class=11, events=30)
+    argv = ["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--batch-size", "4",
+            "--subset", "8", "--output", str(tmp_path / "run")] + NARROW
+    argv[argv.index("--workers") + 1] = "2"
+    train, test = data_events.build_dvs_datasets("cifar10dvs", tmp_path / "data", T=2)
+    train.files = data.evenly_spaced(train.files, 8)          # those --subset 8 trains on
+    for ds in (train, test):
+        os.remove([p for p in written if os.path.basename(p)[:-6] == os.path.basename(ds.files[0])[:-4]][0])
+        damage(ds.files[0], "bit-flipped")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=120)
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert f"the cached frames {train.files[0]} are damaged (" in lines[0]
+    assert f"delete {train.files[0]} and run again" in lines[0]
+    model = create_model("cifar10dvs", embed_dim=32, T=2)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, tmp_path / "m.pt")
+    code = evaluate.main(["--checkpoint", str(tmp_path / "m.pt"), "--dataset", "cifar10dvs", "--data-dir",
+                          str(tmp_path / "data"), "--device", "cpu", "--workers", "2", "--pictures", "0",
+                          "--output", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert f"the cached frames {test.files[0]} are damaged" in lines[0] and f"delete {test.files[0]}" in lines[0]
+    for ds in (train, test):            # as the messages say
+        os.remove(ds.files[0])
+    assert subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=120).returncode == 0
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """`folder` read-only for real: a read-only bind mount for root (whom file modes do not stop),
+    file modes for anyone else; skipped, with the reason, where neither can be made."""
+    folder = str(folder)
+    if os.name != "posix":
+        pytest.skip("read-only folders are made here with POSIX file modes or mounts")
+    if os.geteuid() == 0:
+        for options in (["--bind", folder, folder], ["-o", "remount,ro,bind", folder, folder]):
+            done = subprocess.run(["mount", *options], capture_output=True, text=True)
+            if done.returncode:
+                subprocess.run(["umount", folder], capture_output=True)
+                pytest.skip(f"root needs a read-only bind mount here, and mount refused: {done.stderr.strip()}")
+    else:
+        modes = {root: os.stat(root).st_mode for root, _, _ in os.walk(folder)}
+        for root in modes:
+            os.chmod(root, 0o555)
+    try:
+        with pytest.raises(OSError):
+            open(os.path.join(folder, "probe"), "w").close()
+        yield folder
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", folder])
+        else:
+            for root, mode in modes.items():
+                os.chmod(root, mode)
+
+
+def test_a_read_only_dataset_folder_asks_for_a_cache_dir(tmp_path, capsys):
+    import evaluate
+    import train
+    write_cifar10dvs_tree(tmp_path / "data", per_class=11, events=30)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--batch-size", "4", "--subset", "8",
+            "--output", str(run)] + NARROW
+    with read_only(tmp_path / "data"):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err
+        lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error")]
+        assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1, err
+        frames = data_events.dvs_cache_dir("cifar10dvs", tmp_path / "data", 2)
+        assert lines[0].startswith(f"error: cannot write the frame cache {frames} (") and "give --cache-dir" in lines[0]
+        train.main(argv + ["--cache-dir", str(cache)])
+        assert os.path.isfile(cache / "CIFAR10-DVS" / "frames_T2" / "index.json")
+        assert evaluate.main(["--checkpoint", str(run / "last.pt"), "--dataset", "cifar10dvs", "--data-dir",
+                              str(tmp_path / "data"), "--cache-dir", str(cache), "--device", "cpu", "--pictures",
+                              "0", "--output", str(tmp_path / "eval")]) == 0
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="no file size limits (RLIMIT_FSIZE) here")
+def test_a_cache_build_that_cannot_write_leaves_no_part_file(tmp_path):
+    """A write that fails for real while the cache is built (a file size limit, RLIMIT_FSIZE, as a
+    full disk would: no root needed): one line, and no part file left; the part files of killed
+    builds are removed by the next run, those of builds in progress left alone."""
+    import train
+    write_cifar10dvs_tree(tmp_path / "data", per_class=11, events=4000)      # about 5 kB of frames each
+    argv = ["--dataset", "cifar10dvs", "--data-dir", str(tmp_path / "data"), "--batch-size", "4", "--subset", "8",
+            "--output", str(tmp_path / "run")] + NARROW
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000)),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+                          cwd=tmp_path, timeout=120)
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    cache = data_events.dvs_cache_dir("cifar10dvs", tmp_path / "data", 2)
+    assert lines[0].startswith(f"error: cannot write the frame cache {cache} (File too large): free space")
+    parts = lambda: sorted(f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".part"))  # noqa: E731
+    assert parts() == []
+    # part files as killed builds leave them (of this version and of earlier ones), and as builds
+    # in progress have them: this process's, another machine's
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    stale = [f"x.npz.{ended.pid}.part", f"x.npz.{host}.{ended.pid}.part", "x.npz.other-host.7.part"]
+    alive = [f"x.npz.{host}.{os.getpid()}.part", "x.npz.other-host.8.part", "index.json.other.host.9.part"]
+    for name in stale + alive:
+        open(os.path.join(cache, "airplane", name), "wb").close()
+    old = os.path.join(cache, "airplane", "x.npz.other-host.7.part")
+    os.utime(old, (0, 0))                                   # written in 1970: its writer is gone
+    train.main(argv)
+    assert parts() == sorted(alive)
 
 
 def _class_zip(cls, n=2, top_folder=True):

@@ -3,14 +3,15 @@
 Diverged runs, resumes with another batch geometry, torn logs, two runs on one folder, bad
 images, killed runs' temporary files, unusable --output / --data-dir, full disks, errors on
 another DDP rank, options that cannot fit in memory. Each test makes the fault happen (a
-monkeypatched torch.save raising ENOSPC stands for a full disk, a patched os.access for a
+small tmpfs is a full disk, where the tests may mount one (root); a file size limit,
+RLIMIT_FSIZE, makes writes fail for real without root; a patched os.access stands for a
 read-only folder: the tests run as root, whom chmod does not stop) and checks the one-line
 message, the exit code 2 and the files left behind.
 
 Tiny models (embed_dim 32, T=1), 16-40 fake images, one thread, one or two epochs.
 """
+import contextlib
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -18,9 +19,15 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+
+try:
+    import resource               # POSIX: file size limits
+except ImportError:               # Windows
+    resource = None
 
 import checkpoints
 import data
@@ -366,22 +373,86 @@ def test_read_only_output(cifar, tmp_path, capsys, monkeypatch):
     assert f"cannot write to the run folder {out}" in line and "choose a writable --output" in line
 
 
-def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(cifar, tmp_path, capsys, monkeypatch):
-    real = torch.save
+@contextlib.contextmanager
+def small_disk(folder, size):
+    """A real filesystem of `size` bytes at `folder`: a tmpfs. Mounting one needs root and the
+    right to mount (CAP_SYS_ADMIN, which a container may withhold): skipped otherwise, with the
+    reason. Unmounted at the end."""
+    os.makedirs(folder)
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("a real full disk here is a small tmpfs, and only root may mount one")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)]).returncode:
+            subprocess.run(["umount", "-l", str(folder)])  # busy: detached now, freed when let go
 
-    def full_disk_at_epoch_2(obj, f, *a, **k):
-        if isinstance(obj, dict) and obj.get("epoch") == 2:
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", full_disk_at_epoch_2)
-    out = tmp_path / "run"
-    line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
-                          "--batch-size", "8", "--workers", "0", "--no-low-memory", "--epochs", "2",
-                          "--warmup-epochs", "0", "--lr", "1e-3", "--subset", "16"])
-    assert "No space left on device" in line and "after epoch 1), is kept" in line and "--resume" in line
-    monkeypatch.undo()
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+def checkpoint_size(cifar, tmp_path):
+    """The size of the tiny runs' checkpoints (weights and Adam's state): a run of one epoch."""
+    out = run(cifar, tmp_path / "sized", "--epochs", "1", "--lr", "1e-3", "--subset", "16")
+    return os.path.getsize(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.parametrize("extra, kept", [
+    ([], "after epoch 1"),                                  # last.pt again, with the epoch's top-1
+    (["--save-every", "0.0001"], "in epoch 1 after step 1"),  # a mid-epoch last.pt (6 ms apart)
+])
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(cifar, tmp_path, capsys, extra, kept):
+    """A real full disk: a tmpfs with room for about 1.5 checkpoints. The first last.pt fits;
+    writing the next one beside it (atomically: a temporary file, then a rename) fills the
+    disk, and torch.save reports the short write as a RuntimeError of its zip writer."""
+    size = checkpoint_size(cifar, tmp_path)
+    with small_disk(tmp_path / "disk", size * 3 // 2) as disk:
+        out = disk / "run"
+        line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(out), *TINY,
+                              "--batch-size", "8", "--workers", "0", "--no-low-memory", "--epochs", "2",
+                              "--warmup-epochs", "0", "--lr", "1e-3", "--subset", "16", "--aa", "none",
+                              "--reprob", "0", "--mixup", "0", *extra])
+        assert f"cannot write {out / 'last.pt'} (No space left on device" in line, line
+        assert f"({kept}), is kept" in line and f"--resume {out}" in line
+        ckpt = torch.load(out / "last.pt", weights_only=True)
+        assert ckpt["epoch"] == (1 if not extra else 0) and ("progress" in ckpt) == bool(extra)
+        assert not [f for f in os.listdir(out) if "tmp" in f]
+
+
+def test_a_full_disk_while_writing_best_pt(cifar, tmp_path):
+    """best.pt, written after last.pt: the same fault, the same words (when best.pt was never
+    written before, last.pt is what is kept)."""
+    size = checkpoint_size(cifar, tmp_path)
+    ckpt = torch.load(tmp_path / "sized" / "last.pt", weights_only=True)
+    with small_disk(tmp_path / "disk", size * 3 // 2) as disk:
+        s = types.SimpleNamespace(out_dir=str(disk))             # what write_checkpoint reads of a run
+        checkpoints.save_checkpoint(ckpt, str(disk / "last.pt"))
+        with pytest.raises(train_guards.TrainError) as e:
+            train_guards.write_checkpoint(s, ckpt, "best.pt")
+        assert f"cannot write {disk / 'best.pt'} (No space left on device" in str(e.value)
+        assert f"{disk / 'last.pt'} (after epoch 1), is kept" in str(e.value)
+        assert sorted(os.listdir(disk)) == ["last.pt"]
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="no file size limits (RLIMIT_FSIZE) here")
+@pytest.mark.parametrize("extra, failed", [([], "after epoch 1"), (["--save-every", "0.0001"], "mid-epoch")])
+def test_a_checkpoint_write_that_fails_for_real_keeps_the_previous_one(cifar, tmp_path, extra, failed):
+    """Without root: a file size limit (RLIMIT_FSIZE, as `ulimit -f`) makes the writes of a
+    resumed run's checkpoints fail for real, with EFBIG, which torch.save reports as the same
+    RuntimeError as a full disk's ENOSPC. (Python ignores SIGXFSZ: the write returns the error.)"""
+    out = run(cifar, tmp_path / "run", "--epochs", "2", "--lr", "1e-3", "--stop-after", "1", "--subset", "16")
+    limit = os.path.getsize(os.path.join(out, "last.pt")) // 2   # args.json and the log fit
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", out, *extra],
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert f"cannot write {os.path.join(out, 'last.pt')} (File too large" in lines[0]
+    assert "(after epoch 1), is kept" in lines[0] and f"--resume {out}" in lines[0]
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1
     assert not [f for f in os.listdir(out) if "tmp" in f]
 
 
@@ -420,6 +491,16 @@ def test_a_warm_up_above_the_peak_learning_rate_is_warned_of(cifar, tmp_path, ca
     assert "warning: --warmup-lr 0.01 is above the peak learning rate 0.001" in printed
     run(cifar, tmp_path / "run2", "--epochs", "1", "--lr", "1e-3", "--warmup-lr", "1e-4", "--subset", "8")
     assert "--warmup-lr" not in capsys.readouterr().out.replace("warmup_lr", "")
+
+
+def test_seed_out_of_range_is_refused_before_the_data_is_read(cifar, tmp_path, capsys):
+    for seed in ("-1", "99999999999"):
+        line = fails(capsys, ["--dataset", "cifar10", "--data-dir", cifar, "--output", str(tmp_path / seed),
+                              *TINY, "--no-low-memory", "--subset", "8", "--seed", seed])
+        assert line == f"error: --seed must be an integer from 0 to 2147483647, got {seed}"
+        assert not (tmp_path / seed).exists()     # refused with the other options: nothing begun
+    a = train_settings.resolve_args(train_settings.parse_args([*TINY, "--seed", "2147483647"]))
+    assert a.seed == 2 ** 31 - 1
 
 
 # ---------------------------------------------------------------- 10. DDP: errors of other ranks
