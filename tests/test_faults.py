@@ -12,6 +12,7 @@ Tiny models (embed_dim 32, T=1), 16-40 fake images, one thread, one or two epoch
 """
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
