@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import types
@@ -36,6 +35,7 @@ import qkformer
 import train
 import train_guards
 import train_settings
+from _ddp import free_port
 from _fakedata import write_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -505,12 +505,6 @@ def test_seed_out_of_range_is_refused_before_the_data_is_read(cifar, tmp_path, c
 
 
 # ---------------------------------------------------------------- 10. DDP: errors of other ranks
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_an_error_on_rank_1_reaches_the_terminal(tmp_path):
     root = write_imagenet(str(tmp_path / "imagenet"), per_class=4)   # 12 training images, 3 classes

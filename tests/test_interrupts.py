@@ -14,17 +14,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import data
 import train
 import train_guards
 import train_settings
+from _ddp import free_port, one_process_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -217,12 +216,6 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, capfd):
     assert capfd.readouterr().err == "stopped at once (Ctrl-C): the step in progress is lost\n"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_a_signal_to_one_process_stops_both_at_the_same_step(cifar, tmp_path):
     """Two gloo processes, started as torchrun starts them; SIGTERM to rank 1 alone. Both stop
     after the same step, rank 0 writes the one checkpoint, and two processes resume it to the
@@ -267,22 +260,7 @@ def test_ddp_a_signal_to_one_process_stops_both_at_the_same_step(cifar, tmp_path
     assert [p.returncode for p in both] == [0, 0], ends[0][1][-2000:] + ends[1][1][-2000:]
     assert f"note: resuming in the middle of epoch 1, after step {step} of 20" in ends[0][0]
 
-    # The reference: one process, the same model, each update from rank 0's and rank 1's batch.
-    a = train_settings.resolve_args(train_settings.parse_args(flags + ["--accum-iter", "2"]))
-    train_set, _ = data.build_datasets("cifar10", cifar, 32, 0, 0.0, "none", subset=40, download_missing=False)
-    per_rank = []
-    for rank in (0, 1):
-        loader = data.make_loader(train_set, 1, train=True, seed=a.seed, rank=rank, world_size=2)
-        loader.sampler.set_epoch(0)
-        per_rank.append(list(loader))
-    interleaved = [batch for pair in zip(*per_rank) for batch in pair]
-    model = train.build_model(a, 10)
-    opt = train.build_optimizer(model, a)
-    sched = train.build_scheduler(opt, a, updates_per_epoch=len(per_rank[0]))
-    spec = data.get_dataset("cifar10")
-    train.train_one_epoch(train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing),
-                                            a, torch.device("cpu"), spec.mean, spec.std, show=False),
-                          interleaved, 0)
+    model, _ = one_process_reference(flags, cifar, batch_size=1, subset=40)  # the same updates in one process
     ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert ddp["epoch"] == 1 and "progress" not in ddp
     for name, p in model.named_parameters():

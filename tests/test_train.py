@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import qkformer
 import train
 import train_guards
 import train_settings
+from _ddp import free_port, one_process_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # embed_dim 32: stage widths 8, 16, 32. (Width 4 once crashed oneDNN's AVX2 backward of the strided
@@ -415,12 +415,6 @@ def test_train_py_resumes_moments_saved_channels_last(cifar, tmp_path):
 
 # ---------------------------------------------------------------- DDP
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
     """Two processes with batch 8 each == one process summing the gradients of the same two
     half-batches (loss / 2 each), for the parameters; no augmentation randomness."""
@@ -437,25 +431,9 @@ def test_ddp_two_gloo_processes_equal_one_process_accumulating(cifar, tmp_path):
     assert "effective batch 16 = 8 per process x 1 accumulated x 2 processes" in proc.stdout
     ddp = torch.load(out / "last.pt", weights_only=True)
 
-    # The reference: one process, the same model, each update from rank 0's and rank 1's batch.
-    a = train_settings.resolve_args(train_settings.parse_args(flags + ["--accum-iter", "2"]))
-    train_set, _ = data.build_datasets("cifar10", cifar, 32, 0, 0.0, "none", subset=32, download_missing=False)
-    per_rank = []
-    for rank in (0, 1):
-        loader = data.make_loader(train_set, 8, train=True, seed=a.seed, rank=rank, world_size=2)
-        loader.sampler.set_epoch(0)
-        per_rank.append(list(loader))
-    interleaved = [batch for pair in zip(*per_rank) for batch in pair]
-    # one thread here (the one_thread fixture) as in each DDP process: the same kernels, the same rounding
-    model = train.build_model(a, 10)
-    opt = train.build_optimizer(model, a)
-    sched = train.build_scheduler(opt, a, updates_per_epoch=len(per_rank[0]))
-    spec = data.get_dataset("cifar10")
-    train.train_one_epoch(train.StepContext(model, opt, sched, torch.nn.CrossEntropyLoss(label_smoothing=a.smoothing),
-                                            a, torch.device("cpu"), spec.mean, spec.std, show=False),
-                          interleaved, 0)
-    assert len(per_rank[0]) == 2 and ddp["epoch"] == 1
-    start = train.build_model(a, 10).state_dict()
+    model, updates = one_process_reference(flags, cifar, batch_size=8, subset=32)  # the same updates in one process
+    assert updates == 2 and ddp["epoch"] == 1
+    start = train.build_model(train_settings.resolve_args(train_settings.parse_args(flags)), 10).state_dict()
     for name, p in model.named_parameters():
         assert not torch.equal(p.detach(), start[name]) or p.grad is None, name  # it did train
         assert torch.equal(p.detach(), ddp["model"][name]), name
