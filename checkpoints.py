@@ -7,7 +7,8 @@ a `release_checkpoint`.
 
   the format            CHECKPOINT_KEYS, training_checkpoint, missing_training_keys
   writing and reading   write_atomically, save_checkpoint, load_checkpoint (weights_only)
-  files and folders     write_text_atomically, output_folder_problem, lock_folder: what
+  files and folders     write_text_atomically, output_folder_problem, lock_folder,
+                        remove_temporaries: what
                         train.py and evaluate.py both write with (neither imports the other)
   the release           release_checkpoint: the weights and config, without the optimizer
   official weights      convert_official_state_dict, official_config, load_official_state_dict:
@@ -17,6 +18,7 @@ a `release_checkpoint`.
   model_from_checkpoint either kind of checkpoint -> a QKFormer
 """
 import errno
+import glob
 import os
 import pickle
 import re
@@ -208,6 +210,18 @@ def lock_folder(folder: str, what: str = "run folder", program: str = "train.py"
         print(f"note: cannot lock the {what} {folder} ({e.strerror}): do not start a second "
               f"{program} on it while this one runs", file=sys.stderr, flush=True)
     return lock
+
+
+def remove_temporaries(folder: str, patterns) -> list:
+    """Remove the temporary files that killed writes left (write_atomically's names, matching
+    `patterns`) from a folder whose lock (lock_folder) the caller holds: nobody else writes
+    there. Returns their names and sizes, in words."""
+    removed = []
+    for pattern in patterns:
+        for stale in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+            removed.append(f"{os.path.basename(stale)} ({os.path.getsize(stale) / 2 ** 20:.1f} MB)")
+            os.remove(stale)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ NeurIPS 2024 (arXiv:2403.16552): Table 4 (Section 4.3), Eq. (19)-(21) (Appendix 
 Imports of ours: checkpoints (atomic files, folder locks), nothing that computes.
 """
 import contextlib
-import glob
 import json
 import os
 
-from checkpoints import lock_folder, output_folder_problem, write_text_atomically
+from checkpoints import lock_folder, output_folder_problem, remove_temporaries, write_text_atomically
 
 # Temporary files of a killed evaluation (checkpoints.write_atomically's names): removed by
 # the next one in the folder, which holds its lock.
@@ -45,9 +44,7 @@ def output_folder(output, checkpoint: str):
         raise ValueError(f"another process is writing to {out} (an evaluate.py or a train.py holds "
                          f"{os.path.join(out, '.lock')}): wait for it to end, or choose another --output")
     try:
-        for pattern in STALE_TEMPORARY:                      # nobody else writes here: we hold the lock
-            for stale in glob.glob(os.path.join(glob.escape(out), pattern)):
-                os.remove(stale)
+        remove_temporaries(out, STALE_TEMPORARY)             # nobody else writes here: we hold the lock
         say_replaced(out, checkpoint)
         yield out
     finally:

@@ -54,7 +54,7 @@ from data import DataError
 from data_files import error_line
 from pictures import plot_curves
 from checkpoints import load_checkpoint, lock_folder, missing_training_keys, output_folder_problem, \
-    save_checkpoint, training_checkpoint, write_text_atomically
+    remove_temporaries, save_checkpoint, training_checkpoint, write_text_atomically
 
 
 class TrainError(Exception):
@@ -349,7 +349,7 @@ def unfinished_writes(path):
         if lock is None:
             return ""  # a train.py is running there: its temporary file is its write in progress
         with lock:
-            removed = remove_temporaries(folder)
+            removed = remove_temporaries(folder, STALE_TEMPORARY)
     except OSError:  # a folder that cannot be written: nothing removed, the error stays as it was
         return ""
     if not removed:
@@ -814,18 +814,7 @@ def claim_run_folder(s, out_dir, cleanup):
     elif os.path.exists(os.path.join(out_dir, "last.pt")):
         raise TrainError(f"{out_dir} already holds a run (last.pt): continue it with --resume {out_dir}, "
                          f"or choose another --output")
-    remove_temporaries(out_dir)  # nobody else writes here: we hold the lock
-
-
-def remove_temporaries(out_dir):
-    """Remove the temporary files of killed runs (STALE_TEMPORARY) from a run folder whose lock
-    the caller holds; returns their names and sizes, in words."""
-    removed = []
-    for pattern in STALE_TEMPORARY:
-        for stale in sorted(glob.glob(os.path.join(glob.escape(out_dir), pattern))):
-            removed.append(f"{os.path.basename(stale)} ({os.path.getsize(stale) / 2 ** 20:.1f} MB)")
-            os.remove(stale)
-    return removed
+    remove_temporaries(out_dir, STALE_TEMPORARY)  # nobody else writes here: we hold the lock
 
 
 def check_resume_folder(s, out_dir):

@@ -35,7 +35,7 @@ import qkformer
 import train
 import train_guards
 import train_settings
-from _ddp import free_port
+from _runs import free_port
 from _fakedata import write_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

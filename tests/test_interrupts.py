@@ -23,7 +23,7 @@ import torch
 import train
 import train_guards
 import train_settings
-from _ddp import free_port, one_process_reference
+from _runs import assert_same_run, free_port, one_process_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -54,22 +54,6 @@ def signalled(argv, sig, after, cwd, env=ENV, pid=None):
     finally:
         proc.kill()
     return proc.returncode, out.decode(), (seen + err).decode()
-
-
-def assert_same_run(whole, split):
-    """The final checkpoints and logs of two runs are equal: weights, batch-norm statistics, Adam's
-    state, the schedule, and what the log says of every epoch (but its times)."""
-    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, split))
-    assert a["epoch"] == b["epoch"] and "progress" not in b
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for i, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
-    assert a["scheduler"] == b["scheduler"]
-    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (whole, split)]
-    keys = ("epoch", "train_loss", "train_top1", "lr", "skipped_updates", "top1")
-    assert [[r.get(k) for k in keys] for r in logs[0]] == [[r.get(k) for k in keys] for r in logs[1]]
 
 
 @pytest.fixture(scope="module")

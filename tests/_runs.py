@@ -1,12 +1,15 @@
-"""What the DDP tests share: a free port for a process group, and the reference they compare
-two gloo processes with.
+"""What the training tests share: the comparison of two runs that must be one (a resumed run
+and the uninterrupted one), a free port for a process group, and the reference that the DDP
+tests compare two gloo processes with.
 
-The reference is one process making the same updates: each of its steps takes rank 0's batch
+The DDP reference is one process making the same updates: each of its steps takes rank 0's batch
 and then rank 1's (as DistributedSampler deals them), accumulating the two (--accum-iter 2:
 loss / 2 each). DDP averages the two processes' gradients, so with no augmentation randomness
 its weights are the reference's, bit for bit, when both run one thread (the one_thread fixture
 here, OMP_NUM_THREADS=1 in the processes): the same kernels, the same rounding.
 """
+import json
+import os
 import socket
 
 import torch
@@ -14,6 +17,22 @@ import torch
 import data
 import train
 import train_settings
+
+
+def assert_same_run(whole, split):
+    """The final checkpoints and logs of two runs are equal: weights, batch-norm statistics, Adam's
+    state, the schedule, and what the log says of every epoch (but its times)."""
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, split))
+    assert a["epoch"] == b["epoch"] and "progress" not in b
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
+    assert a["scheduler"] == b["scheduler"]
+    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (whole, split)]
+    keys = ("epoch", "train_loss", "train_top1", "lr", "skipped_updates", "top1")
+    assert [[r.get(k) for k in keys] for r in logs[0]] == [[r.get(k) for k in keys] for r in logs[1]]
 
 
 def free_port():
