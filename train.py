@@ -54,6 +54,7 @@ import data_events                         # registers the event-camera datasets
 import data_files
 from data import DataError
 from qkformer import create_model, predict
+from train_budget import fit_epochs
 from train_guards import (Interrupts, NonFiniteWatch, TrainError, check_classes, check_memory, check_saveable,
                           finish_epoch, gather_rng_states, load_resumed_weights, print_summary, rank0_decides,
                           read_training_checkpoint, restore_state, save_epoch, say_skipped, setup_run_folder,
@@ -395,6 +396,7 @@ def main(argv=None):
         model = setup_model(s)
         setup_data(s)
         setup_optimization(s, model, autocast, scaler)
+        fit_epochs(s, train_one_epoch, evaluate)  # --minutes (--recipe cpu): the epochs that fit
         restore_state(s)                          # a resumed run: exactly where it stopped
         setup_run_folder(s, cleanup)              # locked until the run ends (cleanup)
         s.ctx.interrupts.install(cleanup)         # from here on SIGINT/SIGTERM save, then stop

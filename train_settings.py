@@ -65,7 +65,8 @@ from train_guards import TrainError
 # Only for datasets whose description says they are small (DatasetSpec.small).
 CPU_RECIPE = dict(
     model="small", T=2,          # widths 32/64/128, blocks 1/2/1, 2 time steps
-    epochs=9, cooldown_epochs=0, batch_size=64,
+    minutes=28,                  # as many epochs as fit 28 minutes on this CPU (train_budget.py)
+    epochs=9, cooldown_epochs=0, batch_size=64,   # epochs: where no timing is done (torchrun)
     lr=1e-2, blr=None, min_lr=1e-5, weight_decay=0.05,
     warmup_epochs=9 / 32, warmup_lr=1e-5, warmup_prefix=True,   # warm-up: a 32nd of the run
     mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, crop_padding=2, flip_test=True,
@@ -78,7 +79,7 @@ CPU_RECIPE = dict(
 # 2-core CPU): two passes over the first 35,000 training images. T stays 2: with one
 # time step LIF, IF and PLIF neurons would differ only by a scale, and the labs compare them.
 # Its crops (4 pixels) and single-view evaluation are those the labs' tables were measured with.
-LAB_RECIPE = dict(CPU_RECIPE, epochs=2, subset=35000, warmup_epochs=0.1, crop_padding=4, flip_test=False)
+LAB_RECIPE = dict(CPU_RECIPE, minutes=None, epochs=2, subset=35000, warmup_epochs=0.1, crop_padding=4, flip_test=False)
 
 
 RECIPES = {"cpu": CPU_RECIPE, "lab": LAB_RECIPE}
@@ -102,7 +103,7 @@ OFFICIAL_RUNS = {
 DEFAULTS = dict(
     dataset="cifar10", recipe=None, data_dir="./data", download=True, output=None, resume=None,
     device="auto", seed=0, workers=None, amp="off", sync_bn=False, low_memory=True, tf32=True,
-    dist_timeout=15, save_every=10,
+    dist_timeout=15, save_every=10, minutes=None,
     subset=None, test_subset=None, eval_batch_size=None, stop_after=None, effective_batch=None,
     mixup_prob=1.0, dvs_split=None, cache_dir=None,
     embed_dim=None, depths=None, num_heads=None, mlp_ratio=None, attention=None, neuron=None, tau=None,
@@ -194,6 +195,10 @@ def add_recipe_options(g):
                    "the paper's ablation (Table 5)")
     g.add_argument("--epochs", type=int, help="length of the cosine schedule in epochs (given alone on a "
                    "new run, it keeps the recipe's warm-up share and drops its cool-down, and says so)")
+    g.add_argument("--minutes", type=float, help="a new run: train as many epochs as fit MINUTES on "
+                   "this machine, with their evaluations, timed on a copy of the model before the first "
+                   "epoch; the count is printed and stored as --epochs (--recipe cpu: 28; --epochs given "
+                   "wins; see train_budget.py)")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at min-lr after the schedule (CIFAR "
                    "recipe: 10, as timm added them; 0 when --epochs is given)")
     g.add_argument("--batch-size", type=int, help="images per process per step")
@@ -422,6 +427,8 @@ def check_args(a):
         need(v is None or v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     need(a.workers is None or a.workers >= 0, f"--workers must be >= 0, got {a.workers}")
     need(a.cooldown_epochs >= 0, "--cooldown-epochs must be >= 0")
+    need(a.minutes is None or (math.isfinite(a.minutes) and a.minutes > 0),
+         f"--minutes must be a positive number, got {a.minutes}")
     need(0 <= a.warmup_epochs < a.epochs,
          f"--warmup-epochs ({a.warmup_epochs}) must be >= 0 and shorter than --epochs ({a.epochs}); "
          f"for a short run give a shorter warm-up too, e.g. --warmup-epochs {min(1, a.epochs / 4):g}")
@@ -533,6 +540,7 @@ class Session:
     best_top1: float = None
     out_dir: str = None
     unlogged: dict = None             # a resumed epoch to finish first (train_guards.unlogged_epoch)
+    kernels_ready: bool = False       # compiled already (train_budget.fit_epochs timed the steps)
 
     def say(self, *a, **k):
         if self.rank == 0:  # one process speaks for all
@@ -618,6 +626,6 @@ def print_banner(s):
                "For a quick look on a CPU: --subset, a small --T and a narrow model (--embed-dim 32)"))
     if s.start_epoch >= s.total_epochs and s.unlogged is None:
         say(f"this run is already complete ({s.total_epochs} epochs); give a larger --epochs to train on")
-    elif get_backend() != "eager" and args.T <= MAX_COMPILED_STEPS:
+    elif get_backend() != "eager" and args.T <= MAX_COMPILED_STEPS and not s.kernels_ready:
         say("compiling kernels (once, about a minute): torch.compile fuses the neurons' loops on the first "
             "step, and again on the first evaluation; the progress bar waits at 0 until then")
