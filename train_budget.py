@@ -65,9 +65,11 @@ class Batches:
 
 
 def time_steps(s, train_one_epoch, evaluate):
-    """(seconds per training step, seconds per test image), timed on a copy of the run's model,
-    optimizer and schedule (copied together, so that the copied optimizer holds the copied weights)."""
-    model, optimizer, scheduler = copy.deepcopy((s.raw_model, s.ctx.optimizer, s.ctx.scheduler))
+    """(seconds per training step, seconds per test image), timed on a copy of the run's model and
+    optimizer (copied together, so that the copied optimizer holds the copied weights) with the
+    run's schedule."""
+    model, optimizer = copy.deepcopy((s.raw_model, s.ctx.optimizer))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, s.ctx.scheduler.lr_lambdas)
     ctx = dataclasses.replace(s.ctx, model=model, optimizer=optimizer, scheduler=scheduler, show=False,
                               bad_streak=None, interrupts=Interrupts(None))
 
@@ -122,8 +124,9 @@ def fit_epochs(s, train_one_epoch, evaluate):
         s.sources["warmup_epochs"] = "--minutes: the same share of --epochs"
     args.cooldown_epochs, args.epochs = cooldown, n
     s.sources["epochs"] = f"--minutes {args.minutes:g}: timed"
-    s.say(f"{n} epochs fit in --minutes {args.minutes:g}: an epoch takes about {epoch_s:.0f} s ({step_s * 1000:.0f} "
-          f"ms a step), an evaluation {eval_s:.0f} s, and the timing took {time.time() - start:.0f} s. The run "
-          f"is the one of --epochs {n}: stored in its settings, --resume continues it, and a new run with "
-          f"--epochs {n} repeats it"
-          + (f"; not even one epoch fits: it takes {(epoch_s + eval_s) / 60:.1f} min" if epoch_s + eval_s > left else ""))
+    short = epoch_s + eval_s > left
+    s.say((f"not even one epoch fits in the {max(left, 0):.0f} s left of --minutes {args.minutes:g}, so 1 epoch"
+           if short else f"{n} epoch{'s fit' if n > 1 else ' fits'} in --minutes {args.minutes:g}")
+          + f": an epoch takes about {epoch_s:.0f} s ({step_s * 1000:.0f} ms a step), an evaluation "
+          f"{eval_s:.0f} s, and the timing took {time.time() - start:.0f} s. The run is the one of --epochs {n}: "
+          f"stored in its settings, --resume continues it, and a new run with --epochs {n} repeats it")
