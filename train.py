@@ -30,8 +30,9 @@ batch norm, whose statistics stay per process unless --sync-bn).
 
 Read it top to bottom: the model, the optimizer and the learning-rate schedule; one
 epoch of training (train_one_epoch) and the evaluation; the set-up of a run, phase by
-phase; main(), which calls them in order and then holds the epoch loop. Two wings hold
-what a first reading may skip: train_settings.py, the recipes, the command line and the
+phase; main(), which calls them in order and then holds the epoch loop. Three wings hold
+what a first reading may skip: train_budget.py, the epochs that fit --minutes (--recipe cpu
+times itself), train_settings.py, the recipes, the command line and the
 layers of settings (defaults < the dataset's recipe < --recipe cpu/lab < a resumed run's
 saved settings < the command line: a table of every setting and its layer is printed at
 the start), and train_guards.py, what can go wrong (one-line errors on any DDP process,

@@ -47,7 +47,12 @@ from train_guards import TrainError
 # ----------------------------------------------------------------------------
 
 # --recipe cpu: what changes from the dataset's recipe for a run of under 30 minutes on
-# a 2-core CPU. It trades the paper's accuracy for time:
+# a 2-core CPU. Its length is a time, not a number of epochs: the same epoch took 188 s on
+# one 2-core machine and 115 s on another (README), so a new run times itself and trains the
+# epochs that fit 28 minutes (--minutes, train_budget.py: 2 minutes left for the machine's
+# speed to vary), its warm-up a 32nd of them; the epochs=9 below are what the warm-up share is
+# counted from, and what several processes (torchrun) train, which do not time themselves.
+# It trades the paper's accuracy for time:
 #   * the "small" preset (qkformer.PRESETS): CIFAR images through the ImageNet family's
 #     layout, whose first patch embedding downsamples by 4 (tokens 8x8, 4x4, 2x2), at
 #     D=128. The CIFAR layout keeps 32x32 tokens in its first stage, and there a CPU
@@ -66,7 +71,7 @@ from train_guards import TrainError
 CPU_RECIPE = dict(
     model="small", T=2,          # widths 32/64/128, blocks 1/2/1, 2 time steps
     minutes=28,                  # as many epochs as fit 28 minutes on this CPU (train_budget.py)
-    epochs=9, cooldown_epochs=0, batch_size=64,   # epochs: where no timing is done (torchrun)
+    epochs=9, cooldown_epochs=0, batch_size=64,
     lr=1e-2, blr=None, min_lr=1e-5, weight_decay=0.05,
     warmup_epochs=9 / 32, warmup_lr=1e-5, warmup_prefix=True,   # warm-up: a 32nd of the run
     mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, crop_padding=2, flip_test=True,
@@ -79,7 +84,8 @@ CPU_RECIPE = dict(
 # 2-core CPU): two passes over the first 35,000 training images. T stays 2: with one
 # time step LIF, IF and PLIF neurons would differ only by a scale, and the labs compare them.
 # Its crops (4 pixels) and single-view evaluation are those the labs' tables were measured with.
-LAB_RECIPE = dict(CPU_RECIPE, minutes=None, epochs=2, subset=35000, warmup_epochs=0.1, crop_padding=4, flip_test=False)
+LAB_RECIPE = dict(CPU_RECIPE, minutes=None, epochs=2, subset=35000, warmup_epochs=0.1, crop_padding=4,
+                  flip_test=False)   # minutes=None: its two epochs are what the labs measured
 
 
 RECIPES = {"cpu": CPU_RECIPE, "lab": LAB_RECIPE}
