@@ -12,8 +12,9 @@
     to channels-last parameters;
   * no host read per batch: train.py's training steps and evaluation, evaluate.py's loop;
   * train.py with the official recipe on a tiny fake CIFAR-10 (bf16, stop, resume; fp16
-    with clipping and compiled kernels; a SIGTERM mid-epoch to it and its loader workers,
-    resumed); two NCCL processes when there are two GPUs (and Ctrl-C to their torchrun, resumed);
+    with clipping and compiled kernels; --minutes, which times a copy of the model first; a
+    SIGTERM mid-epoch to it and its loader workers, resumed); two NCCL processes when there
+    are two GPUs (and Ctrl-C to their torchrun, resumed);
   * benchmark.py --device cuda --amp (compiled kernels), and evaluate.py on CUDA.
 
 The kernels: tests/conftest.py makes every test process run them eagerly. Where a test here
@@ -562,6 +563,22 @@ def test_train_py_fp16_with_clipping(cifar, tmp_path):
     assert "fp16" in proc.stdout
     log = _log(out)
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
+
+
+def test_train_py_times_itself_on_cuda(cifar, tmp_path):
+    """--minutes on a GPU (train_budget.py: the copy trains with compiled kernels, CUDA's generators are
+    forked and put back): the count it chose is printed, stored and trained."""
+    out = tmp_path / "timed"
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", cifar,
+            "--no-download", "--output", str(out), *TINY, "--batch-size", "8", "--device", "cuda",
+            "--minutes", "0.2"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QKFORMER_LIF": "compiled"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "fit in --minutes 0.2" in proc.stdout
+    with open(out / "args.json") as f:
+        epochs = json.load(f)["epochs"]
+    assert [r["epoch"] for r in _log(out)] == list(range(1, epochs + 1))
 
 
 def _free_port():
