@@ -30,7 +30,7 @@ import time
 import torch
 
 from train_guards import Interrupts
-from train_settings import RESUMED, TYPED
+from train_settings import RESUMED, TYPED, warmup_share
 
 WARM_STEPS = 10       # untimed: the kernels compile on the first call, the allocator settles
 TIMED_STEPS = 150     # timed: about 20 s of a 2-core CPU, 1 % of the 30 minutes
@@ -119,8 +119,8 @@ def fit_epochs(s, train_one_epoch, evaluate):
     epoch_s, eval_s = step_s * len(s.train_loader), image_s * len(s.eval_loader.dataset)
     left = 60 * args.minutes - (time.time() - start)
     n = epochs_that_fit(left, epoch_s, eval_s, args.eval_every, cooldown)
-    if s.sources["warmup_epochs"] != TYPED:  # the same arithmetic as rescale_to_epochs: a bit-for-bit rerun
-        args.warmup_epochs = args.warmup_epochs * n / args.epochs
+    if s.sources["warmup_epochs"] != TYPED:  # as rescale_to_epochs scales it: a bit-for-bit rerun
+        args.warmup_epochs = warmup_share(args.warmup_epochs, n, args.epochs)
         s.sources["warmup_epochs"] = "--minutes: the same share of --epochs"
     args.cooldown_epochs, args.epochs = cooldown, n
     s.sources["epochs"] = f"--minutes {args.minutes:g}: timed"

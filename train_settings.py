@@ -342,7 +342,7 @@ def rescale_to_epochs(merged, sources, layers, typed):
     done = []
     if "warmup_epochs" not in typed:
         before = merged_without(layers, "warmup_epochs")
-        merged["warmup_epochs"] = before * typed["epochs"] / recipe_epochs
+        merged["warmup_epochs"] = warmup_share(before, typed["epochs"], recipe_epochs)
         if merged["warmup_epochs"] != before:
             sources["warmup_epochs"] = "--epochs rescale"
             done.append(f"the warm-up scaled from {before:g} to {merged['warmup_epochs']:g} epochs "
@@ -354,6 +354,13 @@ def rescale_to_epochs(merged, sources, layers, typed):
         return []
     return [f"note: --epochs {typed['epochs']} given alone: {' and '.join(done)}; give "
             f"--warmup-epochs / --cooldown-epochs to choose them"]
+
+
+def warmup_share(warmup, epochs, recipe_epochs):
+    """The warm-up of a schedule of `epochs` that keeps its share of the recipe's (--epochs given
+    alone, and the count --minutes chose: train_budget.fit_epochs). One expression for both, so
+    that a timed run and a run of --epochs N get the same float, bit for bit."""
+    return warmup * epochs / recipe_epochs
 
 
 def derive_accumulation(merged, sources, order, world):

@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -46,6 +45,7 @@ from checkpoints import convert_official_state_dict, load_official_state_dict
 from neuron import LIFNode, ParametricLIFNode, SpikingNeuron, lif_reference, plif_reference
 from neuron_fast import apply_device_settings
 from qkformer import QKFormer, QKFormerConfig, create_model
+from _runs import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -581,17 +581,11 @@ def test_train_py_times_itself_on_cuda(cifar, tmp_path):
     assert [r["epoch"] for r in _log(out)] == list(range(1, epochs + 1))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_train_py_two_nccl_processes(cifar, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                            os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", cifar,
                            "--no-download", *TINY, "--batch-size", "8", "--epochs", "1",
                            "--device", "cuda", "--amp", "bf16", "--output", str(out)],
@@ -649,7 +643,7 @@ def test_train_py_ctrl_c_to_torchrun_with_two_nccl_processes(cifar, tmp_path):
 
     def torchrun(*extra):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", os.path.join(ROOT, "train.py"), *extra]
+                f"--master_port={free_port()}", os.path.join(ROOT, "train.py"), *extra]
 
     code, stdout = _signalled(torchrun(*flags, "--output", str(out)), signal.SIGINT, "epoch 1:")
     ckpt = torch.load(out / "last.pt", weights_only=True)
